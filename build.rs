@@ -1,0 +1,20 @@
+//! Compiles the gRPC contract with a vendored protoc, so building needs no system protoc.
+
+use std::{env, error::Error, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let well_known = protoc_bin_vendored::include_path()?;
+    tonic_prost_build::configure()
+        // Reflection serves this set, so grpcurl needs no .proto files.
+        .file_descriptor_set_path(out_dir.join("apikeys_descriptor.bin"))
+        .compile_with_config(
+            config,
+            &[PathBuf::from("proto/cloodot/apikeys/v1/api_keys.proto")],
+            &[PathBuf::from("proto"), well_known],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Database schema, applied at boot and by `apikeys migrate`. Migrations never import the
+//! service's entities: each one is frozen as it was written.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_create_api_keys;
+
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_create_api_keys::Migration)]
+    }
+}

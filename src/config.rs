@@ -1,0 +1,124 @@
+//! Command line and environment. Every flag has an `APIKEYS_*` fallback so containers can be
+//! configured by environment alone.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "apikeys",
+    version,
+    about = "API keys for Cloodot workspaces, over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run pending migrations, then serve (the default).
+    Serve,
+    /// Run pending migrations and exit: for a deploy step that runs before the replicas roll.
+    Migrate,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Address to serve gRPC on. Loopback by default, so a service started by hand is not
+    /// reachable from the network until you say so.
+    #[arg(
+        long,
+        env = "APIKEYS_LISTEN",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Database URL: `sqlite://FILE?mode=rwc` (embedded, the default) or
+    /// `postgres://USER:PASSWORD@HOST/DB` for many replicas.
+    #[arg(
+        long,
+        env = "APIKEYS_DATABASE_URL",
+        default_value = "sqlite://apikeys.db?mode=rwc",
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Log format: `text` for people, `json` for log pipelines. Levels come from RUST_LOG
+    /// (default `info`).
+    #[arg(long, env = "APIKEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// How long a graceful shutdown waits for in-flight calls and open streams (such as
+    /// health watches) before it closes them, e.g. `10s`, `500ms`.
+    #[arg(long, env = "APIKEYS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Settings {
+    /// Settings for a server on `listen` backed by `database_url`, defaults elsewhere.
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn parse_duration(input: &str) -> Result<Duration, String> {
+    let (number, unit) = input
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((input, "s"), |at| input.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{input}` is not a duration like 10s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        _ => Err(format!("`{input}`: use ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_common_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_an_embedded_database() {
+        let cli = Cli::try_parse_from(["apikeys"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.settings.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(cli.settings.database_url, "sqlite://apikeys.db?mode=rwc");
+    }
+
+    #[test]
+    fn flags_work_after_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["apikeys", "migrate", "--database-url", "sqlite://x.db"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Migrate)));
+        assert_eq!(cli.settings.database_url, "sqlite://x.db");
+    }
+}

@@ -1,0 +1,58 @@
+/// Why a request field was rejected. Each variant is one `google.rpc.ErrorInfo` reason, so
+/// clients can branch on it; the message names the limit, never the offending value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("workspace_id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'")]
+    WorkspaceIdInvalid,
+    #[error("name must not be empty")]
+    NameEmpty,
+    #[error("name must be at most 100 characters")]
+    NameTooLong,
+    #[error("name must not contain control characters")]
+    NameInvalidCharacters,
+    #[error("name must not contain an API key")]
+    NameContainsKey,
+    #[error("expiration must be set: EXPIRATION_NEVER, _30_DAYS, _90_DAYS or _1_YEAR")]
+    ExpirationUnspecified,
+    #[error("expiration is not a known Expiration value")]
+    ExpirationUnknown,
+    #[error("page_size must not be negative")]
+    PageSizeNegative,
+    #[error("page_token is not a token returned by ListKeys for this workspace")]
+    PageTokenInvalid,
+    #[error("key_id must be a key id as returned by CreateKey or ListKeys")]
+    KeyIdInvalid,
+}
+
+impl InvalidInput {
+    /// The stable `ErrorInfo.reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::WorkspaceIdInvalid => "WORKSPACE_ID_INVALID",
+            Self::NameEmpty => "NAME_EMPTY",
+            Self::NameTooLong => "NAME_TOO_LONG",
+            Self::NameInvalidCharacters => "NAME_INVALID_CHARACTERS",
+            Self::NameContainsKey => "NAME_CONTAINS_KEY",
+            Self::ExpirationUnspecified => "EXPIRATION_UNSPECIFIED",
+            Self::ExpirationUnknown => "EXPIRATION_UNKNOWN",
+            Self::PageSizeNegative => "PAGE_SIZE_NEGATIVE",
+            Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
+            Self::KeyIdInvalid => "KEY_ID_INVALID",
+        }
+    }
+
+    /// The request field at fault.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::WorkspaceIdInvalid => "workspace_id",
+            Self::NameEmpty
+            | Self::NameTooLong
+            | Self::NameInvalidCharacters
+            | Self::NameContainsKey => "name",
+            Self::ExpirationUnspecified | Self::ExpirationUnknown => "expiration",
+            Self::PageSizeNegative => "page_size",
+            Self::PageTokenInvalid => "page_token",
+            Self::KeyIdInvalid => "key_id",
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Pure types of the key domain: each can only hold a valid value. No I/O here.
+
+mod actor;
+mod base62;
+mod expiration;
+mod invalid_input;
+mod key_id;
+mod key_name;
+mod page_token;
+mod secret;
+mod workspace_id;
+
+pub use actor::{Actor, ActorError, Role};
+pub use expiration::Expiration;
+pub use invalid_input::InvalidInput;
+pub use key_id::KeyId;
+pub use key_name::KeyName;
+pub use page_token::PageCursor;
+pub use secret::{
+    KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,
+};
+pub use workspace_id::WorkspaceId;

@@ -1,0 +1,109 @@
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
+use super::{InvalidInput, KeyId, WorkspaceId};
+
+/// Where a ListKeys page ended: the last key's `(create_time, id)`, for keyset pagination.
+/// On the wire it is an opaque token bound to its workspace, so a token from another
+/// workspace (or a garbled one) is rejected rather than silently paging elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub create_time_us: i64,
+    pub id: KeyId,
+}
+
+const VERSION: u8 = 1;
+const TAG_LEN: usize = 8;
+const KEY_ID_LEN: usize = 24;
+const TOKEN_LEN: usize = 1 + TAG_LEN + 8 + KEY_ID_LEN;
+
+impl PageCursor {
+    pub fn encode(&self, workspace: &WorkspaceId) -> String {
+        let mut bytes = Vec::with_capacity(TOKEN_LEN);
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&workspace_tag(workspace));
+        bytes.extend_from_slice(&self.create_time_us.to_be_bytes());
+        bytes.extend_from_slice(self.id.as_str().as_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    pub fn decode(token: &str, workspace: &WorkspaceId) -> Result<Self, InvalidInput> {
+        let invalid = InvalidInput::PageTokenInvalid;
+        // Bound the work before decoding anything a caller sent.
+        if token.len() > 2 * TOKEN_LEN {
+            return Err(invalid);
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid)?;
+        if bytes.len() != TOKEN_LEN
+            || bytes[0] != VERSION
+            || bytes[1..=TAG_LEN] != workspace_tag(workspace)
+        {
+            return Err(invalid);
+        }
+        let (time, id) = bytes[1 + TAG_LEN..].split_at(8);
+        let create_time_us = i64::from_be_bytes(time.try_into().map_err(|_| invalid)?);
+        let id = std::str::from_utf8(id).map_err(|_| invalid)?;
+        let id = KeyId::parse(id).map_err(|_| invalid)?;
+        Ok(Self { create_time_us, id })
+    }
+}
+
+fn workspace_tag(workspace: &WorkspaceId) -> [u8; TAG_LEN] {
+    let hash = blake3::hash(workspace.as_str().as_bytes());
+    let mut tag = [0; TAG_LEN];
+    tag.copy_from_slice(&hash.as_bytes()[..TAG_LEN]);
+    tag
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ws(s: &str) -> WorkspaceId {
+        WorkspaceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_token_round_trips_in_its_workspace() {
+        let cursor = PageCursor {
+            create_time_us: 1_780_000_000_123_456,
+            id: KeyId::generate(),
+        };
+        let token = cursor.encode(&ws("acme"));
+        assert_eq!(PageCursor::decode(&token, &ws("acme")), Ok(cursor));
+    }
+
+    #[test]
+    fn a_token_from_another_workspace_is_rejected() {
+        let cursor = PageCursor {
+            create_time_us: 1,
+            id: KeyId::generate(),
+        };
+        let token = cursor.encode(&ws("acme"));
+        assert_eq!(
+            PageCursor::decode(&token, &ws("globex")),
+            Err(InvalidInput::PageTokenInvalid)
+        );
+    }
+
+    #[test]
+    fn garbled_tokens_are_rejected() {
+        let token = PageCursor {
+            create_time_us: 1,
+            id: KeyId::generate(),
+        }
+        .encode(&ws("acme"));
+        let truncated = &token[..token.len() - 2];
+        let flipped = format!(
+            "{}{}",
+            if token.starts_with('A') { 'B' } else { 'A' },
+            &token[1..]
+        );
+        for bad in ["garbage", "!!!!", truncated, &flipped, &"A".repeat(10_000)] {
+            assert_eq!(
+                PageCursor::decode(bad, &ws("acme")),
+                Err(InvalidInput::PageTokenInvalid),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The gRPC edge: generated code, proto <-> domain conversion, and the ApiKeys service.
+
+mod api_keys;
+
+pub use api_keys::ApiKeysService;
+
+/// Code generated from `proto/cloodot/apikeys/v1/api_keys.proto`.
+#[allow(clippy::all, unreachable_pub, missing_debug_implementations)]
+pub mod proto {
+    tonic::include_proto!("cloodot.apikeys.v1");
+
+    /// The encoded descriptors of the contract (imports included), served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("apikeys_descriptor");
+}

@@ -1,0 +1,12 @@
+//! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
+
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod signal;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,159 @@
+//! Builds the server: database, migrations, services, health, reflection; runs it until told
+//! to stop.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    clock::{Clock, SystemClock},
+    config::Settings,
+    grpc::{ApiKeysService, proto},
+    service::KeyService,
+    store::{Store, StoreError},
+};
+
+/// The service name health reports on, besides the whole server (`""`).
+pub const SERVICE_NAME: &str = "cloodot.apikeys.v1.ApiKeys";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot open the database: {0}")]
+    Database(#[source] StoreError),
+    #[error("cannot run migrations: {0}")]
+    Migrations(#[source] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A server bound to its port, ready to run.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// Connects, migrates and binds. Bind to port 0 and read [`Self::port`] in tests.
+    pub async fn build_with_clock(
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
+        let store = connect_and_migrate(&settings.database_url).await?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            addr,
+            store,
+            clock,
+            shutdown_grace: settings.shutdown_grace,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves: health turns NOT_SERVING at once, in-flight calls
+    /// finish (for at most the shutdown grace), then the database is closed.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::Serving).await;
+
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let api = ApiKeysService::new(KeyService::new(self.store.clone(), self.clock));
+
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+                set_health(&health, ServingStatus::NotServing).await;
+                let _ = stopping_tx.send(());
+            }
+        };
+
+        tracing::info!(addr = %self.addr, backend = ?self.store.backend(), "serving gRPC");
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(proto::api_keys_server::ApiKeysServer::new(api))
+            .serve_with_incoming_shutdown(incoming, signal);
+        let grace = self.shutdown_grace;
+        tokio::select! {
+            served = server => served?,
+            // Long-lived streams (health watches) would hold a graceful drain open forever.
+            () = async {
+                if stopping_rx.await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
+        }
+        if let Err(err) = self.store.close().await {
+            tracing::warn!(error = %err, "closing the database");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the database and brings its schema up to date: `apikeys migrate`, and the first step
+/// of every start.
+pub async fn connect_and_migrate(database_url: &str) -> Result<Store, StartupError> {
+    let store = Store::connect(database_url)
+        .await
+        .map_err(StartupError::Database)?;
+    store.migrate().await.map_err(StartupError::Migrations)?;
+    Ok(store)
+}
+
+/// Reflection over the contract and health, so grpcurl needs no .proto files.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}

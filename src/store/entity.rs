@@ -1,0 +1,27 @@
+//! The `api_keys` table. Times are microseconds since the Unix epoch (see the migration).
+
+use sea_orm::entity::prelude::*;
+
+#[sea_orm::model]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "api_keys")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    /// blake3 of the full key; the key itself is never stored.
+    #[sea_orm(unique)]
+    pub key_hash: Vec<u8>,
+    /// The key's last four characters, for the masked preview.
+    pub key_suffix: String,
+    pub created_by: String,
+    pub create_time_us: i64,
+    pub expire_time_us: Option<i64>,
+    pub last_used_time_us: Option<i64>,
+    /// Set when the key is deleted; the row stays as a tombstone so ValidateKey can answer
+    /// DELETED rather than NOT_FOUND.
+    pub delete_time_us: Option<i64>,
+}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,184 @@
+//! The `apikeys` binary as an operator runs it: migrate, serve, SIGTERM.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use apikeys::grpc::proto::{
+    Expiration, ValidateKeyRequest, ValidationResult, api_keys_client::ApiKeysClient,
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{TestDb, as_owner};
+
+const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
+
+fn command(db: &TestDb) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env("APIKEYS_DATABASE_URL", &db.url)
+        .env("APIKEYS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// A running `apikeys`, killed if the test ends before it exits.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `apikeys` and returns it with the address it logged.
+fn start(db: &TestDb) -> (Process, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Process(command(db).spawn().expect("start apikeys"));
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("apikeys logs that it serves");
+        if let Some(rest) = line.split("serving gRPC").nth(1) {
+            let addr = rest
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned();
+            return (child, addr, rx);
+        }
+    }
+}
+
+fn wait(child: &mut Process, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "apikeys did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn migrate_runs_the_migrations_and_exits() {
+    let db = TestDb::new().await;
+    let status = command(&db).arg("migrate").status().unwrap();
+    assert!(status.success());
+    let store = apikeys::store::Store::connect(&db.url).await.unwrap();
+    assert!(
+        store.all_rows().await.unwrap().is_empty(),
+        "the api_keys table exists"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
+    let db = TestDb::new().await;
+    let (mut child, addr, logs) = start(&db);
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let check = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(check.status(), ServingStatus::Serving);
+    let mut client = ApiKeysClient::new(channel.clone());
+    let created = client
+        .create_key(as_owner(apikeys::grpc::proto::CreateKeyRequest {
+            workspace_id: "acme".into(),
+            name: "cli".into(),
+            expiration: Expiration::Never.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // Health tells watchers before the server goes away.
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap();
+    assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
+    drop(watch);
+    drop(client);
+    drop(health);
+    drop(channel);
+    let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let logged: Vec<String> = logs.try_iter().collect();
+    assert!(logged.iter().any(|l| l.contains("stopped")), "{logged:?}");
+    assert!(!logged.iter().any(|l| l.contains(&created.secret)));
+
+    // And the key is still there for the next start.
+    let (_child, addr, _logs) = start(&db);
+    let mut client = ApiKeysClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let response = client
+        .validate_key(ValidateKeyRequest {
+            key: created.secret,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.result(), ValidationResult::Valid);
+}
+
+#[tokio::test]
+async fn a_bad_database_url_fails_fast_with_a_message() {
+    let mut command = Command::new(BIN);
+    let output = command
+        .args(["migrate", "--database-url", "nosuchdb://x"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot open the database"), "{stderr}");
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: the real server on port 0, driven by a tonic client. Each test gets a
+//! fresh database: SQLite by default, PostgreSQL when APIKEYS_TEST_DATABASE_URL is set.
+
+mod binary;
+mod create_key;
+mod delete_key;
+mod health_and_reflection;
+mod helpers;
+mod list_keys;
+mod readme;
+mod secrets;
+mod validate_key;

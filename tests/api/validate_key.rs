@@ -1,0 +1,191 @@
+use std::sync::Arc;
+
+use apikeys::{
+    clock::ManualClock,
+    grpc::proto::{DeleteKeyRequest, Expiration, ListKeysRequest, ValidationResult},
+    service::{KeyService, Validation},
+    store::Store,
+};
+use chrono::{TimeDelta, Utc};
+
+use crate::helpers::{TestDb, as_owner, spawn_app, spawn_app_on};
+
+/// Inputs a gateway may pass on: empty, huge, other vendors' keys, typos.
+fn garbage(valid: &str) -> Vec<String> {
+    let mut typo = valid.as_bytes().to_vec();
+    typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
+    vec![
+        String::new(),
+        "x".repeat(10 * 1024),
+        "Bearer ".to_owned() + valid,
+        format!("sk_{}", &valid[3..]),
+        valid[..41].to_owned(),
+        format!("{valid}A"),
+        String::from_utf8(typo).unwrap(),
+        valid.to_ascii_uppercase(),
+        "clo_".to_owned() + &"é".repeat(19),
+    ]
+}
+
+#[tokio::test]
+async fn a_fresh_key_is_valid_and_says_whose_it_is() {
+    let mut app = spawn_app().await;
+    let (key, secret) = app
+        .create_key("acme", "gateway", Expiration::Expiration90Days)
+        .await;
+
+    let response = app.validate(&secret).await;
+
+    assert!(response.valid);
+    assert_eq!(response.result(), ValidationResult::Valid);
+    assert_eq!(response.key_id, key.id);
+    assert_eq!(response.workspace_id, "acme");
+    assert_eq!(response.expire_time, key.expire_time);
+}
+
+#[tokio::test]
+async fn garbage_is_malformed_not_an_error() {
+    let mut app = spawn_app().await;
+    let (_, secret) = app.create_key("acme", "k", Expiration::Never).await;
+    for input in garbage(&secret) {
+        let response = app.validate(&input).await;
+        assert!(!response.valid);
+        assert_eq!(
+            response.result(),
+            ValidationResult::Malformed,
+            "{:.60}",
+            input
+        );
+        assert_eq!(response.key_id, "");
+        assert_eq!(response.workspace_id, "");
+    }
+}
+
+#[tokio::test]
+async fn malformed_keys_are_answered_without_the_database() {
+    let db = TestDb::new().await;
+    let store = Store::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let service = KeyService::new(store.clone(), Arc::new(ManualClock::new(Utc::now())));
+    // Close the pool: any query now fails.
+    store.close().await.unwrap();
+
+    for input in garbage(apikeys::domain::Secret::generate().expose()) {
+        let outcome = service
+            .validate(&input)
+            .await
+            .expect("answered without the database");
+        assert_eq!(outcome.result, Validation::Malformed);
+    }
+    let well_formed = apikeys::domain::Secret::generate();
+    assert!(
+        service.validate(well_formed.expose()).await.is_err(),
+        "a well-formed key needs the database"
+    );
+}
+
+#[tokio::test]
+async fn a_well_formed_key_never_issued_is_not_found() {
+    let mut app = spawn_app().await;
+    let response = app
+        .validate(apikeys::domain::Secret::generate().expose())
+        .await;
+    assert!(!response.valid);
+    assert_eq!(response.result(), ValidationResult::NotFound);
+    assert_eq!(response.key_id, "");
+}
+
+#[tokio::test]
+async fn a_key_expires_exactly_at_its_expire_time() {
+    let mut app = spawn_app().await;
+    let (key, secret) = app
+        .create_key("acme", "month", Expiration::Expiration30Days)
+        .await;
+
+    app.clock
+        .advance(TimeDelta::days(30) - TimeDelta::milliseconds(1));
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+
+    app.clock.advance(TimeDelta::milliseconds(1));
+    let response = app.validate(&secret).await;
+    assert!(!response.valid);
+    assert_eq!(response.result(), ValidationResult::Expired);
+    assert_eq!(response.key_id, key.id);
+    assert_eq!(response.expire_time, key.expire_time);
+}
+
+#[tokio::test]
+async fn a_key_that_never_expires_is_valid_decades_later() {
+    let mut app = spawn_app().await;
+    let (_, secret) = app.create_key("acme", "forever", Expiration::Never).await;
+    app.clock.advance(TimeDelta::days(365 * 30));
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+}
+
+#[tokio::test]
+async fn a_valid_use_shows_as_last_used_time() {
+    let mut app = spawn_app().await;
+    let (key, secret) = app.create_key("acme", "used", Expiration::Never).await;
+    app.clock.advance(TimeDelta::minutes(3));
+    let used_at = apikeys::clock::Clock::now(&app.clock);
+
+    app.validate(&secret).await;
+
+    let listed = app
+        .client
+        .list_keys(as_owner(ListKeysRequest {
+            workspace_id: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let last_used = listed[0].last_used_time.expect("last_used_time is set");
+    assert_eq!(listed[0].id, key.id);
+    assert_eq!(last_used.seconds, used_at.timestamp());
+}
+
+#[tokio::test]
+async fn keys_and_deletions_survive_a_restart() {
+    let mut app = spawn_app().await;
+    let (kept, kept_secret) = app.create_key("acme", "kept", Expiration::Never).await;
+    let (gone, gone_secret) = app.create_key("acme", "gone", Expiration::Never).await;
+    app.client
+        .delete_key(as_owner(DeleteKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: gone.id.clone(),
+        }))
+        .await
+        .unwrap();
+    let (db, clock) = app.stop().await;
+
+    let mut app = spawn_app_on(db, clock).await;
+
+    assert_eq!(
+        app.validate(&kept_secret).await.result(),
+        ValidationResult::Valid
+    );
+    assert_eq!(
+        app.validate(&gone_secret).await.result(),
+        ValidationResult::Deleted
+    );
+    let listed = app
+        .client
+        .list_keys(as_owner(ListKeysRequest {
+            workspace_id: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, kept.id);
+}
