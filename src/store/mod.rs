@@ -7,9 +7,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
-    DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    RuntimeErr, sea_query::Expr,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, Database, DatabaseBackend,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, RuntimeErr,
+    sea_query::Expr,
 };
 
 use crate::domain::{KeyHash, KeyId, KeyName, PageCursor, WorkspaceId};
@@ -95,11 +95,6 @@ impl Store {
 
     pub fn backend(&self) -> DatabaseBackend {
         self.db.get_database_backend()
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.db.ping().await?;
-        Ok(())
     }
 
     pub async fn close(self) -> Result<(), StoreError> {
@@ -195,9 +190,5 @@ impl Store {
     /// Every stored row, tombstones included; for operators' checks and tests.
     pub async fn all_rows(&self) -> Result<Vec<KeyRow>, StoreError> {
         Ok(Entity::find().all(&self.db).await?)
-    }
-
-    pub fn connection(&self) -> &impl ConnectionTrait {
-        &self.db
     }
 }

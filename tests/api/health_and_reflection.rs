@@ -149,3 +149,13 @@ async fn the_older_v1alpha_reflection_answers_too() {
             .any(|s| s.name == "cloodot.apikeys.v1.ApiKeys")
     );
 }
+
+#[tokio::test]
+async fn tests_run_on_the_backend_they_were_asked_for() {
+    let app = spawn_app().await;
+    let expected = match std::env::var(crate::helpers::POSTGRES_ENV) {
+        Ok(url) if !url.is_empty() => sea_orm::DatabaseBackend::Postgres,
+        _ => sea_orm::DatabaseBackend::Sqlite,
+    };
+    assert_eq!(app.store().await.backend(), expected);
+}
