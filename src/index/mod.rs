@@ -1,0 +1,197 @@
+//! The in-memory validation index: every key, tombstones included, by the blake3 hash of the
+//! key. ValidateKey is a lock-free read here; the database is never on that path.
+
+mod sync;
+
+use std::{
+    collections::HashSet,
+    hash::{BuildHasher, Hasher},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+};
+
+use papaya::{HashMap, Operation};
+
+pub use sync::{SyncSettings, Syncer};
+
+use crate::{domain::KeyHash, store::KeyRow};
+
+/// What the index knows of one key: about 100 bytes with the map's own overhead.
+#[derive(Debug)]
+struct Record {
+    /// The id without its `key_` prefix.
+    id: [u8; ID_LEN],
+    /// Shared by every key of the workspace.
+    workspace: Arc<str>,
+    /// `i64::MAX` for never.
+    expire_time_us: i64,
+    deleted: bool,
+    /// The revision this record reflects; an older one never replaces it.
+    revision: i64,
+    /// Last valid use seen by this replica, `i64::MIN` for none; flushed in batches.
+    last_used_us: AtomicI64,
+    /// Whether this key waits in the flush queue already.
+    use_pending: AtomicBool,
+}
+
+const ID_PREFIX: &str = "key_";
+const ID_LEN: usize = 20;
+
+/// A known key as ValidateKey reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: String,
+    pub workspace: Arc<str>,
+    pub expire_time_us: Option<i64>,
+    pub state: KeyState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Expired,
+    Deleted,
+}
+
+/// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
+/// cannot pick them (a presented key is hashed before lookup).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrehashedKeys;
+
+#[derive(Debug, Default)]
+pub struct PrehashedHasher(u64);
+
+impl BuildHasher for PrehashedKeys {
+    type Hasher = PrehashedHasher;
+    fn build_hasher(&self) -> PrehashedHasher {
+        PrehashedHasher(0)
+    }
+}
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // [u8; 32] hashes as its bytes; take the first 8 of the first write that has them.
+        if self.0 == 0 && bytes.len() >= 8 {
+            let mut first = [0; 8];
+            first.copy_from_slice(&bytes[..8]);
+            self.0 = u64::from_le_bytes(first) | 1;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    keys: HashMap<[u8; 32], Record, PrehashedKeys>,
+    workspaces: Mutex<HashSet<Arc<str>>>,
+    /// Keys whose last use changed since the last flush.
+    pending_uses: Mutex<Vec<KeyHash>>,
+}
+
+impl KeyIndex {
+    pub fn new() -> Self {
+        Self {
+            keys: HashMap::builder().hasher(PrehashedKeys).build(),
+            workspaces: Mutex::default(),
+            pending_uses: Mutex::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Applies a row as stored. A row older than what the index holds is ignored, so a slow
+    /// catch-up can never bring back a key that a newer delete removed.
+    pub fn apply(&self, row: &KeyRow) {
+        let Some(hash) = KeyHash::from_slice(&row.key_hash) else {
+            tracing::error!(key_id = %row.id, "stored key hash is not 32 bytes; key not indexed");
+            return;
+        };
+        let Some(id) = row.id.strip_prefix(ID_PREFIX).and_then(|rest| <[u8; ID_LEN]>::try_from(rest.as_bytes()).ok())
+        else {
+            tracing::error!(key_id = %row.id, "stored key id is ill-formed; key not indexed");
+            return;
+        };
+        let workspace = self.intern(&row.workspace_id);
+        let stored_use = row.last_used_time_us.unwrap_or(i64::MIN);
+        let record = |last_used: i64| Record {
+            id,
+            workspace: workspace.clone(),
+            expire_time_us: row.expire_time_us.unwrap_or(i64::MAX),
+            deleted: row.delete_time_us.is_some(),
+            revision: row.revision,
+            last_used_us: AtomicI64::new(last_used.max(stored_use)),
+            use_pending: AtomicBool::new(false),
+        };
+        let keys = self.keys.pin();
+        keys.compute(*hash.as_bytes(), |existing| match existing {
+            Some((_, old)) if old.revision >= row.revision => Operation::Abort(()),
+            Some((_, old)) => Operation::Insert(record(old.last_used_us.load(Ordering::Relaxed))),
+            None => Operation::Insert(record(i64::MIN)),
+        });
+    }
+
+    fn intern(&self, workspace: &str) -> Arc<str> {
+        let mut workspaces = self.workspaces.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = workspaces.get(workspace) {
+            return existing.clone();
+        }
+        let interned: Arc<str> = Arc::from(workspace);
+        workspaces.insert(interned.clone());
+        interned
+    }
+
+    /// The key with this hash, as of `now_us`. A valid answer records the use (in memory).
+    pub fn lookup(&self, hash: &KeyHash, now_us: i64, use_resolution_us: i64) -> Option<Found> {
+        let keys = self.keys.pin();
+        let record = keys.get(hash.as_bytes())?;
+        let state = if record.deleted {
+            KeyState::Deleted
+        } else if record.expire_time_us <= now_us {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        };
+        if state == KeyState::Active && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us {
+            record.last_used_us.fetch_max(now_us, Ordering::Relaxed);
+            if !record.use_pending.swap(true, Ordering::AcqRel) {
+                self.pending_uses.lock().unwrap_or_else(PoisonError::into_inner).push(*hash);
+            }
+        }
+        let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
+        id.push_str(ID_PREFIX);
+        // The id bytes came from a parsed, base62 id.
+        id.extend(record.id.iter().map(|&b| char::from(b)));
+        Some(Found {
+            id,
+            workspace: record.workspace.clone(),
+            expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
+            state,
+        })
+    }
+
+    /// Takes the uses recorded since the last call: `(key id, last used µs)`.
+    pub fn take_uses(&self) -> Vec<(String, i64)> {
+        let pending = std::mem::take(&mut *self.pending_uses.lock().unwrap_or_else(PoisonError::into_inner));
+        let keys = self.keys.pin();
+        pending
+            .into_iter()
+            .filter_map(|hash| {
+                let record = keys.get(hash.as_bytes())?;
+                record.use_pending.store(false, Ordering::Release);
+                let id = format!("{ID_PREFIX}{}", std::str::from_utf8(&record.id).ok()?);
+                Some((id, record.last_used_us.load(Ordering::Relaxed)))
+            })
+            .collect()
+    }
+
+}

@@ -1,0 +1,238 @@
+//! Keeps a replica's index in step with the database: PostgreSQL LISTEN/NOTIFY for speed, a
+//! catch-up by revision on every notification, every (re)connect and every poll for
+//! certainty, and batched flushes of last-used times.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use sea_orm::{DatabaseBackend, sqlx::postgres::PgListener};
+use tokio::{sync::watch, task::JoinHandle};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use super::KeyIndex;
+use crate::store::{CHANGES_CHANNEL, ChangeCursor, Store, StoreError};
+
+/// Rows read per catch-up query; start-up loads the whole table in such pages.
+const BATCH: u64 = 20_000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SyncSettings {
+    /// How often to catch up even without a notification (the bound when notifications are
+    /// lost, and the only mechanism on SQLite).
+    pub poll_interval: Duration,
+    /// How old the last successful sync may be before ValidateKey fails closed.
+    pub staleness_bound: Duration,
+    /// How often last-used times are written to the database.
+    pub flush_interval: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(250),
+            staleness_bound: Duration::from_secs(30),
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Syncer {
+    store: Store,
+    index: Arc<KeyIndex>,
+    settings: SyncSettings,
+    cursor: tokio::sync::Mutex<ChangeCursor>,
+    epoch: Instant,
+    /// Milliseconds after `epoch` at which the last successful catch-up started.
+    last_sync_ms: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// Health names reported by the server.
+pub(crate) const HEALTH_NAMES: [&str; 2] = ["", crate::startup::SERVICE_NAME];
+
+impl Syncer {
+    pub fn new(store: Store, index: Arc<KeyIndex>, settings: SyncSettings) -> Self {
+        Self {
+            store,
+            index,
+            settings,
+            cursor: tokio::sync::Mutex::default(),
+            epoch: Instant::now(),
+            last_sync_ms: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn index(&self) -> &Arc<KeyIndex> {
+        &self.index
+    }
+
+    /// Applies every change after the last one applied; returns how many rows it read.
+    pub async fn catch_up(&self) -> Result<usize, StoreError> {
+        let mut cursor = self.cursor.lock().await;
+        // What we read is at least as fresh as the moment we started reading.
+        let started = self.epoch.elapsed();
+        let mut applied = 0;
+        loop {
+            let rows = self.store.changes_since(&cursor, BATCH).await?;
+            for row in &rows {
+                self.index.apply(row);
+            }
+            applied += rows.len();
+            if let Some(last) = rows.last() {
+                *cursor = ChangeCursor { revision: last.revision, id: last.id.clone() };
+            }
+            if (rows.len() as u64) < BATCH {
+                break;
+            }
+        }
+        self.last_sync_ms.fetch_max(started.as_millis() as u64, Ordering::Release);
+        Ok(applied)
+    }
+
+    /// How long ago the last successful sync started.
+    pub fn staleness(&self) -> Duration {
+        let last = Duration::from_millis(self.last_sync_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Whether the index may still answer: its last sync is within the bound.
+    pub fn is_fresh(&self) -> bool {
+        self.staleness() <= self.settings.staleness_bound
+    }
+
+    /// Starts the background loops; they end when `stop` turns true.
+    pub fn spawn(self: &Arc<Self>, health: HealthReporter, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        let mut tasks = vec![
+            tokio::spawn(self.clone().poll(health, stop.clone())),
+            tokio::spawn(self.clone().flush_loop(stop.clone())),
+        ];
+        if self.store.backend() == DatabaseBackend::Postgres {
+            tasks.push(tokio::spawn(self.clone().listen(stop)));
+        }
+        tasks
+    }
+
+    /// Marks the server as stopping: health is no longer changed by the sync loops.
+    pub fn stop_reporting(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    async fn poll(self: Arc<Self>, health: HealthReporter, mut stop: watch::Receiver<bool>) {
+        let mut fresh = true;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            match self.catch_up().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("database reachable again; index in sync");
+                }
+                Ok(_) => {}
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %err, "cannot sync the key index; answering from memory until the staleness bound");
+                }
+                Err(_) => {}
+            }
+            let now_fresh = self.is_fresh();
+            if now_fresh != fresh && !self.stopping.load(Ordering::Acquire) {
+                fresh = now_fresh;
+                let status = if fresh { ServingStatus::Serving } else { ServingStatus::NotServing };
+                if fresh {
+                    tracing::info!("key index fresh again: SERVING");
+                } else {
+                    tracing::error!(bound = ?self.settings.staleness_bound, "key index stale: ValidateKey fails closed, NOT_SERVING");
+                }
+                for name in HEALTH_NAMES {
+                    health.set_service_status(name, status).await;
+                }
+            }
+        }
+    }
+
+    async fn listen(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let url = with_application_name(self.store.url(), "apikeys-listener");
+        let mut reported = false;
+        loop {
+            match self.listen_once(&url, &mut stop).await {
+                Ok(()) => return,
+                Err(err) if !reported => {
+                    reported = true;
+                    tracing::warn!(error = %err, "change listener disconnected; reconnecting (polling covers the gap)");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// One listening connection: returns Ok when asked to stop, Err when the connection fails.
+    async fn listen_once(&self, url: &str, stop: &mut watch::Receiver<bool>) -> Result<(), sea_orm::sqlx::Error> {
+        let mut listener = PgListener::connect(url).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        // Anything announced while we were not listening is caught up now.
+        self.catch_up_quietly().await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                // `None`: the connection dropped and came back; notifications may be lost.
+                notification = listener.try_recv() => { notification?; }
+            }
+            self.catch_up_quietly().await;
+        }
+    }
+
+    async fn catch_up_quietly(&self) {
+        if let Err(err) = self.catch_up().await {
+            tracing::debug!(error = %err, "catch-up failed; the poll retries");
+        }
+    }
+
+    async fn flush_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut unwritten = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                () = tokio::time::sleep(self.settings.flush_interval) => {}
+            }
+            self.flush(&mut unwritten).await;
+        }
+        // Last chance before exit: the graceful shutdown keeps what was recorded.
+        self.flush(&mut unwritten).await;
+    }
+
+    /// Writes recorded uses; on failure keeps them (one entry per key) for the next flush.
+    async fn flush(&self, unwritten: &mut HashMap<String, i64>) {
+        for (id, at) in self.index.take_uses() {
+            let entry = unwritten.entry(id).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+        if unwritten.is_empty() {
+            return;
+        }
+        let batch: Vec<(String, i64)> = unwritten.iter().map(|(id, at)| (id.clone(), *at)).collect();
+        match self.store.record_uses(&batch).await {
+            Ok(()) => unwritten.clear(),
+            Err(err) => tracing::warn!(error = %err, keys = batch.len(), "cannot write last-used times; will retry"),
+        }
+    }
+}
+
+fn with_application_name(url: &str, name: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
