@@ -57,6 +57,16 @@ pub struct Settings {
     /// health watches) before it closes them, e.g. `10s`, `500ms`.
     #[arg(long, env = "APIKEYS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
     pub shutdown_grace: Duration,
+
+    /// How long ValidateKey keeps answering from memory after the last successful sync with
+    /// the database; past it, it fails closed with UNAVAILABLE and health is NOT_SERVING.
+    #[arg(long, env = "APIKEYS_STALENESS_BOUND", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub staleness_bound: Duration,
+
+    /// How often the key index polls the database for changes, besides PostgreSQL
+    /// notifications: the revocation bound when a notification is lost.
+    #[arg(long, env = "APIKEYS_SYNC_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, global = true)]
+    pub sync_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,6 +83,8 @@ impl Settings {
             database_url: database_url.into(),
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(10),
+            staleness_bound: Duration::from_secs(30),
+            sync_poll_interval: Duration::from_millis(250),
         }
     }
 }

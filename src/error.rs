@@ -28,6 +28,10 @@ pub enum ApiError {
     /// INTERNAL (`INTERNAL`) for any other store failure: logged here, never sent.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// UNAVAILABLE (`INDEX_STALE`): this replica has not synced with the database within the
+    /// staleness bound, so it cannot vouch for any key.
+    #[error("cannot confirm keys: this replica last synced with the database {0:?} ago")]
+    IndexStale(std::time::Duration),
 }
 
 impl From<ApiError> for Status {
@@ -66,6 +70,12 @@ impl From<ApiError> for Status {
                     HashMap::new(),
                 )
             }
+            ApiError::IndexStale(_) => (
+                Code::Unavailable,
+                "INDEX_STALE",
+                err.to_string(),
+                HashMap::new(),
+            ),
             ApiError::Store(StoreError::Internal(source)) => {
                 tracing::error!(error = %source, "database error");
                 (

@@ -5,6 +5,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod index;
 pub mod service;
 pub mod signal;
 pub mod startup;

@@ -6,8 +6,11 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     clock::Clock,
-    domain::{Actor, Expiration, KeyId, KeyName, PageCursor, PresentedKey, Secret, WorkspaceId},
+    domain::{
+        Actor, Expiration, KeyHash, KeyId, KeyName, PageCursor, PresentedKey, Secret, WorkspaceId,
+    },
     error::ApiError,
+    index::{Found, KeyIndex, KeyState, Syncer},
     store::{KeyRow, NewKey, Store},
 };
 
@@ -15,14 +18,16 @@ use crate::{
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 /// ListKeys never returns more than this many keys at once.
 pub const MAX_PAGE_SIZE: u64 = 1000;
-/// `last_used_time` is written at most this often per key, so a busy key does not turn every
-/// validation into a database write.
-const LAST_USED_RESOLUTION: TimeDelta = TimeDelta::seconds(5);
+/// A key's last use is noted in memory at most this often; a flush writes it within about a
+/// second more.
+const LAST_USED_RESOLUTION: TimeDelta = TimeDelta::seconds(1);
 
 #[derive(Debug, Clone)]
 pub struct KeyService {
     store: Store,
     clock: Arc<dyn Clock>,
+    syncer: Arc<Syncer>,
+    index: Arc<KeyIndex>,
 }
 
 /// A stored key as of a moment: whether it is deleted or expired is decided against `now`.
@@ -39,7 +44,7 @@ pub enum Validation {
 pub struct ValidateOutcome {
     pub result: Validation,
     /// The key, when it is known (every result but Malformed and NotFound).
-    pub key: Option<KeyRow>,
+    pub key: Option<Found>,
 }
 
 #[derive(Debug)]
@@ -49,8 +54,15 @@ pub struct Page {
 }
 
 impl KeyService {
-    pub fn new(store: Store, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock }
+    /// `syncer` keeps the index that ValidateKey reads in step with `store`.
+    pub fn new(store: Store, clock: Arc<dyn Clock>, syncer: Arc<Syncer>) -> Self {
+        let index = syncer.index().clone();
+        Self {
+            store,
+            clock,
+            syncer,
+            index,
+        }
     }
 
     /// The current time, at the microsecond precision the database keeps.
@@ -82,6 +94,8 @@ impl KeyService {
                 expire_time: expiration.expire_time(now),
             })
             .await?;
+        // This replica answers for the key before CreateKey returns.
+        self.index.apply(&row);
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key created");
         Ok((row, secret))
     }
@@ -106,6 +120,14 @@ impl KeyService {
         } else {
             None
         };
+        // This replica may have seen uses that are not flushed yet.
+        for key in &mut keys {
+            if let Some(used) =
+                KeyHash::from_slice(&key.key_hash).and_then(|hash| self.index.last_used_us(&hash))
+            {
+                key.last_used_time_us = key.last_used_time_us.max(Some(used));
+            }
+        }
         Ok(Page { keys, next })
     }
 
@@ -115,44 +137,44 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
     ) -> Result<(), ApiError> {
-        if !self.store.delete(workspace, id, self.now()).await? {
+        let Some(row) = self.store.delete(workspace, id, self.now()).await? else {
             return Err(ApiError::KeyNotFound);
-        }
+        };
+        // The very next ValidateKey on this replica answers DELETED.
+        self.index.apply(&row);
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key deleted");
         Ok(())
     }
 
-    pub async fn validate(&self, presented: &str) -> Result<ValidateOutcome, ApiError> {
-        // Garbage and typos are answered here, without touching the database.
+    /// Answers from memory: no database round trip, whatever the input.
+    pub fn validate(&self, presented: &str) -> Result<ValidateOutcome, ApiError> {
+        // Garbage and typos are answered from the input alone, even when the index is stale.
         let Ok(key) = PresentedKey::parse(presented) else {
             return Ok(ValidateOutcome {
                 result: Validation::Malformed,
                 key: None,
             });
         };
-        let Some(row) = self.store.find_by_hash(&key.hash()).await? else {
+        // Fail closed: a stale index might still hold a key deleted elsewhere.
+        if !self.syncer.is_fresh() {
+            return Err(ApiError::IndexStale(self.syncer.staleness()));
+        }
+        let now = self.clock.now().timestamp_micros();
+        let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
+        let Some(found) = self.index.lookup(&key.hash(), now, resolution) else {
             return Ok(ValidateOutcome {
                 result: Validation::NotFound,
                 key: None,
             });
         };
-        let now = self.now();
-        let result = status_at(&row, now);
-        if result == Validation::Valid {
-            let stale = row.last_used_time_us.is_none_or(|used| {
-                now.timestamp_micros() - used
-                    >= LAST_USED_RESOLUTION.num_microseconds().unwrap_or(0)
-            });
-            if stale {
-                // Losing a last-used update must never turn a valid key away.
-                if let Err(err) = self.store.record_use(&row.id, now).await {
-                    tracing::warn!(key_id = %row.id, error = %err, "could not record key use");
-                }
-            }
-        }
+        let result = match found.state {
+            KeyState::Active => Validation::Valid,
+            KeyState::Expired => Validation::Expired,
+            KeyState::Deleted => Validation::Deleted,
+        };
         Ok(ValidateOutcome {
             result,
-            key: Some(row),
+            key: Some(found),
         })
     }
 }

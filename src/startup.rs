@@ -11,6 +11,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Settings,
     grpc::{ApiKeysService, proto},
+    index::{KeyIndex, SyncSettings, Syncer},
     service::KeyService,
     store::{Store, StoreError},
 };
@@ -18,12 +19,17 @@ use crate::{
 /// The service name health reports on, besides the whole server (`""`).
 pub const SERVICE_NAME: &str = "cloodot.apikeys.v1.ApiKeys";
 
+/// Every name health reports on: the whole server and the API.
+pub(crate) const HEALTH_NAMES: [&str; 2] = ["", SERVICE_NAME];
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot open the database: {0}")]
     Database(#[source] StoreError),
     #[error("cannot run migrations: {0}")]
     Migrations(#[source] StoreError),
+    #[error("cannot load the key index: {0}")]
+    IndexLoad(#[source] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -42,6 +48,7 @@ pub struct Application {
     addr: SocketAddr,
     store: Store,
     clock: Arc<dyn Clock>,
+    syncer: Arc<Syncer>,
     shutdown_grace: Duration,
 }
 
@@ -56,6 +63,24 @@ impl Application {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
         let store = connect_and_migrate(&settings.database_url).await?;
+        let sync_settings = SyncSettings {
+            poll_interval: settings.sync_poll_interval,
+            staleness_bound: settings.staleness_bound,
+            ..SyncSettings::default()
+        };
+        let syncer = Arc::new(Syncer::new(
+            store.clone(),
+            Arc::new(KeyIndex::new()),
+            sync_settings,
+        ));
+        // Health turns SERVING only once every key is in memory.
+        let started = std::time::Instant::now();
+        let loaded = syncer.catch_up().await.map_err(StartupError::IndexLoad)?;
+        tracing::info!(
+            keys = loaded,
+            took_ms = started.elapsed().as_millis() as u64,
+            "key index loaded"
+        );
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -72,6 +97,7 @@ impl Application {
             addr,
             store,
             clock,
+            syncer,
             shutdown_grace: settings.shutdown_grace,
         })
     }
@@ -95,14 +121,22 @@ impl Application {
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
-        let api = ApiKeysService::new(KeyService::new(self.store.clone(), self.clock));
+        let api = ApiKeysService::new(KeyService::new(
+            self.store.clone(),
+            self.clock,
+            self.syncer.clone(),
+        ));
+        let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+        let sync_tasks = self.syncer.spawn(health.clone(), sync_stopped);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = {
             let health = health.clone();
+            let syncer = self.syncer.clone();
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+                syncer.stop_reporting();
                 set_health(&health, ServingStatus::NotServing).await;
                 let _ = stopping_tx.send(());
             }
@@ -127,6 +161,11 @@ impl Application {
                     std::future::pending::<()>().await;
                 }
             } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
+        }
+        // The sync loops end with a last flush of last-used times.
+        let _ = stop_sync.send(true);
+        for task in sync_tasks {
+            let _ = task.await;
         }
         if let Err(err) = self.store.close().await {
             tracing::warn!(error = %err, "closing the database");
@@ -154,6 +193,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(SERVICE_NAME, status).await;
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
 }

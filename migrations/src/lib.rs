@@ -4,12 +4,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_api_keys;
+mod m20261126_000002_add_revisions;
 
 #[derive(Debug)]
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_create_api_keys::Migration)]
+        vec![
+            Box::new(m20261126_000001_create_api_keys::Migration),
+            Box::new(m20261126_000002_add_revisions::Migration),
+        ]
     }
 }

@@ -104,7 +104,7 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<ValidateKeyRequest>,
     ) -> Result<Response<ValidateKeyResponse>, Status> {
-        let outcome = self.keys.validate(&request.get_ref().key).await?;
+        let outcome = self.keys.validate(&request.get_ref().key)?;
         let result = match outcome.result {
             Validation::Valid => ValidationResult::Valid,
             Validation::Malformed => ValidationResult::Malformed,
@@ -119,11 +119,11 @@ impl ApiKeys for ApiKeysService {
             result: result.into(),
             ..Default::default()
         };
-        if let Some(row) = outcome.key {
-            span.record("key_id", row.id.as_str());
-            response.expire_time = row.expire_time_us.map(timestamp);
-            response.key_id = row.id;
-            response.workspace_id = row.workspace_id;
+        if let Some(found) = outcome.key {
+            span.record("key_id", found.id.as_str());
+            response.expire_time = found.expire_time_us.map(timestamp);
+            response.key_id = found.id;
+            response.workspace_id = found.workspace.to_string();
         }
         Ok(Response::new(response))
     }

@@ -116,7 +116,10 @@ impl KeyIndex {
             tracing::error!(key_id = %row.id, "stored key hash is not 32 bytes; key not indexed");
             return;
         };
-        let Some(id) = row.id.strip_prefix(ID_PREFIX).and_then(|rest| <[u8; ID_LEN]>::try_from(rest.as_bytes()).ok())
+        let Some(id) = row
+            .id
+            .strip_prefix(ID_PREFIX)
+            .and_then(|rest| <[u8; ID_LEN]>::try_from(rest.as_bytes()).ok())
         else {
             tracing::error!(key_id = %row.id, "stored key id is ill-formed; key not indexed");
             return;
@@ -141,7 +144,10 @@ impl KeyIndex {
     }
 
     fn intern(&self, workspace: &str) -> Arc<str> {
-        let mut workspaces = self.workspaces.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut workspaces = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = workspaces.get(workspace) {
             return existing.clone();
         }
@@ -161,10 +167,15 @@ impl KeyIndex {
         } else {
             KeyState::Active
         };
-        if state == KeyState::Active && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us {
+        if state == KeyState::Active
+            && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us
+        {
             record.last_used_us.fetch_max(now_us, Ordering::Relaxed);
             if !record.use_pending.swap(true, Ordering::AcqRel) {
-                self.pending_uses.lock().unwrap_or_else(PoisonError::into_inner).push(*hash);
+                self.pending_uses
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(*hash);
             }
         }
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
@@ -179,9 +190,24 @@ impl KeyIndex {
         })
     }
 
+    /// The last valid use this replica has seen of the key, if any.
+    pub fn last_used_us(&self, hash: &KeyHash) -> Option<i64> {
+        let keys = self.keys.pin();
+        let used = keys
+            .get(hash.as_bytes())?
+            .last_used_us
+            .load(Ordering::Relaxed);
+        (used != i64::MIN).then_some(used)
+    }
+
     /// Takes the uses recorded since the last call: `(key id, last used µs)`.
     pub fn take_uses(&self) -> Vec<(String, i64)> {
-        let pending = std::mem::take(&mut *self.pending_uses.lock().unwrap_or_else(PoisonError::into_inner));
+        let pending = std::mem::take(
+            &mut *self
+                .pending_uses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         let keys = self.keys.pin();
         pending
             .into_iter()
@@ -193,5 +219,4 @@ impl KeyIndex {
             })
             .collect()
     }
-
 }

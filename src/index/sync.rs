@@ -16,7 +16,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::KeyIndex;
-use crate::store::{CHANGES_CHANNEL, ChangeCursor, Store, StoreError};
+use crate::{
+    startup::HEALTH_NAMES,
+    store::{CHANGES_CHANNEL, ChangeCursor, Store, StoreError},
+};
 
 /// Rows read per catch-up query; start-up loads the whole table in such pages.
 const BATCH: u64 = 20_000;
@@ -54,9 +57,6 @@ pub struct Syncer {
     stopping: AtomicBool,
 }
 
-/// Health names reported by the server.
-pub(crate) const HEALTH_NAMES: [&str; 2] = ["", crate::startup::SERVICE_NAME];
-
 impl Syncer {
     pub fn new(store: Store, index: Arc<KeyIndex>, settings: SyncSettings) -> Self {
         Self {
@@ -87,13 +87,17 @@ impl Syncer {
             }
             applied += rows.len();
             if let Some(last) = rows.last() {
-                *cursor = ChangeCursor { revision: last.revision, id: last.id.clone() };
+                *cursor = ChangeCursor {
+                    revision: last.revision,
+                    id: last.id.clone(),
+                };
             }
             if (rows.len() as u64) < BATCH {
                 break;
             }
         }
-        self.last_sync_ms.fetch_max(started.as_millis() as u64, Ordering::Release);
+        self.last_sync_ms
+            .fetch_max(started.as_millis() as u64, Ordering::Release);
         Ok(applied)
     }
 
@@ -109,7 +113,11 @@ impl Syncer {
     }
 
     /// Starts the background loops; they end when `stop` turns true.
-    pub fn spawn(self: &Arc<Self>, health: HealthReporter, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        health: HealthReporter,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(self.clone().poll(health, stop.clone())),
             tokio::spawn(self.clone().flush_loop(stop.clone())),
@@ -148,7 +156,11 @@ impl Syncer {
             let now_fresh = self.is_fresh();
             if now_fresh != fresh && !self.stopping.load(Ordering::Acquire) {
                 fresh = now_fresh;
-                let status = if fresh { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let status = if fresh {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 if fresh {
                     tracing::info!("key index fresh again: SERVING");
                 } else {
@@ -181,7 +193,11 @@ impl Syncer {
     }
 
     /// One listening connection: returns Ok when asked to stop, Err when the connection fails.
-    async fn listen_once(&self, url: &str, stop: &mut watch::Receiver<bool>) -> Result<(), sea_orm::sqlx::Error> {
+    async fn listen_once(
+        &self,
+        url: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), sea_orm::sqlx::Error> {
         let mut listener = PgListener::connect(url).await?;
         listener.listen(CHANGES_CHANNEL).await?;
         // Anything announced while we were not listening is caught up now.
@@ -224,10 +240,13 @@ impl Syncer {
         if unwritten.is_empty() {
             return;
         }
-        let batch: Vec<(String, i64)> = unwritten.iter().map(|(id, at)| (id.clone(), *at)).collect();
+        let batch: Vec<(String, i64)> =
+            unwritten.iter().map(|(id, at)| (id.clone(), *at)).collect();
         match self.store.record_uses(&batch).await {
             Ok(()) => unwritten.clear(),
-            Err(err) => tracing::warn!(error = %err, keys = batch.len(), "cannot write last-used times; will retry"),
+            Err(err) => {
+                tracing::warn!(error = %err, keys = batch.len(), "cannot write last-used times; will retry")
+            }
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct Model {
     /// Set when the key is deleted; the row stays as a tombstone so ValidateKey can answer
     /// DELETED rather than NOT_FOUND.
     pub delete_time_us: Option<i64>,
+    /// The revision of the last change to this row (create or delete); see the migrations.
+    pub revision: i64,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

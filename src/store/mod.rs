@@ -7,9 +7,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, Database, DatabaseBackend,
-    DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, RuntimeErr,
-    sea_query::Expr,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
+    DatabaseBackend, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait, sea_query::Expr,
 };
 
 use crate::domain::{KeyHash, KeyId, KeyName, PageCursor, WorkspaceId};
@@ -64,9 +64,20 @@ pub struct NewKey<'a> {
     pub expire_time: Option<DateTime<Utc>>,
 }
 
+/// The PostgreSQL channel on which every write announces its revision.
+pub const CHANGES_CHANNEL: &str = "apikeys_changes";
+
+/// Where a catch-up read stopped: the last `(revision, id)` applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChangeCursor {
+    pub revision: i64,
+    pub id: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    url: String,
 }
 
 impl Store {
@@ -84,7 +95,10 @@ impl Store {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
             });
         let db = Database::connect(options).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            url: url.to_owned(),
+        })
     }
 
     /// Brings the schema up to date. Safe to run on every start and from many replicas.
@@ -97,12 +111,19 @@ impl Store {
         self.db.get_database_backend()
     }
 
+    /// The URL this store connected with (it may hold a password: never log it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub async fn close(self) -> Result<(), StoreError> {
         self.db.close().await?;
         Ok(())
     }
 
     pub async fn insert(&self, key: NewKey<'_>) -> Result<KeyRow, StoreError> {
+        let txn = self.db.begin().await?;
+        let revision = self.next_revision(&txn).await?;
         let row = ActiveModel {
             id: Set(key.id.as_str().to_owned()),
             workspace_id: Set(key.workspace.as_str().to_owned()),
@@ -114,8 +135,38 @@ impl Store {
             expire_time_us: Set(key.expire_time.map(|t| t.timestamp_micros())),
             last_used_time_us: Set(None),
             delete_time_us: Set(None),
+            revision: Set(revision),
         };
-        Ok(Entity::insert(row).exec_with_returning(&self.db).await?)
+        let row = Entity::insert(row).exec_with_returning(&txn).await?;
+        self.announce(&txn, revision).await?;
+        txn.commit().await?;
+        Ok(row)
+    }
+
+    /// Takes the next revision. The counter row stays locked until `txn` ends, which orders
+    /// revisions by commit (and serialises writers, which are rare).
+    async fn next_revision(&self, txn: &DatabaseTransaction) -> Result<i64, StoreError> {
+        let sql = "UPDATE api_key_revision SET value = value + 1 WHERE id = 1 RETURNING value";
+        let row = txn
+            .query_one_raw(Statement::from_string(self.backend(), sql))
+            .await?
+            .ok_or_else(|| {
+                StoreError::Internal(DbErr::RecordNotFound("api_key_revision row".into()))
+            })?;
+        Ok(row.try_get::<i64>("", "value")?)
+    }
+
+    /// Tells listening replicas (PostgreSQL) that `revision` committed; delivered on commit.
+    async fn announce(&self, txn: &DatabaseTransaction, revision: i64) -> Result<(), StoreError> {
+        if self.backend() == DatabaseBackend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_notify($1, $2)",
+                [CHANGES_CHANNEL.into(), revision.to_string().into()],
+            ))
+            .await?;
+        }
+        Ok(())
     }
 
     /// Live keys of a workspace, newest first, after `cursor`; at most `limit`.
@@ -147,43 +198,76 @@ impl Store {
             .await?)
     }
 
-    /// Tombstones a live key of the workspace. `false` when there is none to delete.
+    /// Tombstones a live key of the workspace and returns it as now stored; `None` when there
+    /// is no such live key (nothing is changed then).
     pub async fn delete(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<KeyRow>, StoreError> {
+        let txn = self.db.begin().await?;
+        let revision = self.next_revision(&txn).await?;
         let result = Entity::update_many()
             .col_expr(Column::DeleteTimeUs, Expr::value(now.timestamp_micros()))
+            .col_expr(Column::Revision, Expr::value(revision))
             .filter(Column::Id.eq(id.as_str()))
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .filter(Column::DeleteTimeUs.is_null())
-            .exec(&self.db)
+            .exec(&txn)
             .await?;
-        Ok(result.rows_affected == 1)
+        if result.rows_affected != 1 {
+            // Dropping the transaction rolls the revision back too.
+            return Ok(None);
+        }
+        let row = Entity::find_by_id(id.as_str()).one(&txn).await?;
+        self.announce(&txn, revision).await?;
+        txn.commit().await?;
+        Ok(row)
     }
 
-    pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRow>, StoreError> {
+    /// Rows changed after `cursor`, in `(revision, id)` order, at most `limit`: what a
+    /// replica's index has not applied yet. From the default cursor, every row.
+    pub async fn changes_since(
+        &self,
+        cursor: &ChangeCursor,
+        limit: u64,
+    ) -> Result<Vec<KeyRow>, StoreError> {
         Ok(Entity::find()
-            .filter(Column::KeyHash.eq(hash.as_bytes().to_vec()))
-            .one(&self.db)
+            .filter(
+                Condition::any()
+                    .add(Column::Revision.gt(cursor.revision))
+                    .add(
+                        Condition::all()
+                            .add(Column::Revision.eq(cursor.revision))
+                            .add(Column::Id.gt(cursor.id.as_str())),
+                    ),
+            )
+            .order_by_asc(Column::Revision)
+            .order_by_asc(Column::Id)
+            .limit(limit)
+            .all(&self.db)
             .await?)
     }
 
-    pub async fn record_use(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let at = at.timestamp_micros();
-        Entity::update_many()
-            .col_expr(Column::LastUsedTimeUs, Expr::value(at))
-            .filter(Column::Id.eq(id))
-            // Never move the time backwards when two replicas race.
-            .filter(
-                Condition::any()
-                    .add(Column::LastUsedTimeUs.is_null())
-                    .add(Column::LastUsedTimeUs.lt(at)),
-            )
-            .exec(&self.db)
-            .await?;
+    /// Writes a batch of `(key id, last used µs)` in one transaction. Not a revision: other
+    /// replicas' indexes do not need it.
+    pub async fn record_uses(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let txn = self.db.begin().await?;
+        for (id, at) in uses {
+            Entity::update_many()
+                .col_expr(Column::LastUsedTimeUs, Expr::value(*at))
+                .filter(Column::Id.eq(id.as_str()))
+                // Never move the time backwards when two replicas race.
+                .filter(
+                    Condition::any()
+                        .add(Column::LastUsedTimeUs.is_null())
+                        .add(Column::LastUsedTimeUs.lt(*at)),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
         Ok(())
     }
 

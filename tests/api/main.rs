@@ -8,5 +8,6 @@ mod health_and_reflection;
 mod helpers;
 mod list_keys;
 mod readme;
+mod replicas;
 mod secrets;
 mod validate_key;

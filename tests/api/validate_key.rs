@@ -3,6 +3,7 @@ use std::sync::Arc;
 use apikeys::{
     clock::ManualClock,
     grpc::proto::{DeleteKeyRequest, Expiration, ListKeysRequest, ValidationResult},
+    index::{KeyIndex, SyncSettings, Syncer},
     service::{KeyService, Validation},
     store::Store,
 };
@@ -62,26 +63,36 @@ async fn garbage_is_malformed_not_an_error() {
 }
 
 #[tokio::test]
-async fn malformed_keys_are_answered_without_the_database() {
+async fn validation_is_answered_without_the_database() {
     let db = TestDb::new().await;
     let store = Store::connect(&db.url).await.unwrap();
     store.migrate().await.unwrap();
-    let service = KeyService::new(store.clone(), Arc::new(ManualClock::new(Utc::now())));
+    let syncer = Arc::new(Syncer::new(
+        store.clone(),
+        Arc::new(KeyIndex::new()),
+        SyncSettings::default(),
+    ));
+    syncer.catch_up().await.unwrap();
+    let service = KeyService::new(
+        store.clone(),
+        Arc::new(ManualClock::new(Utc::now())),
+        syncer,
+    );
     // Close the pool: any query now fails.
     store.close().await.unwrap();
 
     for input in garbage(apikeys::domain::Secret::generate().expose()) {
         let outcome = service
             .validate(&input)
-            .await
             .expect("answered without the database");
         assert_eq!(outcome.result, Validation::Malformed);
     }
-    let well_formed = apikeys::domain::Secret::generate();
-    assert!(
-        service.validate(well_formed.expose()).await.is_err(),
-        "a well-formed key needs the database"
-    );
+    // Well-formed keys too: validation is a memory lookup.
+    let unknown = apikeys::domain::Secret::generate();
+    let outcome = service
+        .validate(unknown.expose())
+        .expect("answered without the database");
+    assert_eq!(outcome.result, Validation::NotFound);
 }
 
 #[tokio::test]
@@ -137,19 +148,61 @@ async fn a_valid_use_shows_as_last_used_time() {
 
     app.validate(&secret).await;
 
-    let listed = app
-        .client
-        .list_keys(as_owner(ListKeysRequest {
-            workspace_id: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    // Recorded in memory, flushed in batches: visible within 5 s.
+    let start = std::time::Instant::now();
+    let listed = loop {
+        let listed = app
+            .client
+            .list_keys(as_owner(ListKeysRequest {
+                workspace_id: "acme".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        if listed[0].last_used_time.is_some() {
+            break listed;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "last_used_time not visible within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let last_used = listed[0].last_used_time.expect("last_used_time is set");
     assert_eq!(listed[0].id, key.id);
     assert_eq!(last_used.seconds, used_at.timestamp());
+
+    // Other replicas list from the database: the batched flush reaches it within 5 s.
+    let store = app.store().await;
+    let start = std::time::Instant::now();
+    while store.all_rows().await.unwrap()[0]
+        .last_used_time_us
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "last use not flushed within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_writes_the_last_uses() {
+    let mut app = spawn_app().await;
+    let (_, secret) = app.create_key("acme", "used", Expiration::Never).await;
+    app.validate(&secret).await;
+    let (db, _) = app.stop().await;
+
+    let store = Store::connect(&db.url).await.unwrap();
+    assert!(
+        store.all_rows().await.unwrap()[0]
+            .last_used_time_us
+            .is_some(),
+        "a recorded use was lost"
+    );
 }
 
 #[tokio::test]

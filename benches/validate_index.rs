@@ -1,0 +1,80 @@
+//! The ValidateKey hot path without the network: parse + checksum, blake3, index lookup.
+//!
+//!     cargo bench --bench validate_index
+//!
+//! The index holds 1,000,000 keys, as a large deployment would.
+
+use std::hint::black_box;
+
+use apikeys::{
+    domain::{PresentedKey, Secret},
+    index::KeyIndex,
+    store::KeyRow,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const KEYS: usize = 1_000_000;
+
+fn row(i: usize, secret: &Secret) -> KeyRow {
+    KeyRow {
+        id: format!("key_{i:0>20}"),
+        workspace_id: format!("workspace-{}", i % 5000),
+        name: String::new(),
+        key_hash: secret.hash().as_bytes().to_vec(),
+        key_suffix: String::new(),
+        created_by: String::new(),
+        create_time_us: 0,
+        expire_time_us: None,
+        last_used_time_us: None,
+        delete_time_us: None,
+        revision: i as i64 + 1,
+    }
+}
+
+fn validate(index: &KeyIndex, input: &str) -> bool {
+    match PresentedKey::parse(input) {
+        Ok(key) => index
+            .lookup(&key.hash(), 1_800_000_000_000_000, 1_000_000)
+            .is_some(),
+        Err(_) => false,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let index = KeyIndex::new();
+    let mut hits = Vec::new();
+    for i in 0..KEYS {
+        let secret = Secret::generate();
+        index.apply(&row(i, &secret));
+        if i % 1000 == 0 {
+            hits.push(secret.expose().to_owned());
+        }
+    }
+    let unknown: Vec<String> = (0..1000)
+        .map(|_| Secret::generate().expose().to_owned())
+        .collect();
+    let mut group = c.benchmark_group("validate (1M keys)");
+    let mut i = 0;
+    group.bench_function("hit", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(validate(&index, &hits[i % hits.len()]))
+        })
+    });
+    group.bench_function("unknown", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(validate(&index, &unknown[i % unknown.len()]))
+        })
+    });
+    group.bench_function("malformed", |b| {
+        b.iter(|| black_box(validate(&index, black_box("clo_not-a-key"))))
+    });
+    group.bench_function("parse + checksum only", |b| {
+        b.iter(|| black_box(PresentedKey::parse(black_box(&hits[0])).is_ok()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,274 @@
+//! The validation index across replicas and through database trouble: deletes reach every
+//! replica within the bound, the index fails closed when it cannot sync, and recovers.
+
+use std::time::{Duration, Instant};
+
+use apikeys::grpc::proto::{DeleteKeyRequest, Expiration, ValidationResult};
+use sea_orm::{ConnectionTrait, Database};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{TcpCut, TestApp, TestDb, as_owner, spawn_app, spawn_app_with};
+
+/// The revocation bound promised for other replicas.
+const BOUND: Duration = Duration::from_secs(1);
+
+async fn delete(app: &mut TestApp, workspace: &str, id: &str) {
+    app.client
+        .delete_key(as_owner(DeleteKeyRequest {
+            workspace_id: workspace.into(),
+            key_id: id.into(),
+        }))
+        .await
+        .unwrap();
+}
+
+/// Polls `app` until `secret` validates as `expected`; returns how long that took.
+async fn time_until(
+    app: &mut TestApp,
+    secret: &str,
+    expected: ValidationResult,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if app.validate(secret).await.result() == expected {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{expected:?} not seen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_valid_answer_after_delete_returns_under_concurrent_load() {
+    let mut app = spawn_app().await;
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(
+            app.create_key("acme", &format!("k{i}"), Expiration::Never)
+                .await,
+        );
+    }
+    let secrets: Vec<String> = keys.iter().map(|(_, s)| s.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let validators: Vec<_> = (0..16)
+        .map(|t| {
+            let mut client = app.client.clone();
+            let secrets = secrets.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let which = i % secrets.len();
+                    i += 1;
+                    let sent = Instant::now();
+                    let request = apikeys::grpc::proto::ValidateKeyRequest {
+                        key: secrets[which].clone(),
+                    };
+                    let result = client
+                        .validate_key(request)
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .result();
+                    answers.push((which, sent, result));
+                }
+                answers
+            })
+        })
+        .collect();
+
+    let mut deleted_at = vec![None; keys.len()];
+    for (which, (key, _)) in keys.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        delete(&mut app, "acme", &key.id).await;
+        deleted_at[which] = Some(Instant::now());
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut checked = 0;
+    for validator in validators {
+        for (which, sent, result) in validator.await.unwrap() {
+            if deleted_at[which].is_some_and(|at| sent > at) {
+                checked += 1;
+                assert_eq!(
+                    result,
+                    ValidationResult::Deleted,
+                    "VALID after DeleteKey returned"
+                );
+            }
+        }
+    }
+    assert!(
+        checked > 100,
+        "only {checked} validations after deletes: the test did not race"
+    );
+}
+
+#[tokio::test]
+async fn a_delete_on_one_replica_reaches_another_within_the_bound() {
+    let mut a = spawn_app().await;
+    let mut b = spawn_app_with(TestDb::sharing(&a.db.url), a.clock.clone(), |_| {}).await;
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        let (key, secret) = a
+            .create_key("acme", &format!("k{i}"), Expiration::Never)
+            .await;
+        time_until(&mut b, &secret, ValidationResult::Valid, BOUND).await;
+        delete(&mut a, "acme", &key.id).await;
+        worst = worst.max(time_until(&mut b, &secret, ValidationResult::Deleted, BOUND).await);
+    }
+    println!("worst delay to the other replica: {worst:?}");
+}
+
+#[tokio::test]
+async fn a_killed_listener_still_delivers_deletes_within_the_bound_on_postgres() {
+    let mut a = spawn_app().await;
+    if a.db.sqlite_dir().is_some() {
+        return; // LISTEN/NOTIFY is PostgreSQL's; SQLite replicas rely on polling (tested above).
+    }
+    let mut b = spawn_app_with(TestDb::sharing(&a.db.url), a.clock.clone(), |_| {}).await;
+    let admin = Database::connect(a.db.url.as_str()).await.unwrap();
+    for i in 0..5 {
+        let (key, secret) = a
+            .create_key("acme", &format!("k{i}"), Expiration::Never)
+            .await;
+        time_until(&mut b, &secret, ValidationResult::Valid, BOUND).await;
+        let killed = admin
+            .execute_unprepared(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'apikeys-listener' AND datname = current_database()",
+            )
+            .await
+            .unwrap();
+        assert!(
+            killed.rows_affected() >= 1,
+            "no listener connection to kill"
+        );
+        delete(&mut a, "acme", &key.id).await;
+        time_until(&mut b, &secret, ValidationResult::Deleted, BOUND).await;
+    }
+}
+
+#[tokio::test]
+async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgres() {
+    let db = TestDb::new().await;
+    if db.sqlite_dir().is_some() {
+        return; // An embedded SQLite file cannot become unreachable.
+    }
+    let cut = TcpCut::start(&db.url).await;
+    let db = TestDb::sharing(&cut.url);
+    let mut app = spawn_app_with(
+        db,
+        apikeys::clock::ManualClock::new(chrono::Utc::now()),
+        |s| {
+            s.staleness_bound = Duration::from_secs(2);
+            s.sync_poll_interval = Duration::from_millis(100);
+        },
+    )
+    .await;
+    let (_, secret) = app.create_key("acme", "k", Expiration::Never).await;
+    let mut health = HealthClient::new(app.channel.clone());
+
+    cut.cut();
+    let cut_at = Instant::now();
+
+    // Within the staleness bound: answered from memory.
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+    // Writes are never acknowledged without a commit.
+    let status = app
+        .client
+        .create_key(as_owner(apikeys::grpc::proto::CreateKeyRequest {
+            workspace_id: "acme".into(),
+            name: "during outage".into(),
+            expiration: Expiration::Never.into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Past the bound: fail closed, and say so on health.
+    loop {
+        let status = app
+            .client
+            .validate_key(apikeys::grpc::proto::ValidateKeyRequest {
+                key: secret.clone(),
+            })
+            .await;
+        match status {
+            Ok(response) => {
+                assert_eq!(response.into_inner().result(), ValidationResult::Valid);
+                assert!(
+                    cut_at.elapsed() < Duration::from_secs(4),
+                    "still answering long past the bound"
+                );
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert!(
+                    cut_at.elapsed() >= Duration::from_secs(2),
+                    "failed closed before the bound"
+                );
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let check = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check.status() == ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health still SERVING with a stale index"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cut.restore();
+    let restored_at = Instant::now();
+    loop {
+        let check = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check.status() == ServingStatus::Serving {
+            break;
+        }
+        assert!(
+            restored_at.elapsed() < Duration::from_secs(10),
+            "did not recover without a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+    println!(
+        "recovered {:?} after the database came back",
+        restored_at.elapsed()
+    );
+}
