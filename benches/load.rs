@@ -2,11 +2,19 @@
 //! real `apikeys` process, and the same RPC against a bare tonic service that answers at once
 //! (the transport baseline), with the servers pinned to core 0 and this generator to core 1.
 //!
-//!     cargo bench --bench load                      # SQLite in a temp dir, 10 s per scenario
+//!     cargo bench --bench load                      # SQLite in a temp dir, 3 rounds × 5 s per scenario
 //!     cargo bench --bench load -- --seconds 5 --concurrency 64 --database-url postgres://...
 //!
 //! Prints one line per scenario: throughput, p50/p99/p999 latency and the ratio to the echo
-//! baseline. BENCHMARKS.md quotes its output.
+//! baseline. BENCHMARKS.md quotes its output. Two more measurements:
+//!
+//!     cargo bench --bench load -- --startup-keys 1000000 [--database-url postgres://HOST/DB]
+//!         index load time and resident memory with that many stored keys (and with none)
+//!     cargo bench --bench load -- --revocation-trials 200 --database-url postgres://HOST/DB
+//!         two replicas: time from DeleteKey on A to DELETED on B, plain and with B's
+//!         listener connection killed before each delete
+//!
+//! A PostgreSQL URL names a server database this tool may create databases beside.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -28,6 +36,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
 #[derive(Debug, Clone)]
 struct Options {
     seconds: u64,
+    rounds: usize,
     warmup: u64,
     concurrency: usize,
     connections: usize,
@@ -35,24 +44,30 @@ struct Options {
     database_url: Option<String>,
     server_core: String,
     client_core: String,
+    startup_keys: Option<usize>,
+    revocation_trials: Option<usize>,
 }
 
 fn options() -> Options {
     let mut options = Options {
-        seconds: 10,
-        warmup: 2,
+        seconds: 5,
+        rounds: 3,
+        warmup: 1,
         concurrency: 64,
         connections: 4,
         keys: 1000,
         database_url: None,
         server_core: "0".into(),
         client_core: "1".into(),
+        startup_keys: None,
+        revocation_trials: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
             "--seconds" => options.seconds = value().parse().unwrap(),
+            "--rounds" => options.rounds = value().parse().unwrap(),
             "--warmup" => options.warmup = value().parse().unwrap(),
             "--concurrency" => options.concurrency = value().parse().unwrap(),
             "--connections" => options.connections = value().parse().unwrap(),
@@ -60,6 +75,8 @@ fn options() -> Options {
             "--database-url" => options.database_url = Some(value()),
             "--server-core" => options.server_core = value(),
             "--client-core" => options.client_core = value(),
+            "--startup-keys" => options.startup_keys = Some(value().parse().unwrap()),
+            "--revocation-trials" => options.revocation_trials = Some(value().parse().unwrap()),
             "--serve-echo" => serve_echo(&value()),
             "--bench" => {} // cargo bench passes this to every bench target
             other => panic!("unknown argument {other}"),
@@ -81,6 +98,12 @@ fn main() {
 }
 
 async fn run(options: Options) {
+    if let Some(n) = options.startup_keys {
+        return run_startup(&options, n).await;
+    }
+    if let Some(trials) = options.revocation_trials {
+        return run_revocation(&options, trials).await;
+    }
     let dir = tempfile::tempdir().unwrap();
     let database_url = options.database_url.clone().unwrap_or_else(|| {
         format!(
@@ -89,7 +112,8 @@ async fn run(options: Options) {
         )
     });
     println!(
-        "# {} s per scenario after {} s warm-up, {} requests in flight over {} connections; servers on core {}, generator on core {}",
+        "# {} rounds of {} s per scenario after {} s warm-up, {} requests in flight over {} connections; servers on core {}, generator on core {}",
+        options.rounds,
         options.seconds,
         options.warmup,
         options.concurrency,
@@ -112,48 +136,181 @@ async fn run(options: Options) {
         .map(|i| format!("clo_not-a-key-{i}"))
         .collect();
 
+    // Rounds interleave the scenarios so that the machine's drift hits them alike; each
+    // line reports the median round's throughput and the latency of all rounds together.
+    let plan: [(&str, &[Channel], &[String], ValidationResult); 4] = [
+        (
+            "echo (bare tonic)",
+            &echo_channels,
+            &unknown,
+            ValidationResult::Valid,
+        ),
+        (
+            "ValidateKey hit",
+            &api_channels,
+            &secrets,
+            ValidationResult::Valid,
+        ),
+        (
+            "ValidateKey unknown key",
+            &api_channels,
+            &unknown,
+            ValidationResult::NotFound,
+        ),
+        (
+            "ValidateKey malformed",
+            &api_channels,
+            &malformed,
+            ValidationResult::Malformed,
+        ),
+    ];
+    let mut results: Vec<(Vec<f64>, Histogram<u64>)> = plan
+        .iter()
+        .map(|_| {
+            (
+                Vec::new(),
+                Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            )
+        })
+        .collect();
+    for _ in 0..options.rounds {
+        for ((_, channels, keys, expected), (rates, histogram)) in plan.iter().zip(&mut results) {
+            let (rate, measured) = scenario(channels, keys, *expected, &options).await;
+            rates.push(rate);
+            histogram.add(measured).unwrap();
+        }
+    }
+    let median = |rates: &[f64]| {
+        let mut sorted = rates.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
+    let echo_rate = median(&results[0].0);
     println!(
         "{:<28} {:>10} {:>9} {:>9} {:>9} {:>8}",
         "scenario", "req/s", "p50 µs", "p99 µs", "p999 µs", "× echo"
     );
-    let baseline = scenario(
-        "echo (bare tonic)",
-        &echo_channels,
-        &unknown,
-        ValidationResult::Valid,
-        &options,
-        None,
-    )
-    .await;
-    scenario(
-        "ValidateKey hit",
-        &api_channels,
-        &secrets,
-        ValidationResult::Valid,
-        &options,
-        Some(baseline),
-    )
-    .await;
-    scenario(
-        "ValidateKey unknown key",
-        &api_channels,
-        &unknown,
-        ValidationResult::NotFound,
-        &options,
-        Some(baseline),
-    )
-    .await;
-    scenario(
-        "ValidateKey malformed",
-        &api_channels,
-        &malformed,
-        ValidationResult::Malformed,
-        &options,
-        Some(baseline),
-    )
-    .await;
+    for ((name, ..), (rates, histogram)) in plan.iter().zip(&results) {
+        println!(
+            "{:<28} {:>10.0} {:>9} {:>9} {:>9} {:>8.2}",
+            name,
+            median(rates),
+            histogram.value_at_quantile(0.50),
+            histogram.value_at_quantile(0.99),
+            histogram.value_at_quantile(0.999),
+            median(rates) / echo_rate
+        );
+    }
+    let rounds: Vec<String> = results[0]
+        .0
+        .iter()
+        .zip(&results[1].0)
+        .map(|(e, h)| format!("{:.2}", h / e))
+        .collect();
+    println!(
+        "# ValidateKey hit / echo, round by round: {}",
+        rounds.join(" ")
+    );
     drop(apikeys);
     drop(echo);
+}
+
+/// A database of its own for one measurement: a SQLite file in `dir`, or a new PostgreSQL
+/// database on the server of `--database-url`.
+async fn fresh_database(options: &Options, dir: &std::path::Path, name: &str) -> String {
+    use sea_orm::{ConnectionTrait, Database};
+    match &options.database_url {
+        Some(url) if url.starts_with("postgres") => {
+            let admin = Database::connect(url.as_str()).await.unwrap();
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .unwrap();
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let (base, query) = url
+                .split_once('?')
+                .map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+            let server = &base[..base.rfind('/').unwrap()];
+            format!(
+                "{server}/{name}{}",
+                query.map(|q| format!("?{q}")).unwrap_or_default()
+            )
+        }
+        _ => format!(
+            "sqlite://{}?mode=rwc",
+            dir.join(format!("{name}.db")).display()
+        ),
+    }
+}
+
+async fn run_startup(options: &Options, n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = fresh_database(options, dir.path(), "apikeys_bench_empty").await;
+    let full = fresh_database(options, dir.path(), "apikeys_bench_full").await;
+    println!("# start-up with stored keys; database: {}", redact(&full));
+    let (_, rss_empty, _) = startup(options, &empty, 0).await;
+    let (load, rss_full, keys) = startup(options, &full, n).await;
+    let per_key = rss_full.saturating_sub(rss_empty) as f64 / keys.max(1) as f64;
+    println!(
+        "{:<12} {:>14} {:>16} {:>14}",
+        "keys", "index load ms", "process RSS MiB", "bytes per key"
+    );
+    println!(
+        "{:<12} {:>14} {:>16.1} {:>14}",
+        0,
+        "-",
+        rss_empty as f64 / 1048576.0,
+        "-"
+    );
+    println!(
+        "{:<12} {:>14} {:>16.1} {:>14.0}",
+        keys,
+        load.as_millis(),
+        rss_full as f64 / 1048576.0,
+        per_key
+    );
+}
+
+async fn run_revocation(options: &Options, trials: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(options, dir.path(), "apikeys_bench_revocation").await;
+    assert!(
+        url.starts_with("postgres"),
+        "--revocation-trials needs --database-url postgres://..."
+    );
+    let status = Command::new(BIN)
+        .arg("migrate")
+        .env("APIKEYS_DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    println!(
+        "# two replicas on one PostgreSQL: DeleteKey on A returns -> B answers DELETED; {trials} trials each"
+    );
+    println!(
+        "{:<36} {:>9} {:>9} {:>9} {:>9}",
+        "scenario", "p50 ms", "p99 ms", "max ms", "trials"
+    );
+    for (name, kill) in [
+        ("listener up", false),
+        ("listener killed before each delete", true),
+    ] {
+        let delays = revocation(options, &url, trials, kill).await;
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "{:<36} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+            name,
+            ms(delays.value_at_quantile(0.5)),
+            ms(delays.value_at_quantile(0.99)),
+            ms(delays.max()),
+            delays.len()
+        );
+    }
 }
 
 fn redact(url: &str) -> String {
@@ -163,15 +320,13 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Runs one closed-loop scenario and prints its line; returns its throughput.
+/// Runs one closed-loop scenario: its throughput and latency histogram (µs).
 async fn scenario(
-    name: &str,
     channels: &[Channel],
     keys: &[String],
     expected: ValidationResult,
     options: &Options,
-    baseline: Option<f64>,
-) -> f64 {
+) -> (f64, Histogram<u64>) {
     let keys: Arc<Vec<String>> = Arc::new(keys.to_vec());
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(options.warmup);
@@ -213,18 +368,7 @@ async fn scenario(
         histogram.add(h).unwrap();
         count += c;
     }
-    let rate = count as f64 / options.seconds as f64;
-    let ratio = baseline.map_or("1.00".to_owned(), |b| format!("{:.2}", rate / b));
-    println!(
-        "{:<28} {:>10.0} {:>9} {:>9} {:>9} {:>8}",
-        name,
-        rate,
-        histogram.value_at_quantile(0.50),
-        histogram.value_at_quantile(0.99),
-        histogram.value_at_quantile(0.999),
-        ratio
-    );
-    rate
+    (count as f64 / options.seconds as f64, histogram)
 }
 
 async fn channels(addr: &str, n: usize) -> Vec<Channel> {
@@ -388,4 +532,197 @@ fn serve_echo(addr: &str) -> ! {
             .unwrap();
     });
     std::process::exit(0)
+}
+
+/// Start-up with `n` keys already stored: how long the index load takes, and the resident
+/// memory of the whole process once serving.
+async fn startup(options: &Options, database_url: &str, n: usize) -> (Duration, u64, u64) {
+    let status = Command::new(BIN)
+        .arg("migrate")
+        .env("APIKEYS_DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success(), "migrate");
+    fill(database_url, n).await;
+    let port = free_port();
+    let started = Instant::now();
+    let mut child = Command::new("taskset")
+        .args(["-c", &options.server_core, BIN])
+        .env("APIKEYS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("APIKEYS_DATABASE_URL", database_url)
+        .env("RUST_LOG", "info")
+        .env("APIKEYS_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let load_ms = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("key index loaded") {
+                let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+                return value["took_ms"].as_u64().unwrap();
+            }
+        }
+        panic!("apikeys exited before loading its index")
+    })
+    .join()
+    .unwrap();
+    let server = Server::ready(child, port);
+    let ready = started.elapsed();
+    // Settle, then read the resident set of the whole process.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    drop(server);
+    let _ = ready;
+    (Duration::from_millis(load_ms), rss_kib * 1024, n as u64)
+}
+
+/// Stores `n` keys straight into the database, as a long-lived deployment would have them.
+async fn fill(database_url: &str, n: usize) {
+    use sea_orm::{
+        ConnectionTrait, Database, TransactionTrait,
+        sea_query::{Alias, ExprTrait, Query},
+    };
+    let db = Database::connect(database_url).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    let columns = [
+        "id",
+        "workspace_id",
+        "name",
+        "key_hash",
+        "key_suffix",
+        "created_by",
+        "create_time_us",
+        "expire_time_us",
+        "last_used_time_us",
+        "delete_time_us",
+        "revision",
+    ]
+    .map(Alias::new);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(Alias::new("api_keys"))
+            .columns(columns.clone());
+        for &i in chunk {
+            let id = format!("key_{:0>20}", i);
+            let hash = blake3::hash(format!("bench key {i}").as_bytes())
+                .as_bytes()
+                .to_vec();
+            let expire: Option<i64> = (i % 3 == 0).then_some(4_000_000_000_000_000);
+            let deleted: Option<i64> = (i % 10 == 0).then_some(1_700_000_000_000_000);
+            insert.values_panic([
+                id.into(),
+                format!("workspace-{}", i % 5000).into(),
+                format!("bench key {i}").into(),
+                hash.into(),
+                "abcd".into(),
+                "bench".into(),
+                1_700_000_000_000_000i64.into(),
+                expire.into(),
+                None::<i64>.into(),
+                deleted.into(),
+                (i as i64 + 1).into(),
+            ]);
+        }
+        txn.execute(&insert).await.unwrap();
+    }
+    let mut counter = Query::update();
+    counter
+        .table(Alias::new("api_key_revision"))
+        .value(Alias::new("value"), n as i64)
+        .and_where(ExprTrait::eq(
+            sea_orm::sea_query::Expr::col(Alias::new("id")),
+            1,
+        ));
+    txn.execute(&counter).await.unwrap();
+    txn.commit().await.unwrap();
+    db.close().await.unwrap();
+}
+
+/// Two replicas on one PostgreSQL: the time from DeleteKey returning on A until B answers
+/// DELETED, over `trials` keys; with `kill_listeners`, B's listening connection is
+/// terminated just before each delete.
+async fn revocation(
+    options: &Options,
+    database_url: &str,
+    trials: usize,
+    kill_listeners: bool,
+) -> Histogram<u64> {
+    use sea_orm::{ConnectionTrait, Database};
+    let a = Server::start_apikeys(options, database_url);
+    let b = Server::start_apikeys(options, database_url);
+    let mut a_client = ApiKeysClient::new(channels(&a.addr, 1).await.remove(0));
+    let mut b_client = ApiKeysClient::new(channels(&b.addr, 1).await.remove(0));
+    let admin = Database::connect(database_url).await.unwrap();
+    let mut delays = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for trial in 0..trials {
+        let mut create = Request::new(CreateKeyRequest {
+            workspace_id: "revocation".into(),
+            name: format!("trial {trial}"),
+            expiration: Expiration::Never.into(),
+        });
+        create
+            .metadata_mut()
+            .insert("x-actor-id", "bench".parse().unwrap());
+        create
+            .metadata_mut()
+            .insert("x-actor-role", "owner".parse().unwrap());
+        let created = a_client.create_key(create).await.unwrap().into_inner();
+        let secret = created.secret;
+        wait_for(&mut b_client, &secret, ValidationResult::Valid).await;
+        if kill_listeners {
+            admin
+                .execute_unprepared(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'apikeys-listener' AND datname = current_database()",
+                )
+                .await
+                .unwrap();
+        }
+        let mut delete = Request::new(DeleteKeyRequest {
+            workspace_id: "revocation".into(),
+            key_id: created.key.unwrap().id,
+        });
+        delete
+            .metadata_mut()
+            .insert("x-actor-id", "bench".parse().unwrap());
+        delete
+            .metadata_mut()
+            .insert("x-actor-role", "owner".parse().unwrap());
+        a_client.delete_key(delete).await.unwrap();
+        let deleted_at = Instant::now();
+        wait_for(&mut b_client, &secret, ValidationResult::Deleted).await;
+        delays
+            .record(deleted_at.elapsed().as_micros().max(1) as u64)
+            .unwrap();
+    }
+    delays
+}
+
+async fn wait_for(client: &mut ApiKeysClient<Channel>, secret: &str, expected: ValidationResult) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = client
+            .validate_key(ValidateKeyRequest {
+                key: secret.to_owned(),
+            })
+            .await
+            .unwrap();
+        if response.into_inner().result() == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{expected:?} never seen");
+    }
 }

@@ -40,7 +40,7 @@ impl Default for SyncSettings {
         Self {
             poll_interval: Duration::from_millis(250),
             staleness_bound: Duration::from_secs(30),
-            flush_interval: Duration::from_secs(1),
+            flush_interval: Duration::from_secs(2),
         }
     }
 }

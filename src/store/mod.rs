@@ -250,24 +250,56 @@ impl Store {
             .await?)
     }
 
-    /// Writes a batch of `(key id, last used µs)` in one transaction. Not a revision: other
-    /// replicas' indexes do not need it.
+    /// Writes a batch of `(key id, last used µs)`, a few hundred keys per statement, never
+    /// moving a time backwards (replicas race). Not a revision: other replicas' indexes do
+    /// not need it.
     pub async fn record_uses(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
-        let txn = self.db.begin().await?;
-        for (id, at) in uses {
-            Entity::update_many()
-                .col_expr(Column::LastUsedTimeUs, Expr::value(*at))
-                .filter(Column::Id.eq(id.as_str()))
-                // Never move the time backwards when two replicas race.
-                .filter(
-                    Condition::any()
-                        .add(Column::LastUsedTimeUs.is_null())
-                        .add(Column::LastUsedTimeUs.lt(*at)),
-                )
-                .exec(&txn)
+        const PER_STATEMENT: usize = 400;
+        let backend = self.backend();
+        // SQLite's two-argument max() is a scalar; PostgreSQL spells it GREATEST.
+        let (greatest, cast) = match backend {
+            DatabaseBackend::Postgres => ("GREATEST", "::bigint"),
+            _ => ("MAX", ""),
+        };
+        for chunk in uses.chunks(PER_STATEMENT) {
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
+            let mut placeholder = {
+                let mut n = 0;
+                move || {
+                    n += 1;
+                    if backend == DatabaseBackend::Postgres {
+                        format!("${n}")
+                    } else {
+                        "?".to_owned()
+                    }
+                }
+            };
+            let mut cases = String::new();
+            for (id, at) in chunk {
+                cases.push_str(&format!(
+                    " WHEN {} THEN {}{cast}",
+                    placeholder(),
+                    placeholder()
+                ));
+                values.push(id.clone().into());
+                values.push((*at).into());
+            }
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|(id, _)| {
+                    values.push(id.clone().into());
+                    placeholder()
+                })
+                .collect();
+            let sql = format!(
+                "UPDATE api_keys SET last_used_time_us = {greatest}(COALESCE(last_used_time_us, 0), CASE id{cases} END) \
+                 WHERE id IN ({})",
+                ids.join(", ")
+            );
+            self.db
+                .execute_raw(Statement::from_sql_and_values(backend, sql, values))
                 .await?;
         }
-        txn.commit().await?;
         Ok(())
     }
 

@@ -242,3 +242,28 @@ async fn keys_and_deletions_survive_a_restart() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, kept.id);
 }
+
+#[tokio::test]
+async fn recorded_uses_never_move_back_in_time() {
+    let mut app = spawn_app().await;
+    let (a, _) = app.create_key("acme", "a", Expiration::Never).await;
+    let (b, _) = app.create_key("acme", "b", Expiration::Never).await;
+    let store = app.store().await;
+    let later = 1_900_000_000_000_000;
+    let earlier = later - 60_000_000;
+
+    store
+        .record_uses(&[(a.id.clone(), later), (b.id.clone(), earlier)])
+        .await
+        .unwrap();
+    // Another replica flushes an older use of `a` after ours.
+    store
+        .record_uses(&[(a.id.clone(), earlier), (b.id.clone(), later)])
+        .await
+        .unwrap();
+
+    let rows = store.all_rows().await.unwrap();
+    let used = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_time_us;
+    assert_eq!(used(&a.id), Some(later));
+    assert_eq!(used(&b.id), Some(later));
+}
