@@ -557,7 +557,9 @@ async fn startup(options: &Options, database_url: &str, n: usize) -> (Duration, 
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let load_ms = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining the log after the line we want: a closed pipe would fail the server's writes.
+    std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -565,13 +567,13 @@ async fn startup(options: &Options, database_url: &str, n: usize) -> (Duration, 
         {
             if line.contains("key index loaded") {
                 let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-                return value["took_ms"].as_u64().unwrap();
+                let _ = tx.send(value["took_ms"].as_u64().unwrap());
             }
         }
-        panic!("apikeys exited before loading its index")
-    })
-    .join()
-    .unwrap();
+    });
+    let load_ms = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("apikeys loads its index");
     let server = Server::ready(child, port);
     let ready = started.elapsed();
     // Settle, then read the resident set of the whole process.

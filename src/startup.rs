@@ -75,7 +75,7 @@ impl Application {
         ));
         // Health turns SERVING only once every key is in memory.
         let started = std::time::Instant::now();
-        let loaded = syncer.catch_up().await.map_err(StartupError::IndexLoad)?;
+        let loaded = syncer.load().await.map_err(StartupError::IndexLoad)?;
         tracing::info!(
             keys = loaded,
             took_ms = started.elapsed().as_millis() as u64,

@@ -74,14 +74,16 @@ impl Hasher for PrehashedHasher {
     fn finish(&self) -> u64 {
         self.0
     }
+
     fn write(&mut self, bytes: &[u8]) {
-        // [u8; 32] hashes as its bytes; take the first 8 of the first write that has them.
-        if self.0 == 0 && bytes.len() >= 8 {
-            let mut first = [0; 8];
-            first.copy_from_slice(&bytes[..8]);
-            self.0 = u64::from_le_bytes(first) | 1;
+        // The 32 hash bytes arrive in one write; take their first 8.
+        if let Some(first) = bytes.first_chunk::<8>() {
+            self.0 = u64::from_le_bytes(*first);
         }
     }
+
+    // `[u8; 32]` first writes its length: constant, so it must not become the hash.
+    fn write_usize(&mut self, _length: usize) {}
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +101,11 @@ impl KeyIndex {
             workspaces: Mutex::default(),
             pending_uses: Mutex::default(),
         }
+    }
+
+    /// Makes room for `additional` more keys at once, instead of growing step by step.
+    pub fn reserve(&self, additional: usize) {
+        self.keys.pin().reserve(additional);
     }
 
     pub fn len(&self) -> usize {
@@ -218,5 +225,81 @@ impl KeyIndex {
                 Some((id, record.last_used_us.load(Ordering::Relaxed)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Secret;
+
+    fn row(id: usize, secret: &Secret, revision: i64, deleted: bool) -> KeyRow {
+        KeyRow {
+            id: format!("key_{id:0>20}"),
+            workspace_id: format!("ws-{}", id % 3),
+            name: "n".into(),
+            key_hash: secret.hash().as_bytes().to_vec(),
+            key_suffix: "abcd".into(),
+            created_by: "u".into(),
+            create_time_us: 0,
+            expire_time_us: Some(1_000),
+            last_used_time_us: None,
+            delete_time_us: deleted.then_some(5),
+            revision,
+        }
+    }
+
+    #[test]
+    fn distinct_key_hashes_spread_over_the_table() {
+        let build = PrehashedKeys;
+        let a = build.hash_one(*Secret::generate().hash().as_bytes());
+        let b = build.hash_one(*Secret::generate().hash().as_bytes());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_key_is_found_with_its_state_at_a_time() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        index.apply(&row(7, &secret, 1, false));
+        let found = index.lookup(&secret.hash(), 999, 1).unwrap();
+        assert_eq!(found.id, "key_00000000000000000007");
+        assert_eq!(&*found.workspace, "ws-1");
+        assert_eq!(found.state, KeyState::Active);
+        assert_eq!(found.expire_time_us, Some(1_000));
+        assert_eq!(
+            index.lookup(&secret.hash(), 1_000, 1).unwrap().state,
+            KeyState::Expired
+        );
+        assert!(index.lookup(&Secret::generate().hash(), 0, 1).is_none());
+    }
+
+    #[test]
+    fn an_older_revision_never_replaces_a_newer_one() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        index.apply(&row(1, &secret, 5, true));
+        // A slow catch-up delivers the key as it was before its delete.
+        index.apply(&row(1, &secret, 4, false));
+        assert_eq!(
+            index.lookup(&secret.hash(), 0, 1).unwrap().state,
+            KeyState::Deleted
+        );
+    }
+
+    #[test]
+    fn uses_are_queued_once_per_flush_and_keep_the_latest_time() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        index.apply(&row(1, &secret, 1, false));
+        index.lookup(&secret.hash(), 100, 10);
+        index.lookup(&secret.hash(), 105, 10); // within the resolution: not noted
+        index.lookup(&secret.hash(), 120, 10);
+        assert_eq!(
+            index.take_uses(),
+            vec![("key_00000000000000000001".to_owned(), 120)]
+        );
+        assert!(index.take_uses().is_empty());
+        assert_eq!(index.last_used_us(&secret.hash()), Some(120));
     }
 }

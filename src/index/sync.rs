@@ -74,6 +74,14 @@ impl Syncer {
         &self.index
     }
 
+    /// The start-up load: room for every stored key at once, then a catch-up from nothing.
+    pub async fn load(&self) -> Result<usize, StoreError> {
+        let stored = self.store.count().await?;
+        self.index
+            .reserve(usize::try_from(stored).unwrap_or(usize::MAX));
+        self.catch_up().await
+    }
+
     /// Applies every change after the last one applied; returns how many rows it read.
     pub async fn catch_up(&self) -> Result<usize, StoreError> {
         let mut cursor = self.cursor.lock().await;

@@ -7,9 +7,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
-    DatabaseBackend, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait, sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    RuntimeErr, Statement, TransactionTrait,
+    sea_query::{Expr, ExprTrait},
 };
 
 use crate::domain::{KeyHash, KeyId, KeyName, PageCursor, WorkspaceId};
@@ -180,14 +182,14 @@ impl Store {
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .filter(Column::DeleteTimeUs.is_null());
         if let Some(cursor) = cursor {
+            // A row-value comparison, so both backends seek the index instead of scanning.
             query = query.filter(
-                Condition::any()
-                    .add(Column::CreateTimeUs.lt(cursor.create_time_us))
-                    .add(
-                        Condition::all()
-                            .add(Column::CreateTimeUs.eq(cursor.create_time_us))
-                            .add(Column::Id.lt(cursor.id.as_str())),
-                    ),
+                Expr::tuple([Expr::col(Column::CreateTimeUs), Expr::col(Column::Id)]).lt(
+                    Expr::tuple([
+                        Expr::val(cursor.create_time_us),
+                        Expr::val(cursor.id.as_str()),
+                    ]),
+                ),
             );
         }
         Ok(query
@@ -235,13 +237,9 @@ impl Store {
     ) -> Result<Vec<KeyRow>, StoreError> {
         Ok(Entity::find()
             .filter(
-                Condition::any()
-                    .add(Column::Revision.gt(cursor.revision))
-                    .add(
-                        Condition::all()
-                            .add(Column::Revision.eq(cursor.revision))
-                            .add(Column::Id.gt(cursor.id.as_str())),
-                    ),
+                Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(
+                    [Expr::val(cursor.revision), Expr::val(cursor.id.as_str())],
+                )),
             )
             .order_by_asc(Column::Revision)
             .order_by_asc(Column::Id)
@@ -301,6 +299,11 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// How many keys are stored, tombstones included.
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        Ok(Entity::find().count(&self.db).await?)
     }
 
     /// Every stored row, tombstones included; for operators' checks and tests.
