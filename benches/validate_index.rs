@@ -9,21 +9,17 @@ use std::hint::black_box;
 use apikeys::{
     domain::{PresentedKey, Secret},
     index::KeyIndex,
-    store::KeyRow,
+    store::IndexRow,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const KEYS: usize = 1_000_000;
 
-fn row(i: usize, secret: &Secret) -> KeyRow {
-    KeyRow {
+fn row(i: usize, secret: &Secret) -> IndexRow {
+    IndexRow {
         id: format!("key_{i:0>20}"),
         workspace_id: format!("workspace-{}", i % 5000),
-        name: String::new(),
         key_hash: secret.hash().as_bytes().to_vec(),
-        key_suffix: String::new(),
-        created_by: String::new(),
-        create_time_us: 0,
         expire_time_us: None,
         last_used_time_us: None,
         delete_time_us: None,

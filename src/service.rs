@@ -95,7 +95,7 @@ impl KeyService {
             })
             .await?;
         // This replica answers for the key before CreateKey returns.
-        self.index.apply(&row);
+        self.index.apply(&(&row).into());
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key created");
         Ok((row, secret))
     }
@@ -141,7 +141,7 @@ impl KeyService {
             return Err(ApiError::KeyNotFound);
         };
         // The very next ValidateKey on this replica answers DELETED.
-        self.index.apply(&row);
+        self.index.apply(&(&row).into());
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key deleted");
         Ok(())
     }

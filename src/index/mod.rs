@@ -16,7 +16,7 @@ use papaya::{HashMap, Operation};
 
 pub use sync::{SyncSettings, Syncer};
 
-use crate::{domain::KeyHash, store::KeyRow};
+use crate::{domain::KeyHash, store::IndexRow};
 
 /// What the index knows of one key: about 100 bytes with the map's own overhead.
 #[derive(Debug)]
@@ -118,7 +118,7 @@ impl KeyIndex {
 
     /// Applies a row as stored. A row older than what the index holds is ignored, so a slow
     /// catch-up can never bring back a key that a newer delete removed.
-    pub fn apply(&self, row: &KeyRow) {
+    pub fn apply(&self, row: &IndexRow) {
         let Some(hash) = KeyHash::from_slice(&row.key_hash) else {
             tracing::error!(key_id = %row.id, "stored key hash is not 32 bytes; key not indexed");
             return;
@@ -233,15 +233,11 @@ mod tests {
     use super::*;
     use crate::domain::Secret;
 
-    fn row(id: usize, secret: &Secret, revision: i64, deleted: bool) -> KeyRow {
-        KeyRow {
+    fn row(id: usize, secret: &Secret, revision: i64, deleted: bool) -> IndexRow {
+        IndexRow {
             id: format!("key_{id:0>20}"),
             workspace_id: format!("ws-{}", id % 3),
-            name: "n".into(),
             key_hash: secret.hash().as_bytes().to_vec(),
-            key_suffix: "abcd".into(),
-            created_by: "u".into(),
-            create_time_us: 0,
             expire_time_us: Some(1_000),
             last_used_time_us: None,
             delete_time_us: deleted.then_some(5),

@@ -23,6 +23,8 @@ use crate::{
 
 /// Rows read per catch-up query; start-up loads the whole table in such pages.
 const BATCH: u64 = 20_000;
+/// Revision ranges loaded side by side at start-up.
+const LOAD_SLICES: i64 = 2;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SyncSettings {
@@ -74,12 +76,47 @@ impl Syncer {
         &self.index
     }
 
-    /// The start-up load: room for every stored key at once, then a catch-up from nothing.
+    /// The start-up load; returns how many keys the index holds. Room for every stored key at
+    /// once, then slices of the revision range read in parallel (decoding rows is most of the
+    /// cost, and each slice decodes on its own connection), then a catch-up from the top
+    /// revision seen.
+    ///
+    /// Every revision up to `top` is committed once `top` is visible (revisions follow commit
+    /// order), so the slices cover every row as of `top`; a row changed meanwhile moves above
+    /// `top` and arrives with the catch-up, which wins by revision.
     pub async fn load(&self) -> Result<usize, StoreError> {
-        let stored = self.store.count().await?;
+        let mut cursor = self.cursor.lock().await;
+        let started = self.epoch.elapsed();
+        let (stored, top) = tokio::try_join!(self.store.count(), self.store.max_revision())?;
         self.index
             .reserve(usize::try_from(stored).unwrap_or(usize::MAX));
-        self.catch_up().await
+        let slices = if stored < 2 * BATCH { 1 } else { LOAD_SLICES };
+        let width = top / slices + 1;
+        let mut tasks = tokio::task::JoinSet::new();
+        for slice in 0..slices {
+            let (store, index) = (self.store.clone(), self.index.clone());
+            let start = slice * width;
+            let end = if slice + 1 == slices {
+                top
+            } else {
+                start + width - 1
+            };
+            tasks.spawn(async move { load_slice(&store, &index, start..=end).await });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result
+                .map_err(|err| StoreError::Internal(sea_orm::DbErr::Custom(err.to_string())))??;
+        }
+        // Rows at `top` itself are read again by the next catch-up; applying twice is harmless.
+        *cursor = ChangeCursor {
+            revision: top,
+            id: String::new(),
+        };
+        self.last_sync_ms
+            .fetch_max(started.as_millis() as u64, Ordering::Release);
+        drop(cursor);
+        self.catch_up().await?;
+        Ok(self.index.len())
     }
 
     /// Applies every change after the last one applied; returns how many rows it read.
@@ -89,7 +126,7 @@ impl Syncer {
         let started = self.epoch.elapsed();
         let mut applied = 0;
         loop {
-            let rows = self.store.changes_since(&cursor, BATCH).await?;
+            let rows = self.store.changes_since(&cursor, None, BATCH).await?;
             for row in &rows {
                 self.index.apply(row);
             }
@@ -262,4 +299,33 @@ impl Syncer {
 fn with_application_name(url: &str, name: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
     format!("{url}{separator}application_name={name}")
+}
+
+/// Loads the rows whose revisions lie in `revisions`, page by page.
+async fn load_slice(
+    store: &Store,
+    index: &KeyIndex,
+    revisions: std::ops::RangeInclusive<i64>,
+) -> Result<(), StoreError> {
+    let mut from = ChangeCursor {
+        revision: revisions.start() - 1,
+        id: String::new(),
+    };
+    loop {
+        let rows = store
+            .changes_since(&from, Some(revisions.clone()), BATCH)
+            .await?;
+        for row in &rows {
+            index.apply(row);
+        }
+        match rows.last() {
+            Some(last) if rows.len() as u64 == BATCH => {
+                from = ChangeCursor {
+                    revision: last.revision,
+                    id: last.id.clone(),
+                };
+            }
+            _ => return Ok(()),
+        }
+    }
 }

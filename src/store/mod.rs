@@ -10,7 +10,7 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
     DatabaseTransaction, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    RuntimeErr, Statement, TransactionTrait,
+    QueryTrait, RuntimeErr, Statement, TransactionTrait,
     sea_query::{Expr, ExprTrait},
 };
 
@@ -49,6 +49,43 @@ impl From<DbErr> for StoreError {
             Self::Unavailable(err)
         } else {
             Self::Internal(err)
+        }
+    }
+}
+
+/// [`IndexRow`]'s columns in order, as decoded.
+type IndexTuple = (
+    String,
+    String,
+    Vec<u8>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
+/// What the validation index needs of a stored key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRow {
+    pub id: String,
+    pub workspace_id: String,
+    pub key_hash: Vec<u8>,
+    pub expire_time_us: Option<i64>,
+    pub last_used_time_us: Option<i64>,
+    pub delete_time_us: Option<i64>,
+    pub revision: i64,
+}
+
+impl From<&KeyRow> for IndexRow {
+    fn from(row: &KeyRow) -> Self {
+        Self {
+            id: row.id.clone(),
+            workspace_id: row.workspace_id.clone(),
+            key_hash: row.key_hash.clone(),
+            expire_time_us: row.expire_time_us,
+            last_used_time_us: row.last_used_time_us,
+            delete_time_us: row.delete_time_us,
+            revision: row.revision,
         }
     }
 }
@@ -230,22 +267,62 @@ impl Store {
 
     /// Rows changed after `cursor`, in `(revision, id)` order, at most `limit`: what a
     /// replica's index has not applied yet. From the default cursor, every row.
+    /// With `within`, only rows whose revision lies in that range (a slice of a parallel load).
     pub async fn changes_since(
         &self,
         cursor: &ChangeCursor,
+        within: Option<std::ops::RangeInclusive<i64>>,
         limit: u64,
-    ) -> Result<Vec<KeyRow>, StoreError> {
-        Ok(Entity::find()
+    ) -> Result<Vec<IndexRow>, StoreError> {
+        // Only the columns the index keeps, decoded by position: the start-up load reads every
+        // row through here, and per-row decoding is most of its cost.
+        let rows: Vec<IndexTuple> = Entity::find()
+            .select_only()
+            .columns([
+                Column::Id,
+                Column::WorkspaceId,
+                Column::KeyHash,
+                Column::ExpireTimeUs,
+                Column::LastUsedTimeUs,
+                Column::DeleteTimeUs,
+                Column::Revision,
+            ])
             .filter(
                 Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(
                     [Expr::val(cursor.revision), Expr::val(cursor.id.as_str())],
                 )),
             )
+            .apply_if(within, |query, within| {
+                query.filter(Column::Revision.between(*within.start(), *within.end()))
+            })
             .order_by_asc(Column::Revision)
             .order_by_asc(Column::Id)
             .limit(limit)
+            .into_tuple()
             .all(&self.db)
-            .await?)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    id,
+                    workspace_id,
+                    key_hash,
+                    expire_time_us,
+                    last_used_time_us,
+                    delete_time_us,
+                    revision,
+                )| IndexRow {
+                    id,
+                    workspace_id,
+                    key_hash,
+                    expire_time_us,
+                    last_used_time_us,
+                    delete_time_us,
+                    revision,
+                },
+            )
+            .collect())
     }
 
     /// Writes a batch of `(key id, last used µs)`, a few hundred keys per statement, never
@@ -299,6 +376,17 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The newest revision any row carries (0 for none).
+    pub async fn max_revision(&self) -> Result<i64, StoreError> {
+        let max: Option<Option<i64>> = Entity::find()
+            .select_only()
+            .column_as(Column::Revision.max(), "max")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(max.flatten().unwrap_or(0))
     }
 
     /// How many keys are stored, tombstones included.
