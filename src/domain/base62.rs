@@ -1,6 +1,6 @@
 //! Base62 with the alphabet `0-9A-Za-z`, as used by keys, checksums and key ids.
 
-use rand::{Rng, TryRngCore, rngs::OsRng};
+use rand::{RngCore, TryRngCore, rngs::OsRng};
 
 pub(crate) const ALPHABET: &[u8; 62] =
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -9,9 +9,20 @@ pub(crate) const ALPHABET: &[u8; 62] =
 pub(crate) fn random(len: usize) -> String {
     // OsRng failing means the OS has no entropy to give; there is no safe way to go on.
     let mut rng = OsRng.unwrap_err();
-    (0..len)
-        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-        .collect()
+    let mut out = String::with_capacity(len);
+    // One read of the OS generator for the lot (not one per character); bytes of 248 and
+    // above are dropped so that `byte % 62` stays uniform.
+    let mut bytes = [0u8; 64];
+    while out.len() < len {
+        rng.fill_bytes(&mut bytes);
+        for &byte in bytes.iter().filter(|&&b| b < 248) {
+            if out.len() == len {
+                break;
+            }
+            out.push(char::from(ALPHABET[usize::from(byte % 62)]));
+        }
+    }
+    out
 }
 
 pub(crate) fn is_base62(byte: u8) -> bool {
@@ -40,6 +51,16 @@ mod tests {
         assert_eq!(&encode_fixed::<6>(61), b"00000z");
         assert_eq!(&encode_fixed::<6>(62), b"000010");
         assert_eq!(&encode_fixed::<6>(u32::MAX as u64), b"4gfFC3");
+    }
+
+    #[test]
+    fn random_characters_cover_the_alphabet_evenly() {
+        let sample = random(62 * 1000);
+        for &c in ALPHABET {
+            let n = sample.bytes().filter(|&b| b == c).count();
+            // Expected 1000 each; 6 standard deviations either way.
+            assert!((810..=1190).contains(&n), "{} drawn {n} times", c as char);
+        }
     }
 
     #[test]

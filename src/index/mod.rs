@@ -97,7 +97,12 @@ pub struct KeyIndex {
 impl KeyIndex {
     pub fn new() -> Self {
         Self {
-            keys: HashMap::builder().hasher(PrehashedKeys).build(),
+            // Blocking resizes finish at once; an incremental one would leave lookups checking
+            // two tables until enough later writes (rare here) finish the copy.
+            keys: HashMap::builder()
+                .hasher(PrehashedKeys)
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
             workspaces: Mutex::default(),
             pending_uses: Mutex::default(),
         }
