@@ -10,8 +10,8 @@ use apikeys::{
     clock::ManualClock,
     config::Settings,
     grpc::proto::{
-        ApiKey, CreateKeyRequest, Expiration, ValidateKeyRequest, ValidateKeyResponse,
-        api_keys_client::ApiKeysClient,
+        ApiKey, CreateKeyRequest, Expiration, ListKeysRequest, ValidateKeyRequest,
+        ValidateKeyResponse, api_keys_client::ApiKeysClient,
     },
     startup::Application,
     store::Store,
@@ -201,6 +201,20 @@ impl TestApp {
             .expect("create a key")
             .into_inner();
         (response.key.expect("created key"), response.secret)
+    }
+
+    /// The first page of a workspace's keys, as its owner sees them.
+    pub(crate) async fn list(&mut self, workspace: &str) -> Vec<ApiKey> {
+        let request = ListKeysRequest {
+            workspace_id: workspace.into(),
+            ..Default::default()
+        };
+        self.client
+            .list_keys(as_owner(request))
+            .await
+            .expect("list keys")
+            .into_inner()
+            .keys
     }
 
     pub(crate) async fn validate(&mut self, key: &str) -> ValidateKeyResponse {

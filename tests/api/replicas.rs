@@ -25,6 +25,32 @@ async fn delete(app: &mut TestApp, workspace: &str, id: &str) {
         .unwrap();
 }
 
+/// Polls health until it reports `status`; returns how long that took.
+async fn wait_for_health(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    status: ServingStatus,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let check = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check.status() == status {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "health not {status:?} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `app` until `secret` validates as `expected`; returns how long that took.
 async fn time_until(
     app: &mut TestApp,
@@ -225,50 +251,20 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let check = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if check.status() == ServingStatus::NotServing {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health still SERVING with a stale index"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_health(
+        &mut health,
+        ServingStatus::NotServing,
+        Duration::from_secs(3),
+    )
+    .await;
 
     cut.restore();
-    let restored_at = Instant::now();
-    loop {
-        let check = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if check.status() == ServingStatus::Serving {
-            break;
-        }
-        assert!(
-            restored_at.elapsed() < Duration::from_secs(10),
-            "did not recover without a restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Recovery needs no restart.
+    let recovered =
+        wait_for_health(&mut health, ServingStatus::Serving, Duration::from_secs(10)).await;
     assert_eq!(
         app.validate(&secret).await.result(),
         ValidationResult::Valid
     );
-    println!(
-        "recovered {:?} after the database came back",
-        restored_at.elapsed()
-    );
+    println!("recovered {recovered:?} after the database came back");
 }

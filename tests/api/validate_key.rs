@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use apikeys::{
     clock::ManualClock,
-    grpc::proto::{DeleteKeyRequest, Expiration, ListKeysRequest, ValidationResult},
+    grpc::proto::{DeleteKeyRequest, Expiration, ValidationResult},
     index::{KeyIndex, SyncSettings, Syncer},
     service::{KeyService, Validation},
     store::Store,
@@ -151,16 +151,7 @@ async fn a_valid_use_shows_as_last_used_time() {
     // Recorded in memory, flushed in batches: visible within 5 s.
     let start = std::time::Instant::now();
     let listed = loop {
-        let listed = app
-            .client
-            .list_keys(as_owner(ListKeysRequest {
-                workspace_id: "acme".into(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .keys;
+        let listed = app.list("acme").await;
         if listed[0].last_used_time.is_some() {
             break listed;
         }
@@ -229,16 +220,7 @@ async fn keys_and_deletions_survive_a_restart() {
         app.validate(&gone_secret).await.result(),
         ValidationResult::Deleted
     );
-    let listed = app
-        .client
-        .list_keys(as_owner(ListKeysRequest {
-            workspace_id: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let listed = app.list("acme").await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, kept.id);
 }
