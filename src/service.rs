@@ -178,17 +178,3 @@ impl KeyService {
         })
     }
 }
-
-/// Whether a stored key validates at `now`.
-pub fn status_at(row: &KeyRow, now: DateTime<Utc>) -> Validation {
-    if row.delete_time_us.is_some() {
-        Validation::Deleted
-    } else if row
-        .expire_time_us
-        .is_some_and(|expiry| expiry <= now.timestamp_micros())
-    {
-        Validation::Expired
-    } else {
-        Validation::Valid
-    }
-}

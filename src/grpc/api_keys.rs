@@ -11,7 +11,8 @@ use crate::{
         Actor, Expiration, InvalidInput, KeyId, KeyName, PageCursor, WorkspaceId, masked_key,
     },
     error::ApiError,
-    service::{DEFAULT_PAGE_SIZE, KeyService, Validation, status_at},
+    index::KeyState,
+    service::{DEFAULT_PAGE_SIZE, KeyService, Validation},
     store::KeyRow,
 };
 
@@ -155,8 +156,10 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
 }
 
 fn api_key(row: KeyRow, now: DateTime<Utc>) -> ApiKey {
-    let status = match status_at(&row, now) {
-        Validation::Expired => KeyStatus::Expired,
+    let expire_time_us = row.expire_time_us.unwrap_or(i64::MAX);
+    // Listed keys are never deleted ones.
+    let status = match KeyState::at(false, expire_time_us, now.timestamp_micros()) {
+        KeyState::Expired => KeyStatus::Expired,
         _ => KeyStatus::Active,
     };
     ApiKey {

@@ -55,6 +55,20 @@ pub enum KeyState {
     Deleted,
 }
 
+impl KeyState {
+    /// The one rule for a key's state at `now_us`: deleted beats expired; a key expires at
+    /// its `expire_time` exactly. `i64::MAX` means never.
+    pub fn at(deleted: bool, expire_time_us: i64, now_us: i64) -> Self {
+        if deleted {
+            Self::Deleted
+        } else if expire_time_us <= now_us {
+            Self::Expired
+        } else {
+            Self::Active
+        }
+    }
+}
+
 /// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
 /// cannot pick them (a presented key is hashed before lookup).
 #[derive(Debug, Clone, Copy, Default)]
@@ -172,13 +186,7 @@ impl KeyIndex {
     pub fn lookup(&self, hash: &KeyHash, now_us: i64, use_resolution_us: i64) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
-        let state = if record.deleted {
-            KeyState::Deleted
-        } else if record.expire_time_us <= now_us {
-            KeyState::Expired
-        } else {
-            KeyState::Active
-        };
+        let state = KeyState::at(record.deleted, record.expire_time_us, now_us);
         if state == KeyState::Active
             && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us
         {
