@@ -77,8 +77,9 @@ impl Syncer {
     }
 
     /// The start-up load; returns how many keys the index holds. Room for every stored key at
-    /// once, then slices of the revision range read in parallel (decoding rows is most of the
-    /// cost, and each slice decodes on its own connection), then a catch-up from the top
+    /// once; then, from a SQLite file, one snapshot read off the async workers, and from
+    /// PostgreSQL, slices of the revision range read in parallel (decoding rows is most of the
+    /// cost, and each slice decodes on its own connection); then a catch-up from the top
     /// revision seen.
     ///
     /// Every revision up to `top` is committed once `top` is visible (revisions follow commit
@@ -90,6 +91,34 @@ impl Syncer {
         let (stored, top) = tokio::try_join!(self.store.count(), self.store.max_revision())?;
         self.index
             .reserve(usize::try_from(stored).unwrap_or(usize::MAX));
+        let top = match self.store.sqlite_file().await? {
+            Some(path) => {
+                let index = self.index.clone();
+                tokio::task::spawn_blocking(move || {
+                    Store::scan_sqlite_file(&path, |row| index.apply(&row))
+                })
+                .await
+                .map_err(|err| StoreError::Internal(sea_orm::DbErr::Custom(err.to_string())))??
+            }
+            None => {
+                self.load_slices(stored, top).await?;
+                top
+            }
+        };
+        // Rows at `top` itself are read again by the next catch-up; applying twice is harmless.
+        *cursor = ChangeCursor {
+            revision: top,
+            id: String::new(),
+        };
+        self.last_sync_ms
+            .fetch_max(started.as_millis() as u64, Ordering::Release);
+        drop(cursor);
+        self.catch_up().await?;
+        Ok(self.index.len())
+    }
+
+    /// Reads revisions `0..=top` in pages, from a few revision ranges side by side.
+    async fn load_slices(&self, stored: u64, top: i64) -> Result<(), StoreError> {
         let slices = if stored < 2 * BATCH { 1 } else { LOAD_SLICES };
         let width = top / slices + 1;
         let mut tasks = tokio::task::JoinSet::new();
@@ -107,16 +136,7 @@ impl Syncer {
             result
                 .map_err(|err| StoreError::Internal(sea_orm::DbErr::Custom(err.to_string())))??;
         }
-        // Rows at `top` itself are read again by the next catch-up; applying twice is harmless.
-        *cursor = ChangeCursor {
-            revision: top,
-            id: String::new(),
-        };
-        self.last_sync_ms
-            .fetch_max(started.as_millis() as u64, Ordering::Release);
-        drop(cursor);
-        self.catch_up().await?;
-        Ok(self.index.len())
+        Ok(())
     }
 
     /// Applies every change after the last one applied; returns how many rows it read.

@@ -1,8 +1,9 @@
 //! The database: source of truth for keys. SQLite by default, PostgreSQL for many replicas.
 
 mod entity;
+mod sqlite_scan;
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use chrono::{DateTime, Utc};
 use migrations::{Migrator, MigratorTrait};
@@ -387,6 +388,40 @@ impl Store {
             .one(&self.db)
             .await?;
         Ok(max.flatten().unwrap_or(0))
+    }
+
+    /// The file of a SQLite database, as SQLite itself names it; `None` for PostgreSQL and
+    /// for an in-memory SQLite database.
+    pub async fn sqlite_file(&self) -> Result<Option<PathBuf>, StoreError> {
+        if self.backend() != DatabaseBackend::Sqlite {
+            return Ok(None);
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Sqlite,
+                "PRAGMA database_list",
+            ))
+            .await?;
+        for row in rows {
+            let name: String = row.try_get_by_index(1)?;
+            let file: String = row.try_get_by_index(2)?;
+            if name == "main" && !file.is_empty() {
+                return Ok(Some(PathBuf::from(file)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads every row of the SQLite file at `path` in one snapshot, handing each to `each`,
+    /// and returns the highest revision read. Blocking: run it off the async workers.
+    pub fn scan_sqlite_file(
+        path: &std::path::Path,
+        each: impl FnMut(IndexRow),
+    ) -> Result<i64, StoreError> {
+        sqlite_scan::scan(path, each).map_err(|err| {
+            StoreError::Internal(DbErr::Custom(format!("reading {}: {err}", path.display())))
+        })
     }
 
     /// How many keys are stored, tombstones included.

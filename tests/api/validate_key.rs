@@ -226,6 +226,38 @@ async fn keys_and_deletions_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn expiry_and_workspace_survive_a_restart() {
+    let mut app = spawn_app().await;
+    let (month, month_secret) = app
+        .create_key("acme", "month", Expiration::Expiration30Days)
+        .await;
+    let (_, forever_secret) = app.create_key("globex", "forever", Expiration::Never).await;
+    let (db, clock) = app.stop().await;
+
+    let mut app = spawn_app_on(db, clock).await;
+
+    let answer = app.validate(&month_secret).await;
+    assert_eq!(answer.result(), ValidationResult::Valid);
+    assert_eq!(answer.key_id, month.id);
+    assert_eq!(answer.workspace_id, "acme");
+    assert_eq!(answer.expire_time, month.expire_time);
+    let answer = app.validate(&forever_secret).await;
+    assert_eq!(answer.workspace_id, "globex");
+    assert_eq!(answer.expire_time, None);
+
+    app.clock.advance(TimeDelta::days(30));
+
+    assert_eq!(
+        app.validate(&month_secret).await.result(),
+        ValidationResult::Expired
+    );
+    assert_eq!(
+        app.validate(&forever_secret).await.result(),
+        ValidationResult::Valid
+    );
+}
+
+#[tokio::test]
 async fn recorded_uses_never_move_back_in_time() {
     let mut app = spawn_app().await;
     let (a, _) = app.create_key("acme", "a", Expiration::Never).await;
