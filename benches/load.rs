@@ -15,6 +15,10 @@
 //!         listener connection killed before each delete
 //!
 //! A PostgreSQL URL names a server database this tool may create databases beside.
+//!
+//! With `--db-backed-bin PATH` (a build of commit f4f862b, whose ValidateKey read the database
+//! on every call) that server runs too, on a database of its own, and its ValidateKey hits and
+//! unknown keys join the rounds: the database-backed baseline, measured in the same run.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -46,6 +50,7 @@ struct Options {
     client_core: String,
     startup_keys: Option<usize>,
     revocation_trials: Option<usize>,
+    db_backed_bin: Option<String>,
 }
 
 fn options() -> Options {
@@ -61,6 +66,7 @@ fn options() -> Options {
         client_core: "1".into(),
         startup_keys: None,
         revocation_trials: None,
+        db_backed_bin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -77,6 +83,7 @@ fn options() -> Options {
             "--client-core" => options.client_core = value(),
             "--startup-keys" => options.startup_keys = Some(value().parse().unwrap()),
             "--revocation-trials" => options.revocation_trials = Some(value().parse().unwrap()),
+            "--db-backed-bin" => options.db_backed_bin = Some(value()),
             "--serve-echo" => serve_echo(&value()),
             "--bench" => {} // cargo bench passes this to every bench target
             other => panic!("unknown argument {other}"),
@@ -124,7 +131,14 @@ async fn run(options: Options) {
     println!("# database: {}", redact(&database_url));
 
     let echo = Server::start_echo(&options);
-    let apikeys = Server::start_apikeys(&options, &database_url);
+    let apikeys = Server::start_apikeys(&options, BIN, &database_url);
+    let db_backed = match &options.db_backed_bin {
+        Some(bin) => {
+            let url = fresh_database(&options, dir.path(), "apikeys_bench_db_backed").await;
+            Some(Server::start_apikeys(&options, bin, &url))
+        }
+        None => None,
+    };
 
     let echo_channels = channels(&echo.addr, options.connections).await;
     let api_channels = channels(&apikeys.addr, options.connections).await;
@@ -138,7 +152,15 @@ async fn run(options: Options) {
 
     // Rounds interleave the scenarios so that the machine's drift hits them alike; each
     // line reports the median round's throughput and the latency of all rounds together.
-    let plan: [(&str, &[Channel], &[String], ValidationResult); 4] = [
+    let db_backed_channels = match &db_backed {
+        Some(server) => channels(&server.addr, options.connections).await,
+        None => Vec::new(),
+    };
+    let db_backed_secrets = match db_backed_channels.first() {
+        Some(channel) => create_keys(channel, options.keys).await,
+        None => Vec::new(),
+    };
+    let mut plan: Vec<(&str, &[Channel], &[String], ValidationResult)> = vec![
         (
             "echo (bare tonic)",
             &echo_channels,
@@ -164,6 +186,20 @@ async fn run(options: Options) {
             ValidationResult::Malformed,
         ),
     ];
+    if db_backed.is_some() {
+        plan.push((
+            "DB-backed hit (f4f862b)",
+            &db_backed_channels,
+            &db_backed_secrets,
+            ValidationResult::Valid,
+        ));
+        plan.push((
+            "DB-backed unknown (f4f862b)",
+            &db_backed_channels,
+            &unknown,
+            ValidationResult::NotFound,
+        ));
+    }
     let mut results: Vec<(Vec<f64>, Histogram<u64>)> = plan
         .iter()
         .map(|_| {
@@ -211,6 +247,14 @@ async fn run(options: Options) {
         "# ValidateKey hit / echo, round by round: {}",
         rounds.join(" ")
     );
+    if db_backed.is_some() {
+        println!(
+            "# ValidateKey hit / DB-backed hit: {:.2}; unknown / DB-backed unknown: {:.2}",
+            median(&results[1].0) / median(&results[4].0),
+            median(&results[2].0) / median(&results[5].0)
+        );
+    }
+    drop(db_backed);
     drop(apikeys);
     drop(echo);
 }
@@ -429,10 +473,10 @@ struct Server {
 }
 
 impl Server {
-    fn start_apikeys(options: &Options, database_url: &str) -> Self {
+    fn start_apikeys(options: &Options, bin: &str, database_url: &str) -> Self {
         let port = free_port();
         let child = Command::new("taskset")
-            .args(["-c", &options.server_core, BIN])
+            .args(["-c", &options.server_core, bin])
             .env("APIKEYS_LISTEN", format!("127.0.0.1:{port}"))
             .env("APIKEYS_DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
@@ -672,8 +716,8 @@ async fn revocation(
     kill_listeners: bool,
 ) -> Histogram<u64> {
     use sea_orm::{ConnectionTrait, Database};
-    let a = Server::start_apikeys(options, database_url);
-    let b = Server::start_apikeys(options, database_url);
+    let a = Server::start_apikeys(options, BIN, database_url);
+    let b = Server::start_apikeys(options, BIN, database_url);
     let mut a_client = ApiKeysClient::new(channels(&a.addr, 1).await.remove(0));
     let mut b_client = ApiKeysClient::new(channels(&b.addr, 1).await.remove(0));
     let admin = Database::connect(database_url).await.unwrap();
