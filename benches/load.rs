@@ -479,6 +479,9 @@ impl Server {
             .args(["-c", &options.server_core, bin])
             .env("APIKEYS_LISTEN", format!("127.0.0.1:{port}"))
             .env("APIKEYS_DATABASE_URL", database_url)
+            // The generator creates and deletes keys far faster than any admin backend.
+            .env("APIKEYS_MANAGEMENT_RATE", "1000000")
+            .env("APIKEYS_MANAGEMENT_BURST", "1000000")
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start apikeys");

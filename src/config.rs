@@ -1,9 +1,11 @@
 //! Command line and environment. Every flag has an `APIKEYS_*` fallback so containers can be
 //! configured by environment alone.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::callers::CallerRole;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +26,24 @@ pub enum Command {
     Serve,
     /// Run pending migrations and exit: for a deploy step that runs before the replicas roll.
     Migrate,
+    /// Caller tokens: the credentials admin backends and gateways present.
+    CallerToken {
+        #[command(subcommand)]
+        command: CallerTokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallerTokenCommand {
+    /// Print a new token for a caller, once, and the line that admits it to the callers file.
+    New {
+        /// The caller's name, as logs and rate limits will know it (a-z, 0-9, '.', '_', '-').
+        #[arg(value_parser = |name: &str| crate::callers::check_name(name).map(|()| name.to_owned()))]
+        name: String,
+        /// `gateway` may call ValidateKey only; `admin` may also manage keys.
+        #[arg(long, value_enum)]
+        role: CallerRole,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,6 +87,50 @@ pub struct Settings {
     /// notifications: the revocation bound when a notification is lost.
     #[arg(long, env = "APIKEYS_SYNC_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, global = true)]
     pub sync_poll_interval: Duration,
+
+    /// The callers file: who may call, by the blake3 hash of their bearer token, and in what
+    /// role (see `apikeys caller-token new`). Without it any caller that can reach the port
+    /// is admitted, which start-up allows only on loopback or with --insecure-no-caller-auth.
+    #[arg(long, env = "APIKEYS_CALLERS_FILE", global = true)]
+    pub callers_file: Option<PathBuf>,
+
+    /// Serve a non-loopback address without a callers file, for a mesh that authenticates
+    /// callers itself. Anyone who reaches the port can then manage keys for any workspace.
+    #[arg(long, env = "APIKEYS_INSECURE_NO_CALLER_AUTH", global = true)]
+    pub insecure_no_caller_auth: bool,
+
+    /// The longest any call may run; a client's shorter `grpc-timeout` wins.
+    #[arg(long, env = "APIKEYS_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub request_timeout: Duration,
+
+    /// Calls in flight across all connections (health excepted) before more are shed with
+    /// UNAVAILABLE, so overload fails fast instead of queueing.
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_IN_FLIGHT",
+        default_value_t = 1024,
+        global = true
+    )]
+    pub max_in_flight: usize,
+
+    /// Management calls (everything but ValidateKey and health) each caller may make per
+    /// second, sustained; more are answered RESOURCE_EXHAUSTED with a retry delay.
+    #[arg(
+        long,
+        env = "APIKEYS_MANAGEMENT_RATE",
+        default_value = "100",
+        global = true
+    )]
+    pub management_rate: NonZeroU32,
+
+    /// Management calls a caller may make at once above its rate, after a quiet spell.
+    #[arg(
+        long,
+        env = "APIKEYS_MANAGEMENT_BURST",
+        default_value = "200",
+        global = true
+    )]
+    pub management_burst: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +149,12 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             staleness_bound: Duration::from_secs(30),
             sync_poll_interval: Duration::from_millis(250),
+            callers_file: None,
+            insecure_no_caller_auth: false,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 1024,
+            management_rate: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
+            management_burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -124,6 +194,13 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.settings.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(cli.settings.database_url, "sqlite://apikeys.db?mode=rwc");
+    }
+
+    #[test]
+    fn settings_new_matches_the_command_line_defaults() {
+        let cli = Cli::try_parse_from(["apikeys"]).unwrap();
+        let new = Settings::new(cli.settings.listen, cli.settings.database_url.clone());
+        assert_eq!(format!("{new:?}"), format!("{:?}", cli.settings));
     }
 
     #[test]

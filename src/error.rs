@@ -32,6 +32,32 @@ pub enum ApiError {
     /// staleness bound, so it cannot vouch for any key.
     #[error("cannot confirm keys: this replica last synced with the database {0:?} ago")]
     IndexStale(std::time::Duration),
+    /// UNAUTHENTICATED (`CALLER_UNAUTHENTICATED`): no `authorization: Bearer` token, or one
+    /// the callers file does not list.
+    #[error(
+        "this service needs caller credentials: `authorization: Bearer <token>` of a caller in its callers file"
+    )]
+    CallerUnauthenticated,
+    /// PERMISSION_DENIED (`CALLER_ROLE_NOT_ALLOWED`), `metadata.caller_role`: a gateway
+    /// calling a management RPC.
+    #[error("caller `{caller}` has role {role}, which may not call {rpc}")]
+    CallerNotAllowed {
+        caller: String,
+        role: crate::callers::CallerRole,
+        rpc: String,
+    },
+    /// RESOURCE_EXHAUSTED (`RATE_LIMITED`) with RetryInfo: this caller's management calls are
+    /// over its rate; retry after the delay given.
+    #[error("too many management calls from this caller; retry in {0:?}")]
+    RateLimited(std::time::Duration),
+    /// UNAVAILABLE (`OVERLOADED`): the server is at its limit of calls in flight; retry with
+    /// backoff.
+    #[error("the server has too many calls in flight; retry later")]
+    Overloaded,
+    /// OUT_OF_RANGE (`REQUEST_TOO_LARGE`), as tonic answers for any message over the
+    /// server's limit.
+    #[error("a {rpc} request is at most {limit} bytes")]
+    RequestTooLarge { rpc: &'static str, limit: usize },
 }
 
 impl From<ApiError> for Status {
@@ -85,11 +111,41 @@ impl From<ApiError> for Status {
                     HashMap::new(),
                 )
             }
+            ApiError::CallerUnauthenticated => (
+                Code::Unauthenticated,
+                "CALLER_UNAUTHENTICATED",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::CallerNotAllowed { role, .. } => (
+                Code::PermissionDenied,
+                "CALLER_ROLE_NOT_ALLOWED",
+                err.to_string(),
+                HashMap::from([("caller_role".to_owned(), role.to_string())]),
+            ),
+            ApiError::RateLimited(_) => (
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::Overloaded => (
+                Code::Unavailable,
+                "OVERLOADED",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::RequestTooLarge { .. } => (
+                Code::OutOfRange,
+                "REQUEST_TOO_LARGE",
+                err.to_string(),
+                HashMap::new(),
+            ),
         };
-        Status::with_error_details(
-            code,
-            message,
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-        )
+        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+        if let ApiError::RateLimited(delay) = err {
+            details.set_retry_info(Some(delay));
+        }
+        Status::with_error_details(code, message, details)
     }
 }

@@ -1,5 +1,6 @@
 //! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
 
+pub mod callers;
 pub mod clock;
 pub mod config;
 pub mod domain;

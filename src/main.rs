@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use apikeys::{
-    config::{Cli, Command},
+    callers,
+    config::{CallerTokenCommand, Cli, Command},
     startup::{Application, connect_and_migrate},
 };
 use clap::Parser;
@@ -9,6 +10,13 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::CallerToken {
+        command: CallerTokenCommand::New { name, role },
+    }) = &cli.command
+    {
+        print!("{}", callers::new_token_instructions(name, *role));
+        return ExitCode::SUCCESS;
+    }
     if let Err(err) = apikeys::telemetry::init(
         cli.settings.log_format,
         std::io::stderr,
@@ -23,6 +31,7 @@ async fn main() -> ExitCode {
             .map(|_| {
                 tracing::info!("migrations are up to date");
             }),
+        Command::CallerToken { .. } => Ok(()),
         Command::Serve => match Application::build(&cli.settings).await {
             Ok(app) => app.run_until_stopped(apikeys::signal::shutdown()).await,
             Err(err) => Err(err),

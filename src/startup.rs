@@ -8,9 +8,14 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    callers::{Callers, CallersFileError},
     clock::{Clock, SystemClock},
     config::Settings,
-    grpc::{ApiKeysService, proto},
+    grpc::{
+        ApiKeysService,
+        guard::{Authenticate, Guard, InFlight, ManagementRate},
+        proto,
+    },
     index::{KeyIndex, SyncSettings, Syncer},
     service::KeyService,
     store::{Store, StoreError},
@@ -22,8 +27,23 @@ pub const SERVICE_NAME: &str = "cloodot.apikeys.v1.ApiKeys";
 /// Every name health reports on: the whole server and the API.
 pub(crate) const HEALTH_NAMES: [&str; 2] = ["", SERVICE_NAME];
 
+/// The largest request message any service decodes; ValidateKey holds its own to 16 KiB.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The largest block of request headers (metadata) a connection accepts.
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error(
+        "refusing to serve {addr} without caller authentication: anyone who reaches it could \
+         manage keys for any workspace. Give callers tokens (`apikeys caller-token new NAME \
+         --role admin|gateway`, listed in --callers-file / APIKEYS_CALLERS_FILE), or listen on \
+         loopback, or, if your network authenticates callers itself, pass \
+         --insecure-no-caller-auth"
+    )]
+    InsecureListen { addr: SocketAddr },
+    #[error(transparent)]
+    Callers(#[from] CallersFileError),
     #[error("cannot open the database: {0}")]
     Database(#[source] StoreError),
     #[error("cannot run migrations: {0}")]
@@ -50,6 +70,16 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     syncer: Arc<Syncer>,
     shutdown_grace: Duration,
+    callers: Option<Callers>,
+    limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    request_timeout: Duration,
+    max_in_flight: usize,
+    management_rate: std::num::NonZeroU32,
+    management_burst: std::num::NonZeroU32,
 }
 
 impl Application {
@@ -62,6 +92,7 @@ impl Application {
         settings: &Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
+        let callers = caller_authentication(settings)?;
         let store = connect_and_migrate(&settings.database_url).await?;
         let sync_settings = SyncSettings {
             poll_interval: settings.sync_poll_interval,
@@ -99,6 +130,13 @@ impl Application {
             clock,
             syncer,
             shutdown_grace: settings.shutdown_grace,
+            callers,
+            limits: Limits {
+                request_timeout: settings.request_timeout,
+                max_in_flight: settings.max_in_flight,
+                management_rate: settings.management_rate,
+                management_burst: settings.management_burst,
+            },
         })
     }
 
@@ -144,11 +182,23 @@ impl Application {
 
         tracing::info!(addr = %self.addr, backend = ?self.store.backend(), "serving gRPC");
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let limits = self.limits;
         let server = Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(proto::api_keys_server::ApiKeysServer::new(api))
+            .timeout(limits.request_timeout)
+            .http2_max_header_list_size(MAX_HEADER_BYTES)
+            .layer(Guard(InFlight::new(limits.max_in_flight)))
+            .layer(Guard(Authenticate::new(self.callers)))
+            .layer(Guard(ManagementRate::new(
+                limits.management_rate,
+                limits.management_burst,
+            )))
+            .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(
+                proto::api_keys_server::ApiKeysServer::new(api)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, signal);
         let grace = self.shutdown_grace;
         tokio::select! {
@@ -195,5 +245,51 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for name in HEALTH_NAMES {
         health.set_service_status(name, status).await;
+    }
+}
+
+/// The callers file, if any; refuses to go on when nothing would authenticate callers on a
+/// port the network can reach.
+fn caller_authentication(settings: &Settings) -> Result<Option<Callers>, StartupError> {
+    let Some(path) = &settings.callers_file else {
+        if settings.insecure_no_caller_auth {
+            tracing::warn!(
+                addr = %settings.listen,
+                "--insecure-no-caller-auth: every caller that reaches this port is admitted; \
+                 the network must authenticate callers"
+            );
+        } else if !settings.listen.ip().is_loopback() {
+            return Err(StartupError::InsecureListen {
+                addr: settings.listen,
+            });
+        }
+        return Ok(None);
+    };
+    let callers = Callers::load(path)?;
+    tracing::info!(callers = callers.len(), "caller authentication on");
+    Ok(Some(callers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(listen: &str) -> Settings {
+        Settings::new(listen.parse().unwrap(), "sqlite://unused.db")
+    }
+
+    #[test]
+    fn only_loopback_may_go_without_caller_authentication() {
+        assert!(caller_authentication(&settings("127.0.0.1:50051")).is_ok());
+        assert!(caller_authentication(&settings("[::1]:50051")).is_ok());
+        for reachable in ["0.0.0.0:50051", "10.1.2.3:50051", "[::]:50051"] {
+            assert!(matches!(
+                caller_authentication(&settings(reachable)),
+                Err(StartupError::InsecureListen { .. })
+            ));
+            let mut insecure = settings(reachable);
+            insecure.insecure_no_caller_auth = true;
+            assert!(matches!(caller_authentication(&insecure), Ok(None)));
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Pure types of the key domain: each can only hold a valid value. No I/O here.
 
 mod actor;
-mod base62;
+pub(crate) mod base62;
 mod expiration;
 mod invalid_input;
 mod key_id;

@@ -1,8 +1,9 @@
 //! The gRPC edge: generated code, proto <-> domain conversion, and the ApiKeys service.
 
 mod api_keys;
+pub mod guard;
 
-pub use api_keys::ApiKeysService;
+pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
 
 /// Code generated from `proto/cloodot/apikeys/v1/api_keys.proto`.
 #[allow(clippy::all, unreachable_pub, missing_debug_implementations)]

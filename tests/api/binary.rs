@@ -42,7 +42,11 @@ impl Drop for Process {
 
 /// Starts `apikeys` and returns it with the address it logged.
 fn start(db: &TestDb) -> (Process, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Process(command(db).spawn().expect("start apikeys"));
+    start_command(command(db))
+}
+
+fn start_command(mut command: Command) -> (Process, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Process(command.spawn().expect("start apikeys"));
     let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -181,4 +185,79 @@ async fn a_bad_database_url_fails_fast_with_a_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot open the database"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_token_from_caller_token_new_admits_its_caller_in_its_role() {
+    let output = Command::new(BIN)
+        .args(["caller-token", "new", "edge-gateway", "--role", "gateway"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("only time it will be shown"), "{printed}");
+    let lines: Vec<&str> = printed.lines().filter(|l| !l.starts_with('#')).collect();
+    let [token, file_line] = lines[..] else {
+        panic!("expected the token and the file line: {printed}")
+    };
+    assert!(
+        token.starts_with("cct_"),
+        "the token is on a line of its own"
+    );
+    assert!(file_line.starts_with("edge-gateway gateway blake3:"));
+    assert!(!file_line.contains(token));
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers");
+    std::fs::write(&callers, format!("{file_line}\n")).unwrap();
+    let db = TestDb::new().await;
+    let mut command = command(&db);
+    command.env("APIKEYS_CALLERS_FILE", &callers);
+    let (_child, addr, _logs) = start_command(command);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ApiKeysClient::new(channel);
+    let with_token = |mut request: tonic::Request<ValidateKeyRequest>| {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let key = || ValidateKeyRequest {
+        key: "clo_x".into(),
+    };
+
+    let anonymous = client.validate_key(key()).await.unwrap_err();
+    let admitted = client
+        .validate_key(with_token(tonic::Request::new(key())))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut create = as_owner(apikeys::grpc::proto::CreateKeyRequest {
+        workspace_id: "acme".into(),
+        name: "k".into(),
+        expiration: Expiration::Never.into(),
+    });
+    create
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let denied = client.create_key(create).await.unwrap_err();
+
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    assert_eq!(admitted.result(), ValidationResult::Malformed);
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+}
+
+#[test]
+fn caller_token_new_refuses_a_bad_name_or_role() {
+    for args in [
+        ["caller-token", "new", "Edge Gateway", "--role", "gateway"],
+        ["caller-token", "new", "edge", "--role", "owner"],
+    ] {
+        let output = Command::new(BIN).args(args).output().unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        assert!(output.stdout.is_empty(), "no token is printed for {args:?}");
+    }
 }

@@ -126,6 +126,9 @@ pub(crate) async fn spawn_app_with(
 ) -> TestApp {
     capture_logs();
     let mut settings = Settings::new("127.0.0.1:0".parse().unwrap(), db.url.clone());
+    // Tests create keys far faster than any person; the rate limit has tests of its own.
+    settings.management_rate = std::num::NonZeroU32::MAX;
+    settings.management_burst = std::num::NonZeroU32::MAX;
     adjust(&mut settings);
     let app = Application::build_with_clock(&settings, Arc::new(clock.clone()))
         .await

@@ -10,4 +10,5 @@ mod list_keys;
 mod readme;
 mod replicas;
 mod secrets;
+mod security;
 mod validate_key;

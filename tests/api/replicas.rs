@@ -242,9 +242,12 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
             }
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable);
+                // The bound runs from the start of the last successful sync, which may
+                // precede the cut by up to a poll interval (100 ms) and the sync itself.
                 assert!(
-                    cut_at.elapsed() >= Duration::from_secs(2),
-                    "failed closed before the bound"
+                    cut_at.elapsed() >= Duration::from_millis(1800),
+                    "failed closed before the bound: {:?}",
+                    cut_at.elapsed()
                 );
                 break;
             }

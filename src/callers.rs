@@ -1,0 +1,291 @@
+//! Who may call this service: the callers file and the bearer tokens it vouches for.
+//!
+//! A caller is another backend, not a person: an admin backend (management RPCs, and
+//! ValidateKey) or a gateway (ValidateKey only). Each presents `authorization: Bearer <token>`.
+//! The file holds only the blake3 hash of each token, so reading it (or a backup of it) gives
+//! no one a way in. One caller per line:
+//!
+//! ```text
+//! # name          role     token hash
+//! billing-admin   admin    blake3:5f0c…(64 hex digits)
+//! edge-gateway    gateway  blake3:9a1e…
+//! ```
+
+use std::{collections::HashMap, fmt, path::Path};
+
+use crate::domain::base62;
+
+/// Prefix of every caller token, so a leaked one is recognisable (and never mistaken for an
+/// API key, which starts `clo_`).
+pub const TOKEN_PREFIX: &str = "cct_";
+/// 43 base62 characters: 256 bits of randomness.
+const TOKEN_RANDOM_LEN: usize = 43;
+const HASH_PREFIX: &str = "blake3:";
+const NAME_MAX: usize = 64;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum CallerRole {
+    /// ValidateKey only: what an API gateway needs on every request.
+    Gateway,
+    /// The management RPCs (on behalf of the signed-in person named in `x-actor-*` metadata)
+    /// and ValidateKey.
+    Admin,
+}
+
+impl CallerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for CallerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An authenticated caller, as the request path sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: CallerRole,
+}
+
+/// A caller's bearer token. Like an API key it never prints its value.
+pub struct CallerToken(String);
+
+impl CallerToken {
+    /// A new token from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        Self(format!(
+            "{TOKEN_PREFIX}{}",
+            base62::random(TOKEN_RANDOM_LEN)
+        ))
+    }
+
+    /// The token itself. Call only to hand it to the caller's operator, once.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `blake3:<hex>`, as written in the callers file.
+    pub fn hash_line(&self) -> String {
+        format!("{HASH_PREFIX}{}", blake3::hash(self.0.as_bytes()).to_hex())
+    }
+}
+
+impl fmt::Debug for CallerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{TOKEN_PREFIX}****")
+    }
+}
+
+/// The line to add to the callers file for `name` with `role` and `token`.
+pub fn file_line(name: &str, role: CallerRole, token: &CallerToken) -> String {
+    format!("{name} {role} {}", token.hash_line())
+}
+
+/// What `apikeys caller-token new` prints: a new token, on a line of its own, shown this once,
+/// and the callers-file line that admits it.
+pub fn new_token_instructions(name: &str, role: CallerRole) -> String {
+    let token = CallerToken::generate();
+    format!(
+        "# New {role} token for caller `{name}`. This is the only time it will be shown: hand it to\n\
+         # the caller's operator for their secret store (sent as `authorization: Bearer <token>`).\n\
+         {}\n\
+         # Add this line to the callers file (--callers-file / APIKEYS_CALLERS_FILE) of every\n\
+         # replica and restart them:\n\
+         {}\n",
+        token.expose(),
+        file_line(name, role, &token)
+    )
+}
+
+/// A caller name: what logs and rate limits know a caller by.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a caller name is 1 to {NAME_MAX} characters of a-z, 0-9, '.', '_' and '-'"
+        ))
+    }
+}
+
+/// Every caller of the callers file, by the hash of its token.
+#[derive(Clone, Default)]
+pub struct Callers {
+    by_hash: HashMap<[u8; 32], Caller>,
+}
+
+impl fmt::Debug for Callers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.by_hash.values().map(|c| c.name.as_str()).collect();
+        names.sort_unstable();
+        f.debug_struct("Callers").field("names", &names).finish()
+    }
+}
+
+/// Why the callers file cannot be used. Never quotes a hash or anything else from the file
+/// but the caller names.
+#[derive(Debug, thiserror::Error)]
+pub enum CallersFileError {
+    #[error("cannot read the callers file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("callers file line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("the callers file lists no callers")]
+    Empty,
+}
+
+impl Callers {
+    pub fn load(path: &Path) -> Result<Self, CallersFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CallersFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, CallersFileError> {
+        let mut by_hash = HashMap::new();
+        let mut names = std::collections::HashSet::new();
+        for (at, raw) in text.lines().enumerate() {
+            let line = at + 1;
+            let bad = |reason: String| CallersFileError::Line { line, reason };
+            let content = raw.split('#').next().unwrap_or_default().trim();
+            if content.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = content.split_whitespace().collect();
+            let [name, role, credential] = fields[..] else {
+                return Err(bad(
+                    "expected three fields: NAME ROLE blake3:HASH".to_owned()
+                ));
+            };
+            check_name(name).map_err(bad)?;
+            let role = <CallerRole as clap::ValueEnum>::from_str(role, false)
+                .map_err(|_| bad(format!("role `{role}` is neither gateway nor admin")))?;
+            let hash = credential
+                .strip_prefix(HASH_PREFIX)
+                .and_then(parse_hex32)
+                .ok_or_else(|| {
+                    bad("the credential is `blake3:` and 64 hex digits (the token's hash, never the token)".to_owned())
+                })?;
+            if !names.insert(name.to_owned()) {
+                return Err(bad(format!("caller `{name}` is listed twice")));
+            }
+            let caller = Caller {
+                name: name.to_owned(),
+                role,
+            };
+            if by_hash.insert(hash, caller).is_some() {
+                return Err(bad("this token hash is already listed".to_owned()));
+            }
+        }
+        if by_hash.is_empty() {
+            return Err(CallersFileError::Empty);
+        }
+        Ok(Self { by_hash })
+    }
+
+    /// The caller whose token this is, if any.
+    pub fn authenticate(&self, token: &str) -> Option<&Caller> {
+        self.by_hash.get(blake3::hash(token.as_bytes()).as_bytes())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (slot, pair) in out.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        let text = std::str::from_utf8(pair).ok()?;
+        *slot = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_token_authenticates_through_its_file_line() {
+        let token = CallerToken::generate();
+        let text = format!(
+            "# callers\n{}\n\n",
+            file_line("billing-admin", CallerRole::Admin, &token)
+        );
+
+        let callers = Callers::parse(&text).unwrap();
+
+        let caller = callers.authenticate(token.expose()).unwrap();
+        assert_eq!(caller.name, "billing-admin");
+        assert_eq!(caller.role, CallerRole::Admin);
+        assert!(callers.authenticate("cct_not-a-token").is_none());
+        assert!(
+            !text.contains(token.expose()),
+            "the file holds only the hash"
+        );
+    }
+
+    #[test]
+    fn tokens_are_unique_and_never_printed() {
+        let (a, b) = (CallerToken::generate(), CallerToken::generate());
+        assert_ne!(a.expose(), b.expose());
+        assert!(a.expose().starts_with(TOKEN_PREFIX));
+        assert_eq!(a.expose().len(), TOKEN_PREFIX.len() + TOKEN_RANDOM_LEN);
+        assert_eq!(format!("{a:?}"), "cct_****");
+    }
+
+    #[test]
+    fn a_bad_line_is_reported_by_number_without_its_content() {
+        let token = CallerToken::generate();
+        let good = file_line("edge", CallerRole::Gateway, &token);
+        for (text, expected) in [
+            (format!("{good}\nedge2 gateway"), "line 2"),
+            (
+                format!("{good}\nEdge admin {}", token.hash_line()),
+                "line 2",
+            ),
+            (
+                format!("x owner {}", token.hash_line()),
+                "neither gateway nor admin",
+            ),
+            ("x admin blake3:abc".to_owned(), "64 hex digits"),
+            (format!("x admin {}", token.expose()), "never the token"),
+            (format!("{good}\n{good}"), "listed twice"),
+            (
+                format!("{good}\nother admin {}", token.hash_line()),
+                "already listed",
+            ),
+            ("# nobody\n".to_owned(), "no callers"),
+        ] {
+            let err = Callers::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} should say {expected:?}");
+            assert!(!err.contains(token.expose()));
+        }
+    }
+}
