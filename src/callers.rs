@@ -3,12 +3,15 @@
 //! A caller is another backend, not a person: an admin backend (management RPCs, and
 //! ValidateKey) or a gateway (ValidateKey only). Each presents `authorization: Bearer <token>`.
 //! The file holds only the blake3 hash of each token, so reading it (or a backup of it) gives
-//! no one a way in. One caller per line:
+//! no one a way in. With mutual TLS a caller may instead be known by a DNS name in its client
+//! certificate's subject alternative names (the certificate verified against the client CA).
+//! One caller per line:
 //!
 //! ```text
-//! # name          role     token hash
+//! # name          role     credential
 //! billing-admin   admin    blake3:5f0c…(64 hex digits)
 //! edge-gateway    gateway  blake3:9a1e…
+//! mesh-gateway    gateway  san:gateway.edge.svc.cluster.local
 //! ```
 
 use std::{collections::HashMap, fmt, path::Path};
@@ -21,6 +24,7 @@ pub const TOKEN_PREFIX: &str = "cct_";
 /// 43 base62 characters: 256 bits of randomness.
 const TOKEN_RANDOM_LEN: usize = 43;
 const HASH_PREFIX: &str = "blake3:";
+const SAN_PREFIX: &str = "san:";
 const NAME_MAX: usize = 64;
 
 /// What a caller may do.
@@ -125,11 +129,18 @@ pub fn check_name(name: &str) -> Result<(), String> {
 #[derive(Clone, Default)]
 pub struct Callers {
     by_hash: HashMap<[u8; 32], Caller>,
+    /// Callers known by a DNS name in their client certificate.
+    by_san: Vec<(String, Caller)>,
 }
 
 impl fmt::Debug for Callers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<_> = self.by_hash.values().map(|c| c.name.as_str()).collect();
+        let mut names: Vec<_> = self
+            .by_hash
+            .values()
+            .chain(self.by_san.iter().map(|(_, caller)| caller))
+            .map(|c| c.name.as_str())
+            .collect();
         names.sort_unstable();
         f.debug_struct("Callers").field("names", &names).finish()
     }
@@ -161,6 +172,7 @@ impl Callers {
 
     pub fn parse(text: &str) -> Result<Self, CallersFileError> {
         let mut by_hash = HashMap::new();
+        let mut by_san: Vec<(String, Caller)> = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (at, raw) in text.lines().enumerate() {
             let line = at + 1;
@@ -172,18 +184,12 @@ impl Callers {
             let fields: Vec<&str> = content.split_whitespace().collect();
             let [name, role, credential] = fields[..] else {
                 return Err(bad(
-                    "expected three fields: NAME ROLE blake3:HASH".to_owned()
+                    "expected three fields: NAME ROLE blake3:HASH (or san:DNS-NAME)".to_owned(),
                 ));
             };
             check_name(name).map_err(bad)?;
             let role = <CallerRole as clap::ValueEnum>::from_str(role, false)
                 .map_err(|_| bad(format!("role `{role}` is neither gateway nor admin")))?;
-            let hash = credential
-                .strip_prefix(HASH_PREFIX)
-                .and_then(parse_hex32)
-                .ok_or_else(|| {
-                    bad("the credential is `blake3:` and 64 hex digits (the token's hash, never the token)".to_owned())
-                })?;
             if !names.insert(name.to_owned()) {
                 return Err(bad(format!("caller `{name}` is listed twice")));
             }
@@ -191,14 +197,32 @@ impl Callers {
                 name: name.to_owned(),
                 role,
             };
+            if let Some(san) = credential.strip_prefix(SAN_PREFIX) {
+                rustls::pki_types::ServerName::try_from(san)
+                    .map_err(|_| bad(format!("`{san}` is not a DNS name")))?;
+                if by_san
+                    .iter()
+                    .any(|(listed, _)| listed.eq_ignore_ascii_case(san))
+                {
+                    return Err(bad(format!("san:{san} is already listed")));
+                }
+                by_san.push((san.to_owned(), caller));
+                continue;
+            }
+            let hash = credential
+                .strip_prefix(HASH_PREFIX)
+                .and_then(parse_hex32)
+                .ok_or_else(|| {
+                    bad("the credential is `blake3:` and 64 hex digits (the token's hash, never the token), or san:DNS-NAME".to_owned())
+                })?;
             if by_hash.insert(hash, caller).is_some() {
                 return Err(bad("this token hash is already listed".to_owned()));
             }
         }
-        if by_hash.is_empty() {
+        if by_hash.is_empty() && by_san.is_empty() {
             return Err(CallersFileError::Empty);
         }
-        Ok(Self { by_hash })
+        Ok(Self { by_hash, by_san })
     }
 
     /// The caller whose token this is, if any.
@@ -206,12 +230,33 @@ impl Callers {
         self.by_hash.get(blake3::hash(token.as_bytes()).as_bytes())
     }
 
+    /// The caller a client certificate names in its subject alternative names, if any. The
+    /// certificate must already be verified (mutual TLS against the client CA).
+    pub fn authenticate_certificate(
+        &self,
+        certificate: &rustls::pki_types::CertificateDer<'_>,
+    ) -> Option<&Caller> {
+        let certificate = webpki::EndEntityCert::try_from(certificate).ok()?;
+        self.by_san.iter().find_map(|(san, caller)| {
+            let name = rustls::pki_types::ServerName::try_from(san.as_str()).ok()?;
+            certificate
+                .verify_is_valid_for_subject_name(&name)
+                .ok()
+                .map(|()| caller)
+        })
+    }
+
+    /// Whether any caller is known by certificate, which only mutual TLS can present.
+    pub fn names_certificates(&self) -> bool {
+        !self.by_san.is_empty()
+    }
+
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.by_hash.len() + self.by_san.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.len() == 0
     }
 }
 
@@ -275,6 +320,11 @@ mod tests {
                 "neither gateway nor admin",
             ),
             ("x admin blake3:abc".to_owned(), "64 hex digits"),
+            ("x admin san:not@a-name".to_owned(), "not a DNS name"),
+            (
+                "x admin san:gw.example\ny gateway san:GW.example".to_owned(),
+                "already listed",
+            ),
             (format!("x admin {}", token.expose()), "never the token"),
             (format!("{good}\n{good}"), "listed twice"),
             (

@@ -131,6 +131,31 @@ pub struct Settings {
         global = true
     )]
     pub management_burst: NonZeroU32,
+
+    /// PEM certificate chain to serve TLS with (needs --tls-key). Without it the port speaks
+    /// plaintext HTTP/2: for loopback, or a mesh whose sidecar terminates TLS.
+    #[arg(long, env = "APIKEYS_TLS_CERT", requires = "tls_key", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "APIKEYS_TLS_KEY", requires = "tls_cert", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificate(s) of the CA that signs client certificates: turns on mutual TLS, so
+    /// every client must present a certificate it signed. Callers may then be named by a DNS
+    /// name in their certificate (`san:` lines of the callers file).
+    #[arg(
+        long,
+        env = "APIKEYS_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        global = true
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for new contents, so a rotated certificate is
+    /// served without a restart; SIGHUP reloads them at once.
+    #[arg(long, env = "APIKEYS_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub tls_reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +180,22 @@ impl Settings {
             max_in_flight: 1024,
             management_rate: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
             management_burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_reload_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
         }
     }
 }

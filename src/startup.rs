@@ -19,6 +19,7 @@ use crate::{
     index::{KeyIndex, SyncSettings, Syncer},
     service::KeyService,
     store::{Store, StoreError},
+    tls::ReloadableTls,
 };
 
 /// The service name health reports on, besides the whole server (`""`).
@@ -44,6 +45,12 @@ pub enum StartupError {
     InsecureListen { addr: SocketAddr },
     #[error(transparent)]
     Callers(#[from] CallersFileError),
+    #[error(
+        "the callers file names callers by certificate (san:), which needs mutual TLS: set --tls-client-ca"
+    )]
+    CertificateCallersWithoutMutualTls,
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot open the database: {0}")]
     Database(#[source] StoreError),
     #[error("cannot run migrations: {0}")]
@@ -71,6 +78,8 @@ pub struct Application {
     syncer: Arc<Syncer>,
     shutdown_grace: Duration,
     callers: Option<Callers>,
+    tls: Option<Arc<ReloadableTls>>,
+    tls_reload_interval: Duration,
     limits: Limits,
 }
 
@@ -92,6 +101,11 @@ impl Application {
         settings: &Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
+        let tls = settings
+            .tls_files()
+            .map(ReloadableTls::load)
+            .transpose()?
+            .map(Arc::new);
         let callers = caller_authentication(settings)?;
         let store = connect_and_migrate(&settings.database_url).await?;
         let sync_settings = SyncSettings {
@@ -131,6 +145,8 @@ impl Application {
             syncer,
             shutdown_grace: settings.shutdown_grace,
             callers,
+            tls,
+            tls_reload_interval: settings.tls_reload_interval,
             limits: Limits {
                 request_timeout: settings.request_timeout,
                 max_in_flight: settings.max_in_flight,
@@ -180,8 +196,16 @@ impl Application {
             }
         };
 
-        tracing::info!(addr = %self.addr, backend = ?self.store.backend(), "serving gRPC");
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        tracing::info!(
+            addr = %self.addr,
+            backend = ?self.store.backend(),
+            tls = match &self.tls {
+                Some(tls) if tls.is_mutual() => "mutual",
+                Some(_) => "on",
+                None => "off",
+            },
+            "serving gRPC"
+        );
         let limits = self.limits;
         let server = Server::builder()
             .timeout(limits.request_timeout)
@@ -198,8 +222,29 @@ impl Application {
             .add_service(
                 proto::api_keys_server::ApiKeysServer::new(api)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .serve_with_incoming_shutdown(incoming, signal);
+            );
+        // TLS connections are accepted (and handshaken) by tasks of their own, stopped with
+        // the server however it stops.
+        let (incoming, tls_tasks) = match &self.tls {
+            Some(tls) => {
+                let (incoming, accepting) = tls.incoming(self.listener);
+                let watching = tls.watch(self.tls_reload_interval);
+                (
+                    Incoming::Tls(incoming),
+                    AbortOnDrop(vec![accepting, watching]),
+                )
+            }
+            None => (
+                Incoming::Plain(TcpIncoming::from(self.listener).with_nodelay(Some(true))),
+                AbortOnDrop(Vec::new()),
+            ),
+        };
+        let server = async move {
+            match incoming {
+                Incoming::Plain(plain) => server.serve_with_incoming_shutdown(plain, signal).await,
+                Incoming::Tls(tls) => server.serve_with_incoming_shutdown(tls, signal).await,
+            }
+        };
         let grace = self.shutdown_grace;
         tokio::select! {
             served = server => served?,
@@ -212,6 +257,7 @@ impl Application {
                 }
             } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
         }
+        drop(tls_tasks);
         // The sync loops end with a last flush of last-used times.
         let _ = stop_sync.send(true);
         for task in sync_tasks {
@@ -222,6 +268,22 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+enum Incoming {
+    Plain(TcpIncoming),
+    Tls(crate::tls::TlsIncoming),
+}
+
+/// Tasks that must not outlive the server.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -251,8 +313,14 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// The callers file, if any; refuses to go on when nothing would authenticate callers on a
 /// port the network can reach.
 fn caller_authentication(settings: &Settings) -> Result<Option<Callers>, StartupError> {
+    let mutual_tls = settings.tls_files().is_some_and(|f| f.client_ca.is_some());
     let Some(path) = &settings.callers_file else {
-        if settings.insecure_no_caller_auth {
+        if mutual_tls {
+            // Every client proves a certificate from the client CA: that CA is the authority.
+            tracing::info!(
+                "no callers file: every client with a certificate from the client CA is admitted"
+            );
+        } else if settings.insecure_no_caller_auth {
             tracing::warn!(
                 addr = %settings.listen,
                 "--insecure-no-caller-auth: every caller that reaches this port is admitted; \
@@ -266,6 +334,9 @@ fn caller_authentication(settings: &Settings) -> Result<Option<Callers>, Startup
         return Ok(None);
     };
     let callers = Callers::load(path)?;
+    if callers.names_certificates() && !mutual_tls {
+        return Err(StartupError::CertificateCallersWithoutMutualTls);
+    }
     tracing::info!(callers = callers.len(), "caller authentication on");
     Ok(Some(callers))
 }

@@ -16,7 +16,11 @@ use std::{
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use http::header::AUTHORIZATION;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
+use tonic::{
+    Status,
+    body::Body,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use tower::{Layer, Service};
 
 use crate::{
@@ -163,12 +167,27 @@ impl Check for Authenticate {
         if rpc == Rpc::Health {
             return Ok(());
         }
-        let caller = presented
-            .as_ref()
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_token)
-            .and_then(|token| callers.authenticate(token))
-            .ok_or(ApiError::CallerUnauthenticated)?;
+        // A token, when presented, must be right; without one, a client certificate may name
+        // the caller (mutual TLS has already verified it against the client CA).
+        let caller = match presented {
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(bearer_token)
+                .and_then(|token| callers.authenticate(token))
+                .cloned(),
+            None => request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
+                .and_then(|certs| {
+                    certs
+                        .first()
+                        .and_then(|c| callers.authenticate_certificate(c))
+                        .cloned()
+                }),
+        }
+        .ok_or(ApiError::CallerUnauthenticated)?;
         if let (Rpc::Management(method), CallerRole::Gateway) = (rpc, caller.role) {
             return Err(ApiError::CallerNotAllowed {
                 caller: caller.name.clone(),
@@ -177,7 +196,7 @@ impl Check for Authenticate {
             }
             .into());
         }
-        request.extensions_mut().insert(caller.clone());
+        request.extensions_mut().insert(caller);
         Ok(())
     }
 }
@@ -222,10 +241,13 @@ impl Check for ManagementRate {
         if !matches!(Rpc::of(request.uri().path()), Rpc::Management(_)) {
             return Ok(());
         }
-        let key = match (
-            request.extensions().get::<Caller>(),
-            request.extensions().get::<TcpConnectInfo>(),
-        ) {
+        let extensions = request.extensions();
+        let tcp = extensions.get::<TcpConnectInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        });
+        let key = match (extensions.get::<Caller>(), tcp) {
             (Some(caller), _) => RateKey::Caller(caller.name.clone()),
             (None, Some(info)) => info
                 .remote_addr()

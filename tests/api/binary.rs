@@ -261,3 +261,49 @@ fn caller_token_new_refuses_a_bad_name_or_role() {
         assert!(output.stdout.is_empty(), "no token is printed for {args:?}");
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_at_once() {
+    use crate::tls::{Ca, TlsDir};
+    let (old_ca, new_ca, tls) = (Ca::new("old ca"), Ca::new("new ca"), TlsDir::new());
+    tls.write_server(&old_ca);
+    let db = TestDb::new().await;
+    let mut command = command(&db);
+    command
+        .env("APIKEYS_TLS_CERT", tls.path("server.pem"))
+        .env("APIKEYS_TLS_KEY", tls.path("server.key"))
+        // Only the signal can make it reload within this test.
+        .env("APIKEYS_TLS_RELOAD_INTERVAL", "30m");
+    let (mut child, addr, _logs) = start_command(command);
+    let connect = |ca: &Ca| {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem))
+            .domain_name("localhost");
+        let endpoint = tonic::transport::Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap();
+        async move { endpoint.connect().await }
+    };
+    assert!(connect(&old_ca).await.is_ok());
+
+    tls.write_server(&new_ca);
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while connect(&new_ca).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        matches!(child.0.try_wait(), Ok(None)),
+        "SIGHUP must not stop the server"
+    );
+}

@@ -11,4 +11,5 @@ mod readme;
 mod replicas;
 mod secrets;
 mod security;
+mod tls;
 mod validate_key;

@@ -1,0 +1,247 @@
+//! TLS with rustls, optionally mutual, with certificates that can be replaced while serving.
+//!
+//! Each accepted connection handshakes with the configuration current at that moment; a
+//! reload (SIGHUP, or a change of the files' contents, which is how Kubernetes and
+//! cert-manager rotate a mounted Secret) swaps it for new connections only, so open
+//! connections and their calls carry on. A reload that fails keeps the old configuration.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+/// TLS connections whose handshake completed, as the server takes them.
+pub type TlsIncoming =
+    tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
+
+/// How long a client may take to complete its handshake before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the server's certificate chain, its key and (for mutual TLS) the CA that signs
+/// client certificates are read from. PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The TLS configuration in force, and the file contents it was built from.
+#[derive(Debug)]
+pub struct ReloadableTls {
+    files: TlsFiles,
+    current: RwLock<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    config: Arc<ServerConfig>,
+    contents: Vec<Vec<u8>>,
+}
+
+impl ReloadableTls {
+    /// Loads the files; a problem with them stops the start-up.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let loaded = build(&files)?;
+        Ok(Self {
+            files,
+            current: RwLock::new(loaded),
+        })
+    }
+
+    pub fn is_mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// Builds a new configuration from the files if their contents changed (or if `force`);
+    /// returns whether it did. On error the configuration in force stays.
+    pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
+        let contents = read_all(&self.files)?;
+        if !force && self.read().contents == contents {
+            return Ok(false);
+        }
+        let loaded = build(&self.files)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = loaded;
+        Ok(true)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.read().config.clone())
+    }
+
+    /// Reloads on SIGHUP and whenever the files' contents change (checked every `poll`),
+    /// until the task is aborted.
+    pub fn watch(self: &Arc<Self>, poll: Duration) -> JoinHandle<()> {
+        let tls = self.clone();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut ticks = tokio::time::interval(poll);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                #[cfg(unix)]
+                let force = tokio::select! {
+                    _ = ticks.tick() => false,
+                    Some(()) = async {
+                        match hangup.as_mut() {
+                            Some(signal) => signal.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => true,
+                };
+                #[cfg(not(unix))]
+                let force = {
+                    ticks.tick().await;
+                    false
+                };
+                match tls.reload(force) {
+                    Ok(true) => tracing::info!("TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(err) => tracing::error!(
+                        error = %err,
+                        "TLS reload failed; still serving the previous certificate"
+                    ),
+                }
+            }
+        })
+    }
+
+    /// Accepts connections on `listener` and yields them once their handshake completes.
+    /// Handshakes run side by side, so a slow or silent client holds up no one else.
+    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> (TlsIncoming, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(64);
+        let tls = self.clone();
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %err, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                if tx.is_closed() {
+                    return;
+                }
+                let acceptor = tls.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        (tokio_stream::wrappers::ReceiverStream::new(rx), accepting)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|err| TlsError::Read {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    })
+}
+
+fn read_all(files: &TlsFiles) -> Result<Vec<Vec<u8>>, TlsError> {
+    let mut contents = vec![read(&files.cert)?, read(&files.key)?];
+    if let Some(ca) = &files.client_ca {
+        contents.push(read(ca)?);
+    }
+    Ok(contents)
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| TlsError::Read {
+            path: path.display().to_string(),
+            reason: err.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+fn build(files: &TlsFiles) -> Result<Loaded, TlsError> {
+    let contents = read_all(files)?;
+    let chain = certificates(&files.cert, &contents[0])?;
+    // The key's own parse error could quote key material: say only what went wrong where.
+    let key = PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|_| TlsError::Read {
+        path: files.key.display().to_string(),
+        reason: "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".to_owned(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| TlsError::Config(err.to_string()))?;
+    let builder = match (&files.client_ca, contents.get(2)) {
+        (Some(path), Some(pem)) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certificates(path, pem)? {
+                roots
+                    .add(ca)
+                    .map_err(|err| TlsError::Config(format!("client CA: {err}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|err| TlsError::Config(format!("client CA: {err}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|err| TlsError::Config(err.to_string()))?;
+    // gRPC runs over HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Loaded {
+        config: Arc::new(config),
+        contents,
+    })
+}
