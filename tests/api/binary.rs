@@ -114,7 +114,7 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
         .unwrap()
         .into_inner();
     assert_eq!(check.status(), ServingStatus::Serving);
-    let mut client = ApiKeysClient::new(channel.clone());
+    let mut client = ApiKeysClient::new(crate::scan::Recording(channel.clone()));
     let created = client
         .create_key(as_owner(apikeys::grpc::proto::CreateKeyRequest {
             workspace_id: "acme".into(),
@@ -200,6 +200,7 @@ async fn a_token_from_caller_token_new_admits_its_caller_in_its_role() {
     let [token, file_line] = lines[..] else {
         panic!("expected the token and the file line: {printed}")
     };
+    crate::scan::remember(token);
     assert!(
         token.starts_with("cct_"),
         "the token is on a line of its own"

@@ -21,6 +21,8 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
 
+use crate::scan::{Recording, scan_file};
+
 /// `APIKEYS_TEST_DATABASE_URL` (a PostgreSQL server URL) runs every test on a fresh PostgreSQL
 /// database; without it each test gets a fresh SQLite file.
 pub(crate) const POSTGRES_ENV: &str = "APIKEYS_TEST_DATABASE_URL";
@@ -102,7 +104,7 @@ fn with_database(server: &str, name: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct TestApp {
     pub(crate) addr: std::net::SocketAddr,
-    pub(crate) client: ApiKeysClient<Channel>,
+    pub(crate) client: ApiKeysClient<Recording>,
     pub(crate) channel: Channel,
     pub(crate) clock: ManualClock,
     pub(crate) db: TestDb,
@@ -145,7 +147,7 @@ pub(crate) async fn spawn_app_with(
         .connect_lazy();
     TestApp {
         addr,
-        client: ApiKeysClient::new(channel.clone()),
+        client: ApiKeysClient::new(Recording(channel.clone())),
         channel,
         clock,
         db,
@@ -272,8 +274,9 @@ pub(crate) fn captured_logs() -> String {
 
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
 
+/// The captured logs, and with the log scan on, their file.
 #[derive(Clone)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+struct LogBuffer(Arc<Mutex<Vec<u8>>>, Option<Arc<Mutex<std::fs::File>>>);
 
 impl Write for LogBuffer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -281,6 +284,11 @@ impl Write for LogBuffer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend_from_slice(buf);
+        if let Some(file) = &self.1 {
+            file.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_all(buf)?;
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -293,10 +301,19 @@ impl Write for LogBuffer {
 fn capture_logs() {
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogBuffer(buffer.clone());
-        let filter = tracing_subscriber::EnvFilter::new(
-            "trace,h2=debug,hyper=debug,tower=debug,tonic=debug",
-        );
+        let file = scan_file("logs").map(|path| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open the log file of the log scan");
+            Arc::new(Mutex::new(file))
+        });
+        let writer = LogBuffer(buffer.clone(), file);
+        // RUST_LOG=trace (as .ci/run sets for the log scan) takes every crate's every line.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("trace,h2=debug,hyper=debug,tower=debug,tonic=debug")
+        });
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(move || writer.clone())

@@ -9,6 +9,7 @@ mod helpers;
 mod list_keys;
 mod readme;
 mod replicas;
+mod scan;
 mod secrets;
 mod security;
 mod tls;

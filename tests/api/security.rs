@@ -25,6 +25,7 @@ use tonic_reflection::pb::v1::{
 use tonic_types::StatusExt;
 
 use crate::helpers::{TestApp, TestDb, as_owner, assert_error, captured_logs, spawn_app_with};
+use crate::scan::caller_token;
 
 /// A server with a callers file listing one admin and one gateway.
 struct Guarded {
@@ -35,7 +36,7 @@ struct Guarded {
 }
 
 async fn spawn_guarded(adjust: impl FnOnce(&mut Settings)) -> Guarded {
-    let (admin, gateway) = (CallerToken::generate(), CallerToken::generate());
+    let (admin, gateway) = (caller_token(), caller_token());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("callers");
     std::fs::write(
@@ -99,7 +100,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
     let authorize = |request: Request<()>| -> Request<()> {
         match credential {
             Credential::None => request,
-            Credential::UnknownToken => bearer(request, &CallerToken::generate()),
+            Credential::UnknownToken => bearer(request, &caller_token()),
             Credential::NotBearer => {
                 with_authorization(request, &format!("Basic {}", guarded.admin.expose()))
             }
@@ -272,7 +273,7 @@ async fn without_caller_auth_a_reachable_address_is_refused_with_how_to_fix_it()
 async fn a_broken_callers_file_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("callers");
-    let token = CallerToken::generate();
+    let token = caller_token();
     // The token itself pasted where its hash belongs.
     std::fs::write(&path, format!("ops admin {}\n", token.expose())).unwrap();
     let db = TestDb::new().await;

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use apikeys::{
-    callers::{CallerRole, CallerToken, file_line},
+    callers::{CallerRole, file_line},
     clock::ManualClock,
     grpc::proto::{
         CreateKeyRequest, Expiration, ValidateKeyRequest, ValidationResult,
@@ -20,6 +20,7 @@ use tonic::{
 };
 
 use crate::helpers::{TestApp, TestDb, as_owner, spawn_app_with};
+use crate::scan::{Recording, caller_token};
 
 /// A certificate authority that signs server and client certificates.
 pub(crate) struct Ca {
@@ -100,7 +101,7 @@ async fn connect(
     app: &TestApp,
     ca: &Ca,
     identity: Option<(String, String)>,
-) -> Result<ApiKeysClient<Channel>, tonic::transport::Error> {
+) -> Result<ApiKeysClient<Recording>, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca.pem))
         .domain_name("localhost");
@@ -112,10 +113,12 @@ async fn connect(
         .tls_config(tls)?
         .connect()
         .await?;
-    Ok(ApiKeysClient::new(channel))
+    Ok(ApiKeysClient::new(Recording(channel)))
 }
 
-async fn validate(client: &mut ApiKeysClient<Channel>) -> Result<ValidationResult, tonic::Status> {
+async fn validate(
+    client: &mut ApiKeysClient<Recording>,
+) -> Result<ValidationResult, tonic::Status> {
     client
         .validate_key(ValidateKeyRequest {
             key: "clo_x".into(),
@@ -175,7 +178,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
 async fn with_mutual_tls_a_caller_is_known_by_its_certificate_name() {
     let (server_ca, client_ca, tls) = (Ca::new("server ca"), Ca::new("client ca"), TlsDir::new());
     tls.write_server(&server_ca);
-    let admin = CallerToken::generate();
+    let admin = caller_token();
     let callers = format!(
         "edge-gateway gateway san:gw.internal\n{}\n",
         file_line("billing-admin", CallerRole::Admin, &admin)
