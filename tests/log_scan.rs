@@ -29,11 +29,7 @@ fn no_secret_handed_out_in_the_whole_run_is_in_its_logs() {
     let random_parts: HashSet<&[u8]> = secrets
         .iter()
         .map(|s| {
-            let random = if s.starts_with("cct_") {
-                &s[4..]
-            } else {
-                &s[4..36]
-            };
+            let random = s.strip_prefix("cct_").unwrap_or_else(|| &s[4..36]);
             random.as_bytes()
         })
         .collect();
