@@ -146,8 +146,8 @@ impl fmt::Debug for Callers {
     }
 }
 
-/// Why the callers file cannot be used. Never quotes a hash or anything else from the file
-/// but the caller names.
+/// Why the callers file cannot be used. Quotes nothing from the file but caller names (which
+/// cannot hold a token: they allow no capitals), in case a token was pasted in the wrong field.
 #[derive(Debug, thiserror::Error)]
 pub enum CallersFileError {
     #[error("cannot read the callers file {path}: {source}")]
@@ -189,7 +189,7 @@ impl Callers {
             };
             check_name(name).map_err(bad)?;
             let role = <CallerRole as clap::ValueEnum>::from_str(role, false)
-                .map_err(|_| bad(format!("role `{role}` is neither gateway nor admin")))?;
+                .map_err(|_| bad("the role (second field) is neither gateway nor admin".to_owned()))?;
             if !names.insert(name.to_owned()) {
                 return Err(bad(format!("caller `{name}` is listed twice")));
             }
@@ -199,12 +199,12 @@ impl Callers {
             };
             if let Some(san) = credential.strip_prefix(SAN_PREFIX) {
                 rustls::pki_types::ServerName::try_from(san)
-                    .map_err(|_| bad(format!("`{san}` is not a DNS name")))?;
+                    .map_err(|_| bad("the san: value is not a DNS name".to_owned()))?;
                 if by_san
                     .iter()
                     .any(|(listed, _)| listed.eq_ignore_ascii_case(san))
                 {
-                    return Err(bad(format!("san:{san} is already listed")));
+                    return Err(bad("this san: name is already listed".to_owned()));
                 }
                 by_san.push((san.to_owned(), caller));
                 continue;
@@ -274,7 +274,49 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn any_set_of_callers_written_as_lines_reads_back(
+            names in proptest::collection::hash_set("[a-z0-9][a-z0-9._-]{0,20}", 1..8),
+            gateways in any::<u8>(),
+        ) {
+            let entries: Vec<(String, CallerRole, CallerToken)> = names
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let role = if gateways >> (i % 8) & 1 == 1 { CallerRole::Gateway } else { CallerRole::Admin };
+                    (name, role, CallerToken::generate())
+                })
+                .collect();
+            let text: String = entries
+                .iter()
+                .map(|(name, role, token)| format!("{}  # {name}\n", file_line(name, *role, token)))
+                .collect();
+
+            let callers = Callers::parse(&text).unwrap();
+
+            prop_assert_eq!(callers.len(), entries.len());
+            for (name, role, token) in &entries {
+                let caller = callers.authenticate(token.expose()).unwrap();
+                prop_assert_eq!(&caller.name, name);
+                prop_assert_eq!(caller.role, *role);
+            }
+        }
+
+        #[test]
+        fn any_text_either_parses_or_names_a_line_without_quoting_credentials(text in "\\PC{0,200}") {
+            if let Err(err) = Callers::parse(&text) {
+                let message = err.to_string();
+                for word in text.split_whitespace().filter(|w| w.len() >= 16 && check_name(w).is_err()) {
+                    prop_assert!(!message.contains(word), "{}", message);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_generated_token_authenticates_through_its_file_line() {

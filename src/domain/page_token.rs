@@ -56,10 +56,37 @@ fn workspace_tag(workspace: &WorkspaceId) -> [u8; TAG_LEN] {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn ws(s: &str) -> WorkspaceId {
         WorkspaceId::parse(s).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn any_cursor_round_trips_in_its_workspace_only(
+            create_time_us in any::<i64>(),
+            workspace in "[a-z0-9_-]{1,40}",
+            other in "[a-z0-9_-]{1,40}",
+        ) {
+            prop_assume!(workspace != other);
+            let cursor = PageCursor { create_time_us, id: KeyId::generate() };
+            let token = cursor.encode(&ws(&workspace));
+            prop_assert_eq!(PageCursor::decode(&token, &ws(&workspace)), Ok(cursor));
+            prop_assert_eq!(
+                PageCursor::decode(&token, &ws(&other)),
+                Err(InvalidInput::PageTokenInvalid)
+            );
+        }
+
+        #[test]
+        fn any_text_is_a_cursor_only_if_it_is_exactly_one(text in "\\PC{0,100}") {
+            if let Ok(cursor) = PageCursor::decode(&text, &ws("acme")) {
+                prop_assert_eq!(cursor.encode(&ws("acme")), text);
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,57 @@
+//! Every parser of caller-supplied text: keys, names, ids, workspace ids, page tokens, actor
+//! metadata and the callers file. None may panic, and what they accept must be what they say.
+#![no_main]
+
+use apikeys::{
+    callers::{Callers, check_name},
+    domain::{
+        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, PageCursor, PresentedKey, WorkspaceId,
+        contains_key,
+    },
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    if PresentedKey::parse(text).is_ok() {
+        assert_eq!(text.len(), KEY_LEN);
+        assert!(text.starts_with(KEY_PREFIX));
+        assert!(contains_key(text));
+    }
+    // A label holding a well-formed key is refused: a pasted secret is never stored.
+    if let Ok(name) = KeyName::parse(text) {
+        assert!(!contains_key(name.as_str()));
+        assert_eq!(
+            KeyName::parse(name.as_str())
+                .map(|n| n.as_str().to_owned())
+                .ok()
+                .as_deref(),
+            Some(name.as_str())
+        );
+    }
+    if let Ok(workspace) = WorkspaceId::parse(text) {
+        assert!(!contains_key(workspace.as_str()));
+        assert!(WorkspaceId::parse(workspace.as_str()).is_ok());
+    }
+    if let Ok(id) = KeyId::parse(text) {
+        assert_eq!(id.as_str(), text);
+    }
+    // A page token decodes only for the workspace it was made for, and exactly round-trips.
+    let acme = WorkspaceId::parse("acme").expect("a valid workspace id");
+    if let Ok(cursor) = PageCursor::decode(text, &acme) {
+        assert_eq!(cursor.encode(&acme), text);
+        let globex = WorkspaceId::parse("globex").expect("a valid workspace id");
+        assert!(PageCursor::decode(text, &globex).is_err());
+    }
+    let _ = Actor::parse(Some(text), Some(text));
+    let _ = Actor::parse(Some(text), Some("owner"));
+    // The callers file's errors quote nothing but valid caller names: a token pasted into the
+    // wrong field must not reach the log that reports the error.
+    if let Err(err) = Callers::parse(text) {
+        let message = err.to_string();
+        for word in text.split_whitespace().filter(|w| w.len() >= 16) {
+            if check_name(word).is_err() {
+                assert!(!message.contains(word), "{message:?}");
+            }
+        }
+    }
+});
