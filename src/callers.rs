@@ -188,8 +188,9 @@ impl Callers {
                 ));
             };
             check_name(name).map_err(bad)?;
-            let role = <CallerRole as clap::ValueEnum>::from_str(role, false)
-                .map_err(|_| bad("the role (second field) is neither gateway nor admin".to_owned()))?;
+            let role = <CallerRole as clap::ValueEnum>::from_str(role, false).map_err(|_| {
+                bad("the role (second field) is neither gateway nor admin".to_owned())
+            })?;
             if !names.insert(name.to_owned()) {
                 return Err(bad(format!("caller `{name}` is listed twice")));
             }
