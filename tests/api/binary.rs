@@ -308,3 +308,33 @@ async fn sighup_reloads_the_tls_certificate_at_once() {
         "SIGHUP must not stop the server"
     );
 }
+
+#[tokio::test]
+async fn insecure_no_caller_auth_is_announced_with_a_warning_at_start() {
+    let db = TestDb::new().await;
+    let mut command = command(&db);
+    command.env("APIKEYS_INSECURE_NO_CALLER_AUTH", "true");
+
+    let mut child = Process(command.spawn().expect("start apikeys"));
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
+    let mut before_serving = Vec::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        let serving = line.contains("serving gRPC");
+        before_serving.push(line);
+        if serving {
+            break;
+        }
+    }
+
+    let warning = before_serving
+        .iter()
+        .find(|line| line.contains("insecure-no-caller-auth"))
+        .unwrap_or_else(|| panic!("no warning names the flag: {before_serving:#?}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        before_serving
+            .last()
+            .is_some_and(|l| l.contains("serving gRPC")),
+        "it still serves"
+    );
+}
