@@ -130,7 +130,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 pub struct Callers {
     by_hash: HashMap<[u8; 32], Caller>,
     /// Callers known by a DNS name in their client certificate.
-    by_san: Vec<(String, Caller)>,
+    by_san: Vec<(rustls::pki_types::ServerName<'static>, Caller)>,
 }
 
 impl fmt::Debug for Callers {
@@ -172,7 +172,7 @@ impl Callers {
 
     pub fn parse(text: &str) -> Result<Self, CallersFileError> {
         let mut by_hash = HashMap::new();
-        let mut by_san: Vec<(String, Caller)> = Vec::new();
+        let mut by_san: Vec<(rustls::pki_types::ServerName<'static>, Caller)> = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (at, raw) in text.lines().enumerate() {
             let line = at + 1;
@@ -199,15 +199,12 @@ impl Callers {
                 role,
             };
             if let Some(san) = credential.strip_prefix(SAN_PREFIX) {
-                rustls::pki_types::ServerName::try_from(san)
+                let name = rustls::pki_types::ServerName::try_from(san.to_ascii_lowercase())
                     .map_err(|_| bad("the san: value is not a DNS name".to_owned()))?;
-                if by_san
-                    .iter()
-                    .any(|(listed, _)| listed.eq_ignore_ascii_case(san))
-                {
+                if by_san.iter().any(|(listed, _)| *listed == name) {
                     return Err(bad("this san: name is already listed".to_owned()));
                 }
-                by_san.push((san.to_owned(), caller));
+                by_san.push((name, caller));
                 continue;
             }
             let hash = credential
@@ -238,10 +235,9 @@ impl Callers {
         certificate: &rustls::pki_types::CertificateDer<'_>,
     ) -> Option<&Caller> {
         let certificate = webpki::EndEntityCert::try_from(certificate).ok()?;
-        self.by_san.iter().find_map(|(san, caller)| {
-            let name = rustls::pki_types::ServerName::try_from(san.as_str()).ok()?;
+        self.by_san.iter().find_map(|(name, caller)| {
             certificate
-                .verify_is_valid_for_subject_name(&name)
+                .verify_is_valid_for_subject_name(name)
                 .ok()
                 .map(|()| caller)
         })

@@ -1,7 +1,7 @@
 //! Builds the server: database, migrations, services, health, reflection; runs it until told
 //! to stop.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
@@ -76,19 +76,9 @@ pub struct Application {
     store: Store,
     clock: Arc<dyn Clock>,
     syncer: Arc<Syncer>,
-    shutdown_grace: Duration,
     callers: Option<Callers>,
     tls: Option<Arc<ReloadableTls>>,
-    tls_reload_interval: Duration,
-    limits: Limits,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    request_timeout: Duration,
-    max_in_flight: usize,
-    management_rate: std::num::NonZeroU32,
-    management_burst: std::num::NonZeroU32,
+    settings: Settings,
 }
 
 impl Application {
@@ -143,16 +133,9 @@ impl Application {
             store,
             clock,
             syncer,
-            shutdown_grace: settings.shutdown_grace,
             callers,
             tls,
-            tls_reload_interval: settings.tls_reload_interval,
-            limits: Limits {
-                request_timeout: settings.request_timeout,
-                max_in_flight: settings.max_in_flight,
-                management_rate: settings.management_rate,
-                management_burst: settings.management_burst,
-            },
+            settings: settings.clone(),
         })
     }
 
@@ -206,7 +189,7 @@ impl Application {
             },
             "serving gRPC"
         );
-        let limits = self.limits;
+        let limits = &self.settings;
         let server = Server::builder()
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
@@ -228,7 +211,7 @@ impl Application {
         let (incoming, tls_tasks) = match &self.tls {
             Some(tls) => {
                 let (incoming, accepting) = tls.incoming(self.listener);
-                let watching = tls.watch(self.tls_reload_interval);
+                let watching = tls.watch(self.settings.tls_reload_interval);
                 (
                     Incoming::Tls(incoming),
                     AbortOnDrop(vec![accepting, watching]),
@@ -245,7 +228,7 @@ impl Application {
                 Incoming::Tls(tls) => server.serve_with_incoming_shutdown(tls, signal).await,
             }
         };
-        let grace = self.shutdown_grace;
+        let grace = self.settings.shutdown_grace;
         tokio::select! {
             served = server => served?,
             // Long-lived streams (health watches) would hold a graceful drain open forever.

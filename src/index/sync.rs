@@ -88,7 +88,7 @@ impl Syncer {
     pub async fn load(&self) -> Result<usize, StoreError> {
         let mut cursor = self.cursor.lock().await;
         let started = self.epoch.elapsed();
-        let (stored, top) = tokio::try_join!(self.store.count(), self.store.max_revision())?;
+        let stored = self.store.count().await?;
         self.index
             .reserve(usize::try_from(stored).unwrap_or(usize::MAX));
         let top = match self.store.sqlite_file().await? {
@@ -101,6 +101,7 @@ impl Syncer {
                 .map_err(|err| StoreError::Internal(sea_orm::DbErr::Custom(err.to_string())))??
             }
             None => {
+                let top = self.store.max_revision().await?;
                 self.load_slices(stored, top).await?;
                 top
             }

@@ -77,6 +77,22 @@ pub struct IndexRow {
     pub revision: i64,
 }
 
+impl From<IndexTuple> for IndexRow {
+    fn from(
+        (id, workspace_id, key_hash, expire_time_us, last_used_time_us, delete_time_us, revision): IndexTuple,
+    ) -> Self {
+        Self {
+            id,
+            workspace_id,
+            key_hash,
+            expire_time_us,
+            last_used_time_us,
+            delete_time_us,
+            revision,
+        }
+    }
+}
+
 impl From<&KeyRow> for IndexRow {
     fn from(row: &KeyRow) -> Self {
         Self {
@@ -302,28 +318,7 @@ impl Store {
             .into_tuple()
             .all(&self.db)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    id,
-                    workspace_id,
-                    key_hash,
-                    expire_time_us,
-                    last_used_time_us,
-                    delete_time_us,
-                    revision,
-                )| IndexRow {
-                    id,
-                    workspace_id,
-                    key_hash,
-                    expire_time_us,
-                    last_used_time_us,
-                    delete_time_us,
-                    revision,
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(IndexRow::from).collect())
     }
 
     /// Writes a batch of `(key id, last used µs)`, a few hundred keys per statement, never
