@@ -27,8 +27,10 @@ use std::{
 };
 
 use apikeys::grpc::proto::{
-    self, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse, Expiration,
-    ListKeysRequest, ListKeysResponse, ValidateKeyRequest, ValidateKeyResponse, ValidationResult,
+    self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
+    DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest, ListKeysRequest,
+    ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest,
+    ValidateKeyResponse, ValidationResult,
     api_keys_client::ApiKeysClient,
     api_keys_server::{ApiKeys, ApiKeysServer},
 };
@@ -391,7 +393,10 @@ async fn scenario(
                         break;
                     }
                     let response = client
-                        .validate_key(ValidateKeyRequest { key })
+                        .validate_key(ValidateKeyRequest {
+                            key,
+                            ..Default::default()
+                        })
                         .await
                         .expect("ValidateKey");
                     let took = sent.elapsed();
@@ -437,6 +442,7 @@ async fn create_keys(channel: &Channel, n: usize) -> Vec<String> {
             workspace_id: format!("bench-{}", i % 10),
             name: format!("bench key {i}"),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         });
         request
             .metadata_mut()
@@ -550,11 +556,30 @@ impl ApiKeys for Echo {
     ) -> Result<Response<DeleteKeyResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    async fn get_key(&self, _: Request<GetKeyRequest>) -> Result<Response<ApiKey>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn update_key(&self, _: Request<UpdateKeyRequest>) -> Result<Response<ApiKey>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn disable_key(&self, _: Request<DisableKeyRequest>) -> Result<Response<ApiKey>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn enable_key(&self, _: Request<EnableKeyRequest>) -> Result<Response<ApiKey>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn rotate_key(
+        &self,
+        _: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn validate_key(
         &self,
         request: Request<ValidateKeyRequest>,
     ) -> Result<Response<ValidateKeyResponse>, Status> {
-        // Touch the input so the baseline decodes and answers like a real handler.
+        // Touch the input so the baseline decodes and answers like a real handler, with a
+        // response of the same shape (a bench key's name, no scopes).
         let len = request.get_ref().key.len();
         Ok(Response::new(ValidateKeyResponse {
             valid: len > 0,
@@ -562,6 +587,8 @@ impl ApiKeys for Echo {
             key_id: "key_AAAAAAAAAAAAAAAAAAAA".into(),
             workspace_id: "bench-0".into(),
             expire_time: None,
+            name: "bench key 0".into(),
+            scopes: Vec::new(),
         }))
     }
 }
@@ -730,6 +757,7 @@ async fn revocation(
             workspace_id: "revocation".into(),
             name: format!("trial {trial}"),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         });
         create
             .metadata_mut()
@@ -775,6 +803,7 @@ async fn wait_for(client: &mut ApiKeysClient<Channel>, secret: &str, expected: V
         let response = client
             .validate_key(ValidateKeyRequest {
                 key: secret.to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap();

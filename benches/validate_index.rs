@@ -24,13 +24,21 @@ fn row(i: usize, secret: &Secret) -> IndexRow {
         last_used_time_us: None,
         delete_time_us: None,
         revision: i as i64 + 1,
+        name: format!("bench key {i}"),
+        disable_time_us: None,
+        scopes: String::new(),
     }
 }
 
 fn validate(index: &KeyIndex, input: &str) -> bool {
     match PresentedKey::parse(input) {
         Ok(key) => index
-            .lookup(&key.hash(), 1_800_000_000_000_000, 1_000_000)
+            .lookup(
+                &key.hash(),
+                &[] as &[&str],
+                1_800_000_000_000_000,
+                1_000_000,
+            )
             .is_some(),
         Err(_) => false,
     }

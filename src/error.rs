@@ -24,6 +24,10 @@ pub enum ApiError {
     /// NOT_FOUND (`KEY_NOT_FOUND`): no live key with that id in that workspace.
     #[error("no API key with that id in this workspace")]
     KeyNotFound,
+    /// FAILED_PRECONDITION (`KEY_DELETED`, `KEY_DISABLED`, `KEY_EXPIRED`): the key exists in
+    /// this workspace but its state does not allow the change.
+    #[error("{}", .0.message())]
+    KeyState(KeyStateConflict),
     /// UNAVAILABLE (`DATABASE_UNAVAILABLE`): retry later; nothing was changed.
     /// INTERNAL (`INTERNAL`) for any other store failure: logged here, never sent.
     #[error(transparent)]
@@ -60,6 +64,32 @@ pub enum ApiError {
     RequestTooLarge { rpc: &'static str, limit: usize },
 }
 
+/// Why a key's state rules a change out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStateConflict {
+    Deleted,
+    Disabled,
+    Expired,
+}
+
+impl KeyStateConflict {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Deleted => "KEY_DELETED",
+            Self::Disabled => "KEY_DISABLED",
+            Self::Expired => "KEY_EXPIRED",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::Deleted => "the key is deleted; deleting is irreversible",
+            Self::Disabled => "the key is disabled; enable it first",
+            Self::Expired => "the key has expired; create a new key instead",
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         let (code, reason, message, metadata) = match &err {
@@ -84,6 +114,12 @@ impl From<ApiError> for Status {
             ApiError::KeyNotFound => (
                 Code::NotFound,
                 "KEY_NOT_FOUND",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::KeyState(conflict) => (
+                Code::FailedPrecondition,
+                conflict.reason(),
                 err.to_string(),
                 HashMap::new(),
             ),

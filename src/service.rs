@@ -7,17 +7,20 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::{
     clock::Clock,
     domain::{
-        Actor, Expiration, KeyHash, KeyId, KeyName, PageCursor, PresentedKey, Secret, WorkspaceId,
+        Actor, Expiry, KeyHash, KeyId, KeyName, PageCursor, PresentedKey, Scopes, Secret,
+        WorkspaceId, check_required,
     },
-    error::ApiError,
+    error::{ApiError, KeyStateConflict},
     index::{Found, KeyIndex, KeyState, Syncer},
-    store::{KeyRow, NewKey, Store},
+    store::{Change, Changed, KeyRow, KeyUpdate, NewKey, Store},
 };
 
 /// ListKeys page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 /// ListKeys never returns more than this many keys at once.
 pub const MAX_PAGE_SIZE: u64 = 1000;
+/// RotateKey's longest grace period for the old key.
+pub const MAX_GRACE_PERIOD: TimeDelta = TimeDelta::days(7);
 /// A key's last use is noted in memory at most this often; a flush writes it within about a
 /// second more.
 const LAST_USED_RESOLUTION: TimeDelta = TimeDelta::seconds(1);
@@ -37,7 +40,24 @@ pub enum Validation {
     Malformed,
     NotFound,
     Expired,
+    Disabled,
     Deleted,
+    InsufficientScope,
+}
+
+/// What UpdateKey changes; `None` leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct KeyEdit {
+    pub name: Option<KeyName>,
+    pub scopes: Option<Scopes>,
+}
+
+/// RotateKey's result.
+#[derive(Debug)]
+pub struct Rotated {
+    pub key: KeyRow,
+    pub secret: Secret,
+    pub old_key: KeyRow,
 }
 
 #[derive(Debug)]
@@ -76,22 +96,25 @@ impl KeyService {
         actor: &Actor,
         workspace: &WorkspaceId,
         name: &KeyName,
-        expiration: Expiration,
+        expiry: Expiry,
+        scopes: &Scopes,
     ) -> Result<(KeyRow, Secret), ApiError> {
         let now = self.now();
+        let expire_time = expiry.expire_time(now)?;
         let secret = Secret::generate();
         let id = KeyId::generate();
         let row = self
             .store
             .insert(NewKey {
                 id: &id,
-                workspace,
-                name,
+                workspace: workspace.as_str(),
+                name: name.as_str().to_owned(),
                 hash: secret.hash(),
                 suffix: secret.suffix(),
                 created_by: actor.id(),
                 create_time: now,
-                expire_time: expiration.expire_time(now),
+                expire_time,
+                scopes: scopes.to_column(),
             })
             .await?;
         // This replica answers for the key before CreateKey returns.
@@ -120,15 +143,185 @@ impl KeyService {
         } else {
             None
         };
-        // This replica may have seen uses that are not flushed yet.
         for key in &mut keys {
-            if let Some(used) =
-                KeyHash::from_slice(&key.key_hash).and_then(|hash| self.index.last_used_us(&hash))
-            {
-                key.last_used_time_us = key.last_used_time_us.max(Some(used));
-            }
+            self.note_unflushed_use(key);
         }
         Ok(Page { keys, next })
+    }
+
+    /// This replica may have seen uses of the key that are not flushed yet.
+    fn note_unflushed_use(&self, key: &mut KeyRow) {
+        if let Some(used) =
+            KeyHash::from_slice(&key.key_hash).and_then(|hash| self.index.last_used_us(&hash))
+        {
+            key.last_used_time_us = key.last_used_time_us.max(Some(used));
+        }
+    }
+
+    /// A live key of the workspace.
+    pub async fn get(&self, workspace: &WorkspaceId, id: &KeyId) -> Result<KeyRow, ApiError> {
+        match self.store.get(workspace, id).await? {
+            Some(mut key) if key.delete_time_us.is_none() => {
+                self.note_unflushed_use(&mut key);
+                Ok(key)
+            }
+            _ => Err(ApiError::KeyNotFound),
+        }
+    }
+
+    /// Changes a key through `decide`, applies what changed to this replica's index before
+    /// returning, and logs it as `what`.
+    async fn change<'a>(
+        &self,
+        actor: &Actor,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        what: &'static str,
+        decide: impl FnOnce(&KeyRow) -> Result<Option<Change<'a>>, ApiError>,
+    ) -> Result<Changed, ApiError> {
+        let mut changed = self
+            .store
+            .change(workspace, id, decide)
+            .await?
+            .ok_or(ApiError::KeyNotFound)?;
+        if changed.changed {
+            // The very next ValidateKey on this replica sees the change.
+            if let Some(inserted) = &changed.inserted {
+                self.index.apply(&inserted.into());
+            }
+            self.index.apply(&(&changed.key).into());
+            tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key {what}");
+        }
+        self.note_unflushed_use(&mut changed.key);
+        Ok(changed)
+    }
+
+    pub async fn update(
+        &self,
+        actor: &Actor,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        edit: KeyEdit,
+    ) -> Result<KeyRow, ApiError> {
+        let changed = self
+            .change(actor, workspace, id, "updated", |key| {
+                if key.delete_time_us.is_some() {
+                    return Err(ApiError::KeyState(KeyStateConflict::Deleted));
+                }
+                let name = edit
+                    .name
+                    .map(|name| name.as_str().to_owned())
+                    .filter(|name| *name != key.name);
+                let scopes = edit
+                    .scopes
+                    .map(|scopes| scopes.to_column())
+                    .filter(|scopes| *scopes != key.scopes);
+                Ok((name.is_some() || scopes.is_some()).then(|| Change {
+                    update: KeyUpdate {
+                        name,
+                        scopes,
+                        ..Default::default()
+                    },
+                    insert: None,
+                }))
+            })
+            .await?;
+        Ok(changed.key)
+    }
+
+    /// Disables (`true`) or enables (`false`) a key; doing it twice changes nothing.
+    pub async fn set_disabled(
+        &self,
+        actor: &Actor,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        disabled: bool,
+    ) -> Result<KeyRow, ApiError> {
+        let now = self.now().timestamp_micros();
+        let what = if disabled { "disabled" } else { "enabled" };
+        let changed = self
+            .change(actor, workspace, id, what, |key| {
+                if key.delete_time_us.is_some() {
+                    return Err(ApiError::KeyState(KeyStateConflict::Deleted));
+                }
+                if key.disable_time_us.is_some() == disabled {
+                    return Ok(None);
+                }
+                if !disabled && key.expire_time_us.is_some_and(|at| at <= now) {
+                    return Err(ApiError::KeyState(KeyStateConflict::Expired));
+                }
+                Ok(Some(Change {
+                    update: KeyUpdate {
+                        disable_time_us: Some(disabled.then_some(now)),
+                        ..Default::default()
+                    },
+                    insert: None,
+                }))
+            })
+            .await?;
+        Ok(changed.key)
+    }
+
+    /// Issues a successor to an active key and makes the old one expire after `grace`.
+    pub async fn rotate(
+        &self,
+        actor: &Actor,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        grace: TimeDelta,
+    ) -> Result<Rotated, ApiError> {
+        let now = self.now();
+        let now_us = now.timestamp_micros();
+        let secret = Secret::generate();
+        let new_id = KeyId::generate();
+        let changed = self
+            .change(actor, workspace, id, "rotated", |key| {
+                if key.delete_time_us.is_some() {
+                    return Err(ApiError::KeyState(KeyStateConflict::Deleted));
+                }
+                if key.expire_time_us.is_some_and(|at| at <= now_us) {
+                    return Err(ApiError::KeyState(KeyStateConflict::Expired));
+                }
+                if key.disable_time_us.is_some() {
+                    return Err(ApiError::KeyState(KeyStateConflict::Disabled));
+                }
+                // Same lifetime as the old key; never stays never.
+                let lifetime = key
+                    .expire_time_us
+                    .map(|at| TimeDelta::microseconds(at - key.create_time_us));
+                let grace_end = (now + grace).timestamp_micros();
+                Ok(Some(Change {
+                    update: KeyUpdate {
+                        expire_time_us: Some(Some(
+                            key.expire_time_us.map_or(grace_end, |at| at.min(grace_end)),
+                        )),
+                        ..Default::default()
+                    },
+                    insert: Some(NewKey {
+                        id: &new_id,
+                        workspace: workspace.as_str(),
+                        name: key.name.clone(),
+                        hash: secret.hash(),
+                        suffix: secret.suffix(),
+                        created_by: actor.id(),
+                        create_time: now,
+                        expire_time: lifetime.map(|lifetime| now + lifetime),
+                        scopes: key.scopes.clone(),
+                    }),
+                }))
+            })
+            .await?;
+        let key = changed.inserted.ok_or_else(|| {
+            ApiError::Store(crate::store::StoreError::Internal(sea_orm::DbErr::Custom(
+                "a rotation inserted no key".into(),
+            )))
+        })?;
+        tracing::info!(key_id = %key.id, rotated_key_id = %id, workspace_id = %workspace, "key issued by rotation");
+        Ok(Rotated {
+            key,
+            secret,
+            old_key: changed.key,
+        })
     }
 
     pub async fn delete(
@@ -146,8 +339,15 @@ impl KeyService {
         Ok(())
     }
 
-    /// Answers from memory: no database round trip, whatever the input.
-    pub fn validate(&self, presented: &str) -> Result<ValidateOutcome, ApiError> {
+    /// Answers from memory: no database round trip, whatever the input. `required` are the
+    /// scopes the key must all have.
+    pub fn validate<S: AsRef<str>>(
+        &self,
+        presented: &str,
+        required: &[S],
+    ) -> Result<ValidateOutcome, ApiError> {
+        // The gateway's configuration is at fault, whatever the key.
+        check_required(required)?;
         // Garbage and typos are answered from the input alone, even when the index is stale.
         let Ok(key) = PresentedKey::parse(presented) else {
             return Ok(ValidateOutcome {
@@ -161,14 +361,16 @@ impl KeyService {
         }
         let now = self.clock.now().timestamp_micros();
         let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
-        let Some(found) = self.index.lookup(&key.hash(), now, resolution) else {
+        let Some(found) = self.index.lookup(&key.hash(), required, now, resolution) else {
             return Ok(ValidateOutcome {
                 result: Validation::NotFound,
                 key: None,
             });
         };
         let result = match found.state {
-            KeyState::Active => Validation::Valid,
+            KeyState::Active if found.has_required_scopes => Validation::Valid,
+            KeyState::Active => Validation::InsufficientScope,
+            KeyState::Disabled => Validation::Disabled,
             KeyState::Expired => Validation::Expired,
             KeyState::Deleted => Validation::Deleted,
         };

@@ -12,8 +12,9 @@ use apikeys::{
     grpc::{
         ApiKeysService,
         proto::{
-            CreateKeyRequest, DeleteKeyRequest, ListKeysRequest, ValidateKeyRequest,
-            api_keys_server::ApiKeysServer,
+            CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
+            GetKeyRequest, ListKeysRequest, RotateKeyRequest, UpdateKeyRequest,
+            ValidateKeyRequest, api_keys_server::ApiKeysServer,
         },
     },
     index::{KeyIndex, SyncSettings, Syncer},
@@ -28,7 +29,17 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tower::Service;
 
-const METHODS: [&str; 4] = ["CreateKey", "ListKeys", "DeleteKey", "ValidateKey"];
+const METHODS: [&str; 9] = [
+    "CreateKey",
+    "ListKeys",
+    "DeleteKey",
+    "ValidateKey",
+    "GetKey",
+    "UpdateKey",
+    "DisableKey",
+    "EnableKey",
+    "RotateKey",
+];
 
 #[derive(Debug, Arbitrary)]
 struct Call {
@@ -111,6 +122,11 @@ fuzz_target!(|call: Call| {
             "CreateKey" => CreateKeyRequest::decode(call.message.as_slice()).is_ok(),
             "ListKeys" => ListKeysRequest::decode(call.message.as_slice()).is_ok(),
             "DeleteKey" => DeleteKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "GetKey" => GetKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "UpdateKey" => UpdateKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "DisableKey" => DisableKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "EnableKey" => EnableKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "RotateKey" => RotateKeyRequest::decode(call.message.as_slice()).is_ok(),
             _ => ValidateKeyRequest::decode(call.message.as_slice()).is_ok(),
         };
     let mut server = harness.server.clone();

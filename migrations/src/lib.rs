@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_api_keys;
 mod m20261126_000002_add_revisions;
+mod m20261127_000003_add_lifecycle;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_create_api_keys::Migration),
             Box::new(m20261126_000002_add_revisions::Migration),
+            Box::new(m20261127_000003_add_lifecycle::Migration),
         ]
     }
 }

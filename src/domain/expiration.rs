@@ -1,5 +1,7 @@
 use chrono::{DateTime, Months, TimeDelta, Utc};
 
+use super::InvalidInput;
+
 /// How long a new key stays valid; the server turns it into an `expire_time`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiration {
@@ -23,9 +25,65 @@ impl Expiration {
     }
 }
 
+/// When a new key stops being valid: a preset, or a custom time (GitHub-style).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Preset(Expiration),
+    At(DateTime<Utc>),
+}
+
+/// A custom expiry lies at most this many months ahead (five calendar years).
+const CUSTOM_EXPIRY_MAX_MONTHS: u32 = 60;
+
+impl Expiry {
+    /// When a key created at `now` expires; `None` for never. A custom time must lie after
+    /// `now` and at most five years ahead.
+    pub fn expire_time(self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, InvalidInput> {
+        match self {
+            Self::Preset(preset) => Ok(preset.expire_time(now)),
+            Self::At(at) if at <= now => Err(InvalidInput::ExpireTimeInPast),
+            Self::At(at)
+                if now
+                    .checked_add_months(Months::new(CUSTOM_EXPIRY_MAX_MONTHS))
+                    .is_none_or(|limit| at > limit) =>
+            {
+                Err(InvalidInput::ExpireTimeTooFar)
+            }
+            Self::At(at) => Ok(Some(at)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_custom_expiry_lies_in_the_next_five_years() {
+        let now = at("2026-11-26T10:00:00Z");
+        let expiry = |s| Expiry::At(at(s)).expire_time(now);
+        assert_eq!(
+            expiry("2026-11-26T10:00:00.000001Z"),
+            Ok(Some(at("2026-11-26T10:00:00.000001Z")))
+        );
+        assert_eq!(
+            expiry("2031-11-26T10:00:00Z"),
+            Ok(Some(at("2031-11-26T10:00:00Z")))
+        );
+        assert_eq!(
+            expiry("2026-11-26T10:00:00Z"),
+            Err(InvalidInput::ExpireTimeInPast)
+        );
+        assert_eq!(
+            expiry("2020-01-01T00:00:00Z"),
+            Err(InvalidInput::ExpireTimeInPast)
+        );
+        assert_eq!(
+            expiry("2031-11-26T10:00:00.000001Z"),
+            Err(InvalidInput::ExpireTimeTooFar)
+        );
+        assert_eq!(Expiry::Preset(Expiration::Never).expire_time(now), Ok(None));
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

@@ -16,6 +16,24 @@ pub enum InvalidInput {
     ExpirationUnspecified,
     #[error("expiration is not a known Expiration value")]
     ExpirationUnknown,
+    #[error("set either expiration or expire_time, not both")]
+    ExpirationConflict,
+    #[error("expire_time must be in the future")]
+    ExpireTimeInPast,
+    #[error("expire_time must be at most 5 years ahead")]
+    ExpireTimeTooFar,
+    #[error("each scope must be 1 to 64 characters of a-z, 0-9, '_', '.', ':' or '-'")]
+    ScopeInvalid,
+    #[error("a key has at most 32 scopes")]
+    TooManyScopes,
+    #[error(
+        "required_scopes must hold at most 32 scopes of 1 to 64 characters of a-z, 0-9, '_', '.', ':' or '-'"
+    )]
+    RequiredScopesInvalid,
+    #[error("update_mask paths must be `name`, `scopes` or `*`")]
+    UpdateMaskInvalid,
+    #[error("grace_period must be between 0 and 7 days")]
+    GracePeriodInvalid,
     #[error("page_size must not be negative")]
     PageSizeNegative,
     #[error("page_token is not a token returned by ListKeys for this workspace")]
@@ -35,6 +53,14 @@ impl InvalidInput {
             Self::NameContainsKey => "NAME_CONTAINS_KEY",
             Self::ExpirationUnspecified => "EXPIRATION_UNSPECIFIED",
             Self::ExpirationUnknown => "EXPIRATION_UNKNOWN",
+            Self::ExpirationConflict => "EXPIRATION_CONFLICT",
+            Self::ExpireTimeInPast => "EXPIRE_TIME_IN_PAST",
+            Self::ExpireTimeTooFar => "EXPIRE_TIME_TOO_FAR",
+            Self::ScopeInvalid => "SCOPE_INVALID",
+            Self::TooManyScopes => "TOO_MANY_SCOPES",
+            Self::RequiredScopesInvalid => "REQUIRED_SCOPES_INVALID",
+            Self::UpdateMaskInvalid => "UPDATE_MASK_INVALID",
+            Self::GracePeriodInvalid => "GRACE_PERIOD_INVALID",
             Self::PageSizeNegative => "PAGE_SIZE_NEGATIVE",
             Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
             Self::KeyIdInvalid => "KEY_ID_INVALID",
@@ -49,7 +75,14 @@ impl InvalidInput {
             | Self::NameTooLong
             | Self::NameInvalidCharacters
             | Self::NameContainsKey => "name",
-            Self::ExpirationUnspecified | Self::ExpirationUnknown => "expiration",
+            Self::ExpirationUnspecified | Self::ExpirationUnknown | Self::ExpirationConflict => {
+                "expiration"
+            }
+            Self::ExpireTimeInPast | Self::ExpireTimeTooFar => "expire_time",
+            Self::ScopeInvalid | Self::TooManyScopes => "scopes",
+            Self::RequiredScopesInvalid => "required_scopes",
+            Self::UpdateMaskInvalid => "update_mask",
+            Self::GracePeriodInvalid => "grace_period",
             Self::PageSizeNegative => "page_size",
             Self::PageTokenInvalid => "page_token",
             Self::KeyIdInvalid => "key_id",

@@ -3,16 +3,18 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::proto::{
     self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
-    KeyStatus, ListKeysRequest, ListKeysResponse, ValidateKeyRequest, ValidateKeyResponse,
-    ValidationResult, api_keys_server::ApiKeys,
+    DisableKeyRequest, EnableKeyRequest, GetKeyRequest, KeyStatus, ListKeysRequest,
+    ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest,
+    ValidateKeyResponse, ValidationResult, api_keys_server::ApiKeys,
 };
 use crate::{
     domain::{
-        Actor, Expiration, InvalidInput, KeyId, KeyName, PageCursor, WorkspaceId, masked_key,
+        Actor, Expiration, Expiry, InvalidInput, KeyId, KeyName, PageCursor, Scopes, WorkspaceId,
+        column_scopes, masked_key,
     },
     error::ApiError,
     index::KeyState,
-    service::{DEFAULT_PAGE_SIZE, KeyService, Validation},
+    service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
     store::KeyRow,
 };
 
@@ -45,10 +47,11 @@ impl ApiKeys for ApiKeysService {
         let request = request.into_inner();
         let workspace = workspace(&request.workspace_id)?;
         let name = KeyName::parse(&request.name).map_err(ApiError::from)?;
-        let expiration = expiration(request.expiration).map_err(ApiError::from)?;
+        let expiry = expiry(request.expiration, request.expire_time).map_err(ApiError::from)?;
+        let scopes = Scopes::parse(&request.scopes).map_err(ApiError::from)?;
         let (row, secret) = self
             .keys
-            .create(&actor, &workspace, &name, expiration)
+            .create(&actor, &workspace, &name, expiry, &scopes)
             .await?;
         tracing::Span::current().record("key_id", row.id.as_str());
         let now = self.keys.now();
@@ -96,11 +99,107 @@ impl ApiKeys for ApiKeysService {
     ) -> Result<Response<DeleteKeyResponse>, Status> {
         let actor = actor(request.metadata())?;
         let request = request.into_inner();
-        let workspace = workspace(&request.workspace_id)?;
-        let id = KeyId::parse(&request.key_id).map_err(ApiError::from)?;
-        tracing::Span::current().record("key_id", id.as_str());
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
         self.keys.delete(&actor, &workspace, &id).await?;
         Ok(Response::new(DeleteKeyResponse {}))
+    }
+
+    #[tracing::instrument(name = "GetKey", skip_all, fields(workspace_id, key_id))]
+    async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<ApiKey>, Status> {
+        actor(request.metadata())?;
+        let request = request.into_inner();
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let row = self.keys.get(&workspace, &id).await?;
+        Ok(Response::new(api_key(row, self.keys.now())))
+    }
+
+    #[tracing::instrument(name = "UpdateKey", skip_all, fields(workspace_id, key_id))]
+    async fn update_key(
+        &self,
+        request: Request<UpdateKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let actor = actor(request.metadata())?;
+        let request = request.into_inner();
+        let key = request.key.unwrap_or_default();
+        let (workspace, id) = key_of(&key.workspace_id, &key.id)?;
+        let paths = request
+            .update_mask
+            .map(|mask| mask.paths)
+            .unwrap_or_default();
+        let (mut name, mut scopes) = (false, false);
+        if paths.is_empty() {
+            // AIP-134: no mask means every field that is set.
+            (name, scopes) = (!key.name.is_empty(), !key.scopes.is_empty());
+        }
+        for path in &paths {
+            match path.as_str() {
+                "name" => name = true,
+                "scopes" => scopes = true,
+                "*" => (name, scopes) = (true, true),
+                _ => return Err(ApiError::from(InvalidInput::UpdateMaskInvalid).into()),
+            }
+        }
+        let edit = KeyEdit {
+            name: name
+                .then(|| KeyName::parse(&key.name))
+                .transpose()
+                .map_err(ApiError::from)?,
+            scopes: scopes
+                .then(|| Scopes::parse(&key.scopes))
+                .transpose()
+                .map_err(ApiError::from)?,
+        };
+        let row = self.keys.update(&actor, &workspace, &id, edit).await?;
+        Ok(Response::new(api_key(row, self.keys.now())))
+    }
+
+    #[tracing::instrument(name = "DisableKey", skip_all, fields(workspace_id, key_id))]
+    async fn disable_key(
+        &self,
+        request: Request<DisableKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let actor = actor(request.metadata())?;
+        let request = request.into_inner();
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let row = self
+            .keys
+            .set_disabled(&actor, &workspace, &id, true)
+            .await?;
+        Ok(Response::new(api_key(row, self.keys.now())))
+    }
+
+    #[tracing::instrument(name = "EnableKey", skip_all, fields(workspace_id, key_id))]
+    async fn enable_key(
+        &self,
+        request: Request<EnableKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let actor = actor(request.metadata())?;
+        let request = request.into_inner();
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let row = self
+            .keys
+            .set_disabled(&actor, &workspace, &id, false)
+            .await?;
+        Ok(Response::new(api_key(row, self.keys.now())))
+    }
+
+    #[tracing::instrument(name = "RotateKey", skip_all, fields(workspace_id, key_id, new_key_id))]
+    async fn rotate_key(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
+        let actor = actor(request.metadata())?;
+        let request = request.into_inner();
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let grace = grace_period(request.grace_period).map_err(ApiError::from)?;
+        let rotated = self.keys.rotate(&actor, &workspace, &id, grace).await?;
+        tracing::Span::current().record("new_key_id", rotated.key.id.as_str());
+        let now = self.keys.now();
+        Ok(Response::new(RotateKeyResponse {
+            key: Some(api_key(rotated.key, now)),
+            secret: rotated.secret.expose().to_owned(),
+            old_key: Some(api_key(rotated.old_key, now)),
+        }))
     }
 
     #[tracing::instrument(name = "ValidateKey", skip_all, fields(result, key_id))]
@@ -115,13 +214,16 @@ impl ApiKeys for ApiKeysService {
             }
             .into());
         }
-        let outcome = self.keys.validate(&request.get_ref().key)?;
+        let request = request.get_ref();
+        let outcome = self.keys.validate(&request.key, &request.required_scopes)?;
         let result = match outcome.result {
             Validation::Valid => ValidationResult::Valid,
             Validation::Malformed => ValidationResult::Malformed,
             Validation::NotFound => ValidationResult::NotFound,
             Validation::Expired => ValidationResult::Expired,
+            Validation::Disabled => ValidationResult::Disabled,
             Validation::Deleted => ValidationResult::Deleted,
+            Validation::InsufficientScope => ValidationResult::InsufficientScope,
         };
         let span = tracing::Span::current();
         span.record("result", result.as_str_name());
@@ -135,6 +237,8 @@ impl ApiKeys for ApiKeysService {
             response.expire_time = found.expire_time_us.map(timestamp);
             response.key_id = found.id;
             response.workspace_id = found.workspace.to_string();
+            response.scopes = found.scopes.iter().map(|scope| scope.to_string()).collect();
+            response.name = found.name;
         }
         Ok(Response::new(response))
     }
@@ -154,6 +258,47 @@ fn workspace(id: &str) -> Result<WorkspaceId, ApiError> {
     Ok(workspace)
 }
 
+/// A key named by its workspace and id, both checked.
+fn key_of(workspace_id: &str, key_id: &str) -> Result<(WorkspaceId, KeyId), ApiError> {
+    let workspace = workspace(workspace_id)?;
+    let id = KeyId::parse(key_id)?;
+    tracing::Span::current().record("key_id", id.as_str());
+    Ok((workspace, id))
+}
+
+/// Exactly one of a preset and a custom time.
+fn expiry(preset: i32, custom: Option<prost_types::Timestamp>) -> Result<Expiry, InvalidInput> {
+    match custom {
+        None => expiration(preset).map(Expiry::Preset),
+        Some(_) if preset != proto::Expiration::Unspecified as i32 => {
+            Err(InvalidInput::ExpirationConflict)
+        }
+        Some(at) => {
+            // Kept to the microsecond, as stored; out of chrono's range is far in the future.
+            let at = u32::try_from(at.nanos)
+                .ok()
+                .filter(|nanos| *nanos < 1_000_000_000)
+                .and_then(|nanos| DateTime::from_timestamp(at.seconds, nanos / 1000 * 1000));
+            match at {
+                Some(at) => Ok(Expiry::At(at)),
+                None => Err(InvalidInput::ExpireTimeTooFar),
+            }
+        }
+    }
+}
+
+/// 0 to 7 days, kept to the microsecond; absent is 0.
+fn grace_period(
+    duration: Option<prost_types::Duration>,
+) -> Result<chrono::TimeDelta, InvalidInput> {
+    let duration = duration.unwrap_or_default();
+    let grace = (duration.seconds >= 0 && (0..1_000_000_000).contains(&duration.nanos))
+        .then(|| chrono::TimeDelta::new(duration.seconds, duration.nanos as u32 / 1000 * 1000))
+        .flatten()
+        .filter(|grace| *grace <= MAX_GRACE_PERIOD);
+    grace.ok_or(InvalidInput::GracePeriodInvalid)
+}
+
 fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
     match proto::Expiration::try_from(value) {
         Ok(proto::Expiration::Unspecified) => Err(InvalidInput::ExpirationUnspecified),
@@ -167,9 +312,11 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
 
 fn api_key(row: KeyRow, now: DateTime<Utc>) -> ApiKey {
     let expire_time_us = row.expire_time_us.unwrap_or(i64::MAX);
-    // Listed keys are never deleted ones.
-    let status = match KeyState::at(false, expire_time_us, now.timestamp_micros()) {
+    let disabled = row.disable_time_us.is_some();
+    // Keys shown are never deleted ones.
+    let status = match KeyState::at(false, disabled, expire_time_us, now.timestamp_micros()) {
         KeyState::Expired => KeyStatus::Expired,
+        KeyState::Disabled => KeyStatus::Disabled,
         _ => KeyStatus::Active,
     };
     ApiKey {
@@ -178,6 +325,7 @@ fn api_key(row: KeyRow, now: DateTime<Utc>) -> ApiKey {
         expire_time: row.expire_time_us.map(timestamp),
         last_used_time: row.last_used_time_us.map(timestamp),
         status: status.into(),
+        scopes: column_scopes(&row.scopes).map(str::to_owned).collect(),
         id: row.id,
         workspace_id: row.workspace_id,
         name: row.name,

@@ -4,7 +4,7 @@
 mod sync;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     hash::{BuildHasher, Hasher},
     sync::{
         Arc, Mutex, PoisonError,
@@ -16,9 +16,16 @@ use papaya::{HashMap, Operation};
 
 pub use sync::{SyncSettings, Syncer};
 
-use crate::{domain::KeyHash, store::IndexRow};
+use crate::{
+    domain::{KeyHash, column_scopes},
+    store::IndexRow,
+};
 
-/// What the index knows of one key: about 100 bytes with the map's own overhead.
+/// A key's scopes, sorted; keys with the same scopes share one.
+pub type ScopeSet = Arc<[Box<str>]>;
+
+/// What the index knows of one key: about 100 bytes with the map's own overhead, plus its
+/// name.
 #[derive(Debug)]
 struct Record {
     /// The id without its `key_` prefix.
@@ -28,6 +35,9 @@ struct Record {
     /// `i64::MAX` for never.
     expire_time_us: i64,
     deleted: bool,
+    disabled: bool,
+    name: Box<str>,
+    scopes: ScopeSet,
     /// The revision this record reflects; an older one never replaces it.
     revision: i64,
     /// Last valid use seen by this replica, `i64::MIN` for none; flushed in batches.
@@ -44,25 +54,33 @@ const ID_LEN: usize = 20;
 pub struct Found {
     pub id: String,
     pub workspace: Arc<str>,
+    pub name: String,
+    pub scopes: ScopeSet,
     pub expire_time_us: Option<i64>,
     pub state: KeyState,
+    /// Whether the key has every scope the request required.
+    pub has_required_scopes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
     Active,
+    Disabled,
     Expired,
     Deleted,
 }
 
 impl KeyState {
-    /// The one rule for a key's state at `now_us`: deleted beats expired; a key expires at
-    /// its `expire_time` exactly. `i64::MAX` means never.
-    pub fn at(deleted: bool, expire_time_us: i64, now_us: i64) -> Self {
+    /// The one rule for a key's state at `now_us`: the most lasting reason wins, deleted
+    /// before expired before disabled (enabling cannot revive an expired key); a key expires
+    /// at its `expire_time` exactly. `i64::MAX` means never.
+    pub fn at(deleted: bool, disabled: bool, expire_time_us: i64, now_us: i64) -> Self {
         if deleted {
             Self::Deleted
         } else if expire_time_us <= now_us {
             Self::Expired
+        } else if disabled {
+            Self::Disabled
         } else {
             Self::Active
         }
@@ -104,6 +122,8 @@ impl Hasher for PrehashedHasher {
 pub struct KeyIndex {
     keys: HashMap<[u8; 32], Record, PrehashedKeys>,
     workspaces: Mutex<HashSet<Arc<str>>>,
+    /// Every distinct scope set, by its stored column.
+    scope_sets: Mutex<StdHashMap<Box<str>, ScopeSet>>,
     /// Keys whose last use changed since the last flush.
     pending_uses: Mutex<Vec<KeyHash>>,
 }
@@ -118,6 +138,7 @@ impl KeyIndex {
                 .resize_mode(papaya::ResizeMode::Blocking)
                 .build(),
             workspaces: Mutex::default(),
+            scope_sets: Mutex::default(),
             pending_uses: Mutex::default(),
         }
     }
@@ -151,12 +172,16 @@ impl KeyIndex {
             return;
         };
         let workspace = self.intern(&row.workspace_id);
+        let scopes = self.intern_scopes(&row.scopes);
         let stored_use = row.last_used_time_us.unwrap_or(i64::MIN);
         let record = |last_used: i64| Record {
             id,
             workspace: workspace.clone(),
             expire_time_us: row.expire_time_us.unwrap_or(i64::MAX),
             deleted: row.delete_time_us.is_some(),
+            disabled: row.disable_time_us.is_some(),
+            name: row.name.as_str().into(),
+            scopes: scopes.clone(),
             revision: row.revision,
             last_used_us: AtomicI64::new(last_used.max(stored_use)),
             use_pending: AtomicBool::new(false),
@@ -182,12 +207,45 @@ impl KeyIndex {
         interned
     }
 
-    /// The key with this hash, as of `now_us`. A valid answer records the use (in memory).
-    pub fn lookup(&self, hash: &KeyHash, now_us: i64, use_resolution_us: i64) -> Option<Found> {
+    fn intern_scopes(&self, column: &str) -> ScopeSet {
+        let mut sets = self
+            .scope_sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = sets.get(column) {
+            return existing.clone();
+        }
+        let set: ScopeSet = column_scopes(column).map(Box::from).collect();
+        sets.insert(column.into(), set.clone());
+        set
+    }
+
+    /// The key with this hash, as of `now_us`, and whether it has every one of `required`
+    /// (sorted or not). An answer of VALID (active, with the scopes required) records the use
+    /// (in memory).
+    pub fn lookup<S: AsRef<str>>(
+        &self,
+        hash: &KeyHash,
+        required: &[S],
+        now_us: i64,
+        use_resolution_us: i64,
+    ) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
-        let state = KeyState::at(record.deleted, record.expire_time_us, now_us);
+        let state = KeyState::at(
+            record.deleted,
+            record.disabled,
+            record.expire_time_us,
+            now_us,
+        );
+        let has_required_scopes = required.iter().all(|scope| {
+            record
+                .scopes
+                .binary_search_by(|held| (**held).cmp(scope.as_ref()))
+                .is_ok()
+        });
         if state == KeyState::Active
+            && has_required_scopes
             && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us
         {
             record.last_used_us.fetch_max(now_us, Ordering::Relaxed);
@@ -205,8 +263,11 @@ impl KeyIndex {
         Some(Found {
             id,
             workspace: record.workspace.clone(),
+            name: record.name.to_string(),
+            scopes: record.scopes.clone(),
             expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
             state,
+            has_required_scopes,
         })
     }
 
@@ -255,8 +316,13 @@ mod tests {
             last_used_time_us: None,
             delete_time_us: deleted.then_some(5),
             revision,
+            name: format!("key {id}"),
+            disable_time_us: None,
+            scopes: String::new(),
         }
     }
+
+    const NONE: &[&str] = &[];
 
     #[test]
     fn distinct_key_hashes_spread_over_the_table() {
@@ -271,16 +337,58 @@ mod tests {
         let index = KeyIndex::new();
         let secret = Secret::generate();
         index.apply(&row(7, &secret, 1, false));
-        let found = index.lookup(&secret.hash(), 999, 1).unwrap();
+        let found = index.lookup(&secret.hash(), NONE, 999, 1).unwrap();
         assert_eq!(found.id, "key_00000000000000000007");
         assert_eq!(&*found.workspace, "ws-1");
         assert_eq!(found.state, KeyState::Active);
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
-            index.lookup(&secret.hash(), 1_000, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 1_000, 1).unwrap().state,
             KeyState::Expired
         );
-        assert!(index.lookup(&Secret::generate().hash(), 0, 1).is_none());
+        assert!(
+            index
+                .lookup(&Secret::generate().hash(), NONE, 0, 1)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn scopes_are_checked_and_disabled_keys_are_not_active() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        let mut key = row(1, &secret, 1, false);
+        key.scopes = "orders:read orders:write".into();
+        index.apply(&key);
+        let found = index
+            .lookup(&secret.hash(), &["orders:write"], 0, 1)
+            .unwrap();
+        assert!(found.has_required_scopes);
+        assert_eq!(
+            &*found.scopes,
+            ["orders:read".into(), "orders:write".into()]
+        );
+        assert_eq!(found.name, "key 1");
+        assert_eq!(index.take_uses().len(), 1);
+        let found = index
+            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1)
+            .unwrap();
+        assert!(!found.has_required_scopes);
+        key.revision = 2;
+        key.disable_time_us = Some(1);
+        index.apply(&key);
+        assert_eq!(
+            index.lookup(&secret.hash(), NONE, 20, 1).unwrap().state,
+            KeyState::Disabled
+        );
+        // Expired wins over disabled, deleted over both.
+        assert_eq!(
+            index.lookup(&secret.hash(), NONE, 1_000, 1).unwrap().state,
+            KeyState::Expired
+        );
+        // A refused key's use is not its last use.
+        assert!(index.take_uses().is_empty());
+        assert_eq!(index.last_used_us(&secret.hash()), Some(0));
     }
 
     #[test]
@@ -291,7 +399,7 @@ mod tests {
         // A slow catch-up delivers the key as it was before its delete.
         index.apply(&row(1, &secret, 4, false));
         assert_eq!(
-            index.lookup(&secret.hash(), 0, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 0, 1).unwrap().state,
             KeyState::Deleted
         );
     }
@@ -301,9 +409,9 @@ mod tests {
         let index = KeyIndex::new();
         let secret = Secret::generate();
         index.apply(&row(1, &secret, 1, false));
-        index.lookup(&secret.hash(), 100, 10);
-        index.lookup(&secret.hash(), 105, 10); // within the resolution: not noted
-        index.lookup(&secret.hash(), 120, 10);
+        index.lookup(&secret.hash(), NONE, 100, 10);
+        index.lookup(&secret.hash(), NONE, 105, 10); // within the resolution: not noted
+        index.lookup(&secret.hash(), NONE, 120, 10);
         assert_eq!(
             index.take_uses(),
             vec![("key_00000000000000000001".to_owned(), 120)]

@@ -22,8 +22,12 @@ pub struct Model {
     /// Set when the key is deleted; the row stays as a tombstone so ValidateKey can answer
     /// DELETED rather than NOT_FOUND.
     pub delete_time_us: Option<i64>,
-    /// The revision of the last change to this row (create or delete); see the migrations.
+    /// The revision of the last change to this row; see the migrations.
     pub revision: i64,
+    /// Set while the key is disabled.
+    pub disable_time_us: Option<i64>,
+    /// Sorted, separated by single spaces; '' for none.
+    pub scopes: String,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -15,7 +15,7 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait},
 };
 
-use crate::domain::{KeyHash, KeyId, KeyName, PageCursor, WorkspaceId};
+use crate::domain::{KeyHash, KeyId, PageCursor, WorkspaceId};
 
 pub use entity::Model as KeyRow;
 use entity::{ActiveModel, Column, Entity};
@@ -63,6 +63,9 @@ type IndexTuple = (
     Option<i64>,
     Option<i64>,
     i64,
+    String,
+    Option<i64>,
+    String,
 );
 
 /// What the validation index needs of a stored key.
@@ -75,11 +78,26 @@ pub struct IndexRow {
     pub last_used_time_us: Option<i64>,
     pub delete_time_us: Option<i64>,
     pub revision: i64,
+    /// ValidateKey reports the key's name and scopes.
+    pub name: String,
+    pub disable_time_us: Option<i64>,
+    pub scopes: String,
 }
 
 impl From<IndexTuple> for IndexRow {
     fn from(
-        (id, workspace_id, key_hash, expire_time_us, last_used_time_us, delete_time_us, revision): IndexTuple,
+        (
+            id,
+            workspace_id,
+            key_hash,
+            expire_time_us,
+            last_used_time_us,
+            delete_time_us,
+            revision,
+            name,
+            disable_time_us,
+            scopes,
+        ): IndexTuple,
     ) -> Self {
         Self {
             id,
@@ -89,6 +107,9 @@ impl From<IndexTuple> for IndexRow {
             last_used_time_us,
             delete_time_us,
             revision,
+            name,
+            disable_time_us,
+            scopes,
         }
     }
 }
@@ -103,6 +124,9 @@ impl From<&KeyRow> for IndexRow {
             last_used_time_us: row.last_used_time_us,
             delete_time_us: row.delete_time_us,
             revision: row.revision,
+            name: row.name.clone(),
+            disable_time_us: row.disable_time_us,
+            scopes: row.scopes.clone(),
         }
     }
 }
@@ -111,13 +135,61 @@ impl From<&KeyRow> for IndexRow {
 #[derive(Debug)]
 pub struct NewKey<'a> {
     pub id: &'a KeyId,
-    pub workspace: &'a WorkspaceId,
-    pub name: &'a KeyName,
+    pub workspace: &'a str,
+    pub name: String,
     pub hash: KeyHash,
     pub suffix: &'a str,
     pub created_by: &'a str,
     pub create_time: DateTime<Utc>,
     pub expire_time: Option<DateTime<Utc>>,
+    /// As stored: see [`crate::domain::Scopes::to_column`].
+    pub scopes: String,
+}
+
+impl NewKey<'_> {
+    fn into_model(self, revision: i64) -> ActiveModel {
+        ActiveModel {
+            id: Set(self.id.as_str().to_owned()),
+            workspace_id: Set(self.workspace.to_owned()),
+            name: Set(self.name),
+            key_hash: Set(self.hash.as_bytes().to_vec()),
+            key_suffix: Set(self.suffix.to_owned()),
+            created_by: Set(self.created_by.to_owned()),
+            create_time_us: Set(self.create_time.timestamp_micros()),
+            expire_time_us: Set(self.expire_time.map(|t| t.timestamp_micros())),
+            last_used_time_us: Set(None),
+            delete_time_us: Set(None),
+            revision: Set(revision),
+            disable_time_us: Set(None),
+            scopes: Set(self.scopes),
+        }
+    }
+}
+
+/// What a change sets on an existing key; `None` leaves a column as it is.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub scopes: Option<String>,
+    pub disable_time_us: Option<Option<i64>>,
+    pub expire_time_us: Option<Option<i64>>,
+}
+
+/// A change to a key, decided from the key as stored: an update of its row and, for a
+/// rotation, a key to insert with it.
+#[derive(Debug)]
+pub struct Change<'a> {
+    pub update: KeyUpdate,
+    pub insert: Option<NewKey<'a>>,
+}
+
+/// The outcome of [`Store::change`]: the key as now stored, and the key inserted with it.
+#[derive(Debug)]
+pub struct Changed {
+    pub key: KeyRow,
+    pub inserted: Option<KeyRow>,
+    /// False when the decision was to change nothing.
+    pub changed: bool,
 }
 
 /// The PostgreSQL channel on which every write announces its revision.
@@ -180,23 +252,99 @@ impl Store {
     pub async fn insert(&self, key: NewKey<'_>) -> Result<KeyRow, StoreError> {
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
-        let row = ActiveModel {
-            id: Set(key.id.as_str().to_owned()),
-            workspace_id: Set(key.workspace.as_str().to_owned()),
-            name: Set(key.name.as_str().to_owned()),
-            key_hash: Set(key.hash.as_bytes().to_vec()),
-            key_suffix: Set(key.suffix.to_owned()),
-            created_by: Set(key.created_by.to_owned()),
-            create_time_us: Set(key.create_time.timestamp_micros()),
-            expire_time_us: Set(key.expire_time.map(|t| t.timestamp_micros())),
-            last_used_time_us: Set(None),
-            delete_time_us: Set(None),
-            revision: Set(revision),
-        };
-        let row = Entity::insert(row).exec_with_returning(&txn).await?;
+        let row = Entity::insert(key.into_model(revision))
+            .exec_with_returning(&txn)
+            .await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
         Ok(row)
+    }
+
+    /// A key of the workspace as stored, tombstone or not; `None` when the workspace has no
+    /// key with that id.
+    pub async fn get(
+        &self,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+    ) -> Result<Option<KeyRow>, StoreError> {
+        Ok(Entity::find_by_id(id.as_str())
+            .filter(Column::WorkspaceId.eq(workspace.as_str()))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Changes a key of the workspace in one transaction: `decide` sees the key as stored
+    /// (writers are serialised by the revision row, taken first, so nothing changes it
+    /// between the read and the write) and answers what to change, nothing (`Ok(None)`), or
+    /// an error, which rolls everything back. `Ok(None)` from here: no key with that id in
+    /// the workspace.
+    pub async fn change<'a, E: From<StoreError>>(
+        &self,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        decide: impl FnOnce(&KeyRow) -> Result<Option<Change<'a>>, E>,
+    ) -> Result<Option<Changed>, E> {
+        let txn = self.db.begin().await.map_err(StoreError::from)?;
+        let revision = self.next_revision(&txn).await?;
+        let Some(row) = Entity::find_by_id(id.as_str())
+            .filter(Column::WorkspaceId.eq(workspace.as_str()))
+            .one(&txn)
+            .await
+            .map_err(StoreError::from)?
+        else {
+            return Ok(None);
+        };
+        let Some(change) = decide(&row)? else {
+            // Dropping the transaction gives the revision back.
+            return Ok(Some(Changed {
+                key: row,
+                inserted: None,
+                changed: false,
+            }));
+        };
+        let inserted = match change.insert {
+            Some(key) => Some(
+                Entity::insert(key.into_model(revision))
+                    .exec_with_returning(&txn)
+                    .await
+                    .map_err(StoreError::from)?,
+            ),
+            None => None,
+        };
+        let KeyUpdate {
+            name,
+            scopes,
+            disable_time_us,
+            expire_time_us,
+        } = change.update;
+        let mut update = ActiveModel {
+            id: sea_orm::ActiveValue::Unchanged(row.id.clone()),
+            revision: Set(revision),
+            ..Default::default()
+        };
+        if let Some(name) = name {
+            update.name = Set(name);
+        }
+        if let Some(scopes) = scopes {
+            update.scopes = Set(scopes);
+        }
+        if let Some(disable_time_us) = disable_time_us {
+            update.disable_time_us = Set(disable_time_us);
+        }
+        if let Some(expire_time_us) = expire_time_us {
+            update.expire_time_us = Set(expire_time_us);
+        }
+        let key = Entity::update(update)
+            .exec(&txn)
+            .await
+            .map_err(StoreError::from)?;
+        self.announce(&txn, revision).await?;
+        txn.commit().await.map_err(StoreError::from)?;
+        Ok(Some(Changed {
+            key,
+            inserted,
+            changed: true,
+        }))
     }
 
     /// Takes the next revision. The counter row stays locked until `txn` ends, which orders
@@ -303,6 +451,9 @@ impl Store {
                 Column::LastUsedTimeUs,
                 Column::DeleteTimeUs,
                 Column::Revision,
+                Column::Name,
+                Column::DisableTimeUs,
+                Column::Scopes,
             ])
             .filter(
                 Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(

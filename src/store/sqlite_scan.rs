@@ -22,7 +22,7 @@ pub(super) fn scan(path: &Path, mut each: impl FnMut(IndexRow)) -> rusqlite::Res
     let txn = conn.transaction()?;
     let mut statement = txn.prepare(
         "SELECT id, workspace_id, key_hash, expire_time_us, last_used_time_us, \
-         delete_time_us, revision FROM api_keys",
+         delete_time_us, revision, name, disable_time_us, scopes FROM api_keys",
     )?;
     let mut rows = statement.query([])?;
     let mut top = 0;
@@ -37,6 +37,9 @@ pub(super) fn scan(path: &Path, mut each: impl FnMut(IndexRow)) -> rusqlite::Res
             last_used_time_us: row.get(4)?,
             delete_time_us: row.get(5)?,
             revision,
+            name: row.get(7)?,
+            disable_time_us: row.get(8)?,
+            scopes: row.get(9)?,
         });
     }
     Ok(top)

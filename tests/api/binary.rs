@@ -120,6 +120,7 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
             workspace_id: "acme".into(),
             name: "cli".into(),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -167,6 +168,7 @@ async fn the_binary_serves_and_stops_gracefully_on_sigterm() {
     let response = client
         .validate_key(ValidateKeyRequest {
             key: created.secret,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -228,6 +230,7 @@ async fn a_token_from_caller_token_new_admits_its_caller_in_its_role() {
     };
     let key = || ValidateKeyRequest {
         key: "clo_x".into(),
+        ..Default::default()
     };
 
     let anonymous = client.validate_key(key()).await.unwrap_err();
@@ -240,6 +243,7 @@ async fn a_token_from_caller_token_new_admits_its_caller_in_its_role() {
         workspace_id: "acme".into(),
         name: "k".into(),
         expiration: Expiration::Never.into(),
+        ..Default::default()
     });
     create
         .metadata_mut()

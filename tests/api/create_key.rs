@@ -10,6 +10,7 @@ fn request(workspace: &str, name: &str, expiration: Expiration) -> CreateKeyRequ
         workspace_id: workspace.into(),
         name: name.into(),
         expiration: expiration.into(),
+        ..Default::default()
     }
 }
 
@@ -117,6 +118,7 @@ async fn invalid_input_is_rejected_with_a_reason() {
                 workspace_id: "acme".into(),
                 name: "ok".into(),
                 expiration: 99,
+                ..Default::default()
             },
             "EXPIRATION_UNKNOWN",
         ),

@@ -202,6 +202,7 @@ impl TestApp {
                 workspace_id: workspace.into(),
                 name: name.into(),
                 expiration: expiration.into(),
+                ..Default::default()
             }))
             .await
             .expect("create a key")
@@ -225,7 +226,10 @@ impl TestApp {
 
     pub(crate) async fn validate(&mut self, key: &str) -> ValidateKeyResponse {
         self.client
-            .validate_key(ValidateKeyRequest { key: key.into() })
+            .validate_key(ValidateKeyRequest {
+                key: key.into(),
+                ..Default::default()
+            })
             .await
             .expect("validate")
             .into_inner()

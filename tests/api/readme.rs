@@ -250,6 +250,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     workspace_id: text(&body, "workspace_id"),
                     name: text(&body, "name"),
                     expiration: expiration.into(),
+                    ..Default::default()
                 };
                 let r = client
                     .create_key(request(message, h))
@@ -269,6 +270,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     .validate_key(request(
                         ValidateKeyRequest {
                             key: text(&body, "key"),
+                            ..Default::default()
                         },
                         h,
                     ))

@@ -97,6 +97,7 @@ async fn no_valid_answer_after_delete_returns_under_concurrent_load() {
                     let sent = Instant::now();
                     let request = apikeys::grpc::proto::ValidateKeyRequest {
                         key: secrets[which].clone(),
+                        ..Default::default()
                     };
                     let result = client
                         .validate_key(request)
@@ -219,6 +220,7 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
             workspace_id: "acme".into(),
             name: "during outage".into(),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -230,6 +232,7 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
             .client
             .validate_key(apikeys::grpc::proto::ValidateKeyRequest {
                 key: secret.clone(),
+                ..Default::default()
             })
             .await;
         match status {

@@ -19,6 +19,7 @@ async fn exercise_every_rpc() -> (crate::helpers::TestApp, String) {
         .client
         .validate_key(ValidateKeyRequest {
             key: format!("Bearer {secret}"),
+            ..Default::default()
         })
         .await;
     // A confused client that pastes the secret where a name or id goes.
@@ -28,6 +29,7 @@ async fn exercise_every_rpc() -> (crate::helpers::TestApp, String) {
             workspace_id: secret.clone(),
             name: secret.clone(),
             expiration: 1,
+            ..Default::default()
         }))
         .await;
     let _ = app

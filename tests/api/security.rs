@@ -122,6 +122,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                     workspace_id: "acme".into(),
                     name: "k".into(),
                     expiration: Expiration::Never.into(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -156,6 +157,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                 &metadata,
                 ValidateKeyRequest {
                     key: "clo_unknown".into(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -290,7 +292,15 @@ async fn a_broken_callers_file_stops_the_start() {
 #[tokio::test]
 async fn validate_key_answers_junk_up_to_16_kib_and_refuses_more() {
     let mut guarded = spawn_guarded(|_| {}).await;
-    let request = |key: String| bearer(Request::new(ValidateKeyRequest { key }), &guarded.gateway);
+    let request = |key: String| {
+        bearer(
+            Request::new(ValidateKeyRequest {
+                key,
+                ..Default::default()
+            }),
+            &guarded.gateway,
+        )
+    };
     // The message's own framing takes a few bytes of the limit.
     let junk = "x".repeat(VALIDATE_MAX_BYTES - 4);
 
@@ -324,6 +334,7 @@ async fn management_requests_over_64_kib_are_refused() {
                 workspace_id: "acme".into(),
                 name: "n".repeat(65 * 1024),
                 expiration: Expiration::Never.into(),
+                ..Default::default()
             }),
             &guarded.admin,
         ))
@@ -408,6 +419,7 @@ async fn calls_beyond_the_in_flight_limit_are_shed_but_health_still_answers() {
             workspace_id: "acme".into(),
             name: "slow".into(),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         }),
         &guarded.admin,
     );

@@ -122,6 +122,7 @@ async fn validate(
     client
         .validate_key(ValidateKeyRequest {
             key: "clo_x".into(),
+            ..Default::default()
         })
         .await
         .map(|response| response.into_inner().result())
@@ -198,6 +199,7 @@ async fn with_mutual_tls_a_caller_is_known_by_its_certificate_name() {
             workspace_id: "acme".into(),
             name: "k".into(),
             expiration: Expiration::Never.into(),
+            ..Default::default()
         })
     };
 
