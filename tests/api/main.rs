@@ -6,6 +6,7 @@ mod create_key;
 mod delete_key;
 mod health_and_reflection;
 mod helpers;
+mod lifecycle;
 mod list_keys;
 mod readme;
 mod replicas;

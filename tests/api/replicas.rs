@@ -274,3 +274,61 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
     );
     println!("recovered {recovered:?} after the database came back");
 }
+
+#[tokio::test]
+async fn disable_enable_update_and_rotate_reach_another_replica_within_the_bound() {
+    let mut a = spawn_app().await;
+    let mut b = spawn_app_with(TestDb::sharing(&a.db.url), a.clock.clone(), |_| {}).await;
+    let mut worst = Duration::ZERO;
+    let (key, secret) = a
+        .create_with(apikeys::grpc::proto::CreateKeyRequest {
+            workspace_id: "acme".into(),
+            name: "shared".into(),
+            expiration: Expiration::Never.into(),
+            scopes: vec!["orders:read".into()],
+            ..Default::default()
+        })
+        .await;
+    time_until(&mut b, &secret, ValidationResult::Valid, BOUND).await;
+
+    a.try_disable("acme", &key.id).await.unwrap();
+    worst = worst.max(time_until(&mut b, &secret, ValidationResult::Disabled, BOUND).await);
+    a.try_enable("acme", &key.id).await.unwrap();
+    worst = worst.max(time_until(&mut b, &secret, ValidationResult::Valid, BOUND).await);
+
+    // Scopes taken away on one replica stop passing on the other.
+    a.try_update(
+        apikeys::grpc::proto::ApiKey {
+            scopes: vec!["orders:write".into()],
+            ..key.clone()
+        },
+        &["scopes"],
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let answer = b.validate_with(&secret, &["orders:read"]).await;
+        if answer.result() == ValidationResult::InsufficientScope {
+            assert_eq!(answer.scopes, ["orders:write"]);
+            break;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "scope change not seen within {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    worst = worst.max(start.elapsed());
+
+    // A rotation with no grace: the old key stops on the other replica and the new one works.
+    let rotated = a.try_rotate("acme", &key.id, None).await.unwrap();
+    let seen = time_until(&mut b, &rotated.secret, ValidationResult::Valid, BOUND).await;
+    // The old key's new expiry comes in the same change as the new key.
+    assert_eq!(
+        b.validate(&secret).await.result(),
+        ValidationResult::Expired
+    );
+    worst = worst.max(seen);
+    println!("worst delay to the other replica: {worst:?}");
+}
