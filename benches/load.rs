@@ -19,6 +19,9 @@
 //! With `--db-backed-bin PATH` (a build of commit f4f862b, whose ValidateKey read the database
 //! on every call) that server runs too, on a database of its own, and its ValidateKey hits and
 //! unknown keys join the rounds: the database-backed baseline, measured in the same run.
+//!
+//! With `--previous-bin PATH` (a build of an earlier commit of this service) that server runs
+//! too, likewise, so a change's effect on ValidateKey is measured in one run, not across runs.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -53,6 +56,7 @@ struct Options {
     startup_keys: Option<usize>,
     revocation_trials: Option<usize>,
     db_backed_bin: Option<String>,
+    previous_bin: Option<String>,
 }
 
 fn options() -> Options {
@@ -69,6 +73,7 @@ fn options() -> Options {
         startup_keys: None,
         revocation_trials: None,
         db_backed_bin: None,
+        previous_bin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -86,6 +91,7 @@ fn options() -> Options {
             "--startup-keys" => options.startup_keys = Some(value().parse().unwrap()),
             "--revocation-trials" => options.revocation_trials = Some(value().parse().unwrap()),
             "--db-backed-bin" => options.db_backed_bin = Some(value()),
+            "--previous-bin" => options.previous_bin = Some(value()),
             "--serve-echo" => serve_echo(&value()),
             "--bench" => {} // cargo bench passes this to every bench target
             other => panic!("unknown argument {other}"),
@@ -141,10 +147,24 @@ async fn run(options: Options) {
         }
         None => None,
     };
+    let previous = match &options.previous_bin {
+        Some(bin) => {
+            let url = fresh_database(&options, dir.path(), "apikeys_bench_previous").await;
+            Some(Server::start_apikeys(&options, bin, &url))
+        }
+        None => None,
+    };
 
     let echo_channels = channels(&echo.addr, options.connections).await;
     let api_channels = channels(&apikeys.addr, options.connections).await;
-    let secrets = create_keys(&api_channels[0], options.keys).await;
+    let secrets = create_keys(&api_channels[0], options.keys, &[]).await;
+    // The same keys with two scopes each, validated with one of them required.
+    let scoped_secrets = create_keys(
+        &api_channels[0],
+        options.keys,
+        &["bench:read", "bench:write"],
+    )
+    .await;
     let unknown: Vec<String> = (0..options.keys)
         .map(|_| apikeys::domain::Secret::generate().expose().to_owned())
         .collect();
@@ -159,33 +179,53 @@ async fn run(options: Options) {
         None => Vec::new(),
     };
     let db_backed_secrets = match db_backed_channels.first() {
-        Some(channel) => create_keys(channel, options.keys).await,
+        Some(channel) => create_keys(channel, options.keys, &[]).await,
         None => Vec::new(),
     };
-    let mut plan: Vec<(&str, &[Channel], &[String], ValidationResult)> = vec![
+    let previous_channels = match &previous {
+        Some(server) => channels(&server.addr, options.connections).await,
+        None => Vec::new(),
+    };
+    let previous_secrets = match previous_channels.first() {
+        Some(channel) => create_keys(channel, options.keys, &[]).await,
+        None => Vec::new(),
+    };
+    const NONE: &[&str] = &[];
+    let mut plan: Vec<Scenario> = vec![
         (
             "echo (bare tonic)",
             &echo_channels,
             &unknown,
+            NONE,
             ValidationResult::Valid,
         ),
         (
             "ValidateKey hit",
             &api_channels,
             &secrets,
+            NONE,
             ValidationResult::Valid,
         ),
         (
             "ValidateKey unknown key",
             &api_channels,
             &unknown,
+            NONE,
             ValidationResult::NotFound,
         ),
         (
             "ValidateKey malformed",
             &api_channels,
             &malformed,
+            NONE,
             ValidationResult::Malformed,
+        ),
+        (
+            "ValidateKey hit, scope required",
+            &api_channels,
+            &scoped_secrets,
+            &["bench:read"],
+            ValidationResult::Valid,
         ),
     ];
     if db_backed.is_some() {
@@ -193,12 +233,30 @@ async fn run(options: Options) {
             "DB-backed hit (f4f862b)",
             &db_backed_channels,
             &db_backed_secrets,
+            NONE,
             ValidationResult::Valid,
         ));
         plan.push((
             "DB-backed unknown (f4f862b)",
             &db_backed_channels,
             &unknown,
+            NONE,
+            ValidationResult::NotFound,
+        ));
+    }
+    if previous.is_some() {
+        plan.push((
+            "previous hit",
+            &previous_channels,
+            &previous_secrets,
+            NONE,
+            ValidationResult::Valid,
+        ));
+        plan.push((
+            "previous unknown",
+            &previous_channels,
+            &unknown,
+            NONE,
             ValidationResult::NotFound,
         ));
     }
@@ -212,8 +270,10 @@ async fn run(options: Options) {
         })
         .collect();
     for _ in 0..options.rounds {
-        for ((_, channels, keys, expected), (rates, histogram)) in plan.iter().zip(&mut results) {
-            let (rate, measured) = scenario(channels, keys, *expected, &options).await;
+        for ((_, channels, keys, required, expected), (rates, histogram)) in
+            plan.iter().zip(&mut results)
+        {
+            let (rate, measured) = scenario(channels, keys, required, *expected, &options).await;
             rates.push(rate);
             histogram.add(measured).unwrap();
         }
@@ -225,12 +285,12 @@ async fn run(options: Options) {
     };
     let echo_rate = median(&results[0].0);
     println!(
-        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "{:<32} {:>10} {:>9} {:>9} {:>9} {:>8}",
         "scenario", "req/s", "p50 µs", "p99 µs", "p999 µs", "× echo"
     );
     for ((name, ..), (rates, histogram)) in plan.iter().zip(&results) {
         println!(
-            "{:<28} {:>10.0} {:>9} {:>9} {:>9} {:>8.2}",
+            "{:<32} {:>10.0} {:>9} {:>9} {:>9} {:>8.2}",
             name,
             median(rates),
             histogram.value_at_quantile(0.50),
@@ -249,13 +309,33 @@ async fn run(options: Options) {
         "# ValidateKey hit / echo, round by round: {}",
         rounds.join(" ")
     );
-    if db_backed.is_some() {
+    let rate_of = |name: &str| {
+        plan.iter()
+            .position(|(n, ..)| *n == name)
+            .map(|i| median(&results[i].0))
+    };
+    let hit = rate_of("ValidateKey hit").unwrap();
+    let unknown = rate_of("ValidateKey unknown key").unwrap();
+    if let (Some(db_hit), Some(db_unknown)) = (
+        rate_of("DB-backed hit (f4f862b)"),
+        rate_of("DB-backed unknown (f4f862b)"),
+    ) {
         println!(
             "# ValidateKey hit / DB-backed hit: {:.2}; unknown / DB-backed unknown: {:.2}",
-            median(&results[1].0) / median(&results[4].0),
-            median(&results[2].0) / median(&results[5].0)
+            hit / db_hit,
+            unknown / db_unknown
         );
     }
+    if let (Some(previous_hit), Some(previous_unknown)) =
+        (rate_of("previous hit"), rate_of("previous unknown"))
+    {
+        println!(
+            "# ValidateKey hit / previous hit: {:.2}; unknown / previous unknown: {:.2}",
+            hit / previous_hit,
+            unknown / previous_unknown
+        );
+    }
+    drop(previous);
     drop(db_backed);
     drop(apikeys);
     drop(echo);
@@ -367,13 +447,24 @@ fn redact(url: &str) -> String {
 }
 
 /// Runs one closed-loop scenario: its throughput and latency histogram (µs).
+/// Name, server, keys, required scopes, expected result.
+type Scenario<'a> = (
+    &'a str,
+    &'a [Channel],
+    &'a [String],
+    &'a [&'a str],
+    ValidationResult,
+);
+
 async fn scenario(
     channels: &[Channel],
     keys: &[String],
+    required: &[&str],
     expected: ValidationResult,
     options: &Options,
 ) -> (f64, Histogram<u64>) {
     let keys: Arc<Vec<String>> = Arc::new(keys.to_vec());
+    let required: Vec<String> = required.iter().map(|s| s.to_string()).collect();
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(options.warmup);
     let end = measure_from + Duration::from_secs(options.seconds);
@@ -381,6 +472,7 @@ async fn scenario(
         .map(|task| {
             let mut client = ApiKeysClient::new(channels[task % channels.len()].clone());
             let keys = keys.clone();
+            let required = required.clone();
             tokio::spawn(async move {
                 let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                 let mut i = task;
@@ -395,7 +487,7 @@ async fn scenario(
                     let response = client
                         .validate_key(ValidateKeyRequest {
                             key,
-                            ..Default::default()
+                            required_scopes: required.clone(),
                         })
                         .await
                         .expect("ValidateKey");
@@ -434,7 +526,7 @@ async fn channels(addr: &str, n: usize) -> Vec<Channel> {
     channels
 }
 
-async fn create_keys(channel: &Channel, n: usize) -> Vec<String> {
+async fn create_keys(channel: &Channel, n: usize, scopes: &[&str]) -> Vec<String> {
     let mut client = ApiKeysClient::new(channel.clone());
     let mut secrets = Vec::with_capacity(n);
     for i in 0..n {
@@ -442,6 +534,7 @@ async fn create_keys(channel: &Channel, n: usize) -> Vec<String> {
             workspace_id: format!("bench-{}", i % 10),
             name: format!("bench key {i}"),
             expiration: Expiration::Never.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         });
         request
@@ -684,8 +777,17 @@ async fn fill(database_url: &str, n: usize) {
         "last_used_time_us",
         "delete_time_us",
         "revision",
+        "disable_time_us",
+        "scopes",
     ]
     .map(Alias::new);
+    // A few distinct scope sets, as real workspaces have; a twentieth of the keys disabled.
+    let scope_sets = [
+        "",
+        "orders:read",
+        "orders:read orders:write",
+        "billing:read",
+    ];
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let mut insert = Query::insert();
         insert
@@ -710,6 +812,8 @@ async fn fill(database_url: &str, n: usize) {
                 None::<i64>.into(),
                 deleted.into(),
                 (i as i64 + 1).into(),
+                (i % 20 == 1).then_some(1_700_000_000_000_000i64).into(),
+                scope_sets[i % scope_sets.len()].into(),
             ]);
         }
         txn.execute(&insert).await.unwrap();

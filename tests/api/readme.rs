@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use apikeys::grpc::proto::{
-    ApiKey, CreateKeyRequest, DeleteKeyRequest, Expiration, ListKeysRequest, ValidateKeyRequest,
+    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
+    GetKeyRequest, ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
 };
 use serde_json::{Map, Value, json};
 use tonic::Request;
@@ -122,6 +123,18 @@ fn text(body: &Value, field: &str) -> String {
     body[field].as_str().unwrap_or_default().to_owned()
 }
 
+fn texts(body: &Value, field: &str) -> Vec<String> {
+    body[field]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| item.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn time(ts: &Option<prost_types::Timestamp>) -> Option<Value> {
     ts.map(|t| {
         let time = chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap();
@@ -157,6 +170,7 @@ fn api_key(key: &ApiKey) -> Value {
         ("status", Some(json!(key.status().as_str_name()))),
         ("lastUsedTime", time(&key.last_used_time)),
         ("createdBy", Some(json!(key.created_by))),
+        ("scopes", Some(json!(key.scopes))),
     ])
 }
 
@@ -215,7 +229,16 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
             "ValidateKey",
             "ListKeys",
             "DeleteKey",
-            "ValidateKey"
+            "ValidateKey",
+            "CreateKey",
+            "ValidateKey",
+            "UpdateKey",
+            "ValidateKey",
+            "DisableKey",
+            "ValidateKey",
+            "EnableKey",
+            "RotateKey",
+            "GetKey",
         ]
     );
 
@@ -250,6 +273,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     workspace_id: text(&body, "workspace_id"),
                     name: text(&body, "name"),
                     expiration: expiration.into(),
+                    scopes: texts(&body, "scopes"),
                     ..Default::default()
                 };
                 let r = client
@@ -270,7 +294,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     .validate_key(request(
                         ValidateKeyRequest {
                             key: text(&body, "key"),
-                            ..Default::default()
+                            required_scopes: texts(&body, "required_scopes"),
                         },
                         h,
                     ))
@@ -283,6 +307,8 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     ("keyId", Some(json!(r.key_id))),
                     ("workspaceId", Some(json!(r.workspace_id))),
                     ("expireTime", time(&r.expire_time)),
+                    ("scopes", Some(json!(r.scopes))),
+                    ("name", Some(json!(r.name))),
                 ])
             }
             "ListKeys" => {
@@ -311,6 +337,91 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                 };
                 client.delete_key(request(message, h)).await.unwrap();
                 json!({})
+            }
+            "GetKey" => {
+                let message = GetKeyRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                };
+                api_key(
+                    &client
+                        .get_key(request(message, h))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+            }
+            "DisableKey" => {
+                let message = DisableKeyRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                };
+                api_key(
+                    &client
+                        .disable_key(request(message, h))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+            }
+            "EnableKey" => {
+                let message = EnableKeyRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                };
+                api_key(
+                    &client
+                        .enable_key(request(message, h))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+            }
+            "UpdateKey" => {
+                let key = &body["key"];
+                // A FieldMask in JSON is one string of comma-separated paths.
+                let paths = text(&body, "update_mask")
+                    .split(',')
+                    .filter(|path| !path.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                let message = UpdateKeyRequest {
+                    key: Some(ApiKey {
+                        workspace_id: text(key, "workspace_id"),
+                        id: text(key, "id"),
+                        name: text(key, "name"),
+                        scopes: texts(key, "scopes"),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                };
+                api_key(
+                    &client
+                        .update_key(request(message, h))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+            }
+            "RotateKey" => {
+                // A Duration in JSON is seconds with an `s`.
+                let grace = text(&body, "grace_period");
+                let seconds = grace.strip_suffix('s').unwrap().parse().unwrap();
+                let message = RotateKeyRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                    grace_period: Some(prost_types::Duration { seconds, nanos: 0 }),
+                };
+                let r = client
+                    .rotate_key(request(message, h))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                object(vec![
+                    ("key", r.key.as_ref().map(api_key)),
+                    ("secret", Some(json!(r.secret))),
+                    ("oldKey", r.old_key.as_ref().map(api_key)),
+                ])
             }
             other => panic!("the README calls {other}, which this test does not know"),
         };
