@@ -236,8 +236,8 @@ impl ApiKeys for ApiKeysService {
             span.record("key_id", found.id.as_str());
             response.expire_time = found.expire_time_us.map(timestamp);
             response.key_id = found.id;
-            response.workspace_id = found.workspace.to_string();
-            response.scopes = found.scopes.iter().map(|scope| scope.to_string()).collect();
+            response.workspace_id = found.workspace;
+            response.scopes = found.scopes;
             response.name = found.name;
         }
         Ok(Response::new(response))

@@ -24,8 +24,8 @@ use crate::{
 /// A key's scopes, sorted; keys with the same scopes share one.
 pub type ScopeSet = Arc<[Box<str>]>;
 
-/// What the index knows of one key: about 100 bytes with the map's own overhead, plus its
-/// name.
+/// What the index knows of one key: about 200 bytes with the map's own overhead and its
+/// name (see BENCHMARKS.md).
 #[derive(Debug)]
 struct Record {
     /// The id without its `key_` prefix.
@@ -51,11 +51,15 @@ const ID_LEN: usize = 20;
 
 /// A known key as ValidateKey reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Owned copies, made while the map is pinned: the response needs its own strings anyway, and
+/// cloning a workspace's or scope set's shared `Arc` instead would make every core write the
+/// same reference count on every call.
 pub struct Found {
     pub id: String,
-    pub workspace: Arc<str>,
+    pub workspace: String,
     pub name: String,
-    pub scopes: ScopeSet,
+    pub scopes: Vec<String>,
     pub expire_time_us: Option<i64>,
     pub state: KeyState,
     /// Whether the key has every scope the request required.
@@ -262,9 +266,13 @@ impl KeyIndex {
         id.extend(record.id.iter().map(|&b| char::from(b)));
         Some(Found {
             id,
-            workspace: record.workspace.clone(),
+            workspace: record.workspace.to_string(),
             name: record.name.to_string(),
-            scopes: record.scopes.clone(),
+            scopes: record
+                .scopes
+                .iter()
+                .map(|scope| scope.to_string())
+                .collect(),
             expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
             state,
             has_required_scopes,
@@ -364,10 +372,7 @@ mod tests {
             .lookup(&secret.hash(), &["orders:write"], 0, 1)
             .unwrap();
         assert!(found.has_required_scopes);
-        assert_eq!(
-            &*found.scopes,
-            ["orders:read".into(), "orders:write".into()]
-        );
+        assert_eq!(found.scopes, ["orders:read", "orders:write"]);
         assert_eq!(found.name, "key 1");
         assert_eq!(index.take_uses().len(), 1);
         let found = index

@@ -117,19 +117,17 @@ async fn no_secret_reaches_the_logs_at_any_level() {
 #[tokio::test]
 async fn no_secret_reaches_the_database() {
     let (app, secrets) = exercise_every_rpc().await;
-    let mut rows = app.store().await.all_rows().await.unwrap();
-    rows.sort_by_key(|row| row.create_time_us);
+    let rows = app.store().await.all_rows().await.unwrap();
     assert_eq!(rows.len(), 2);
     let dump = format!("{rows:?}");
-    for (row, secret) in rows.iter().zip(&secrets) {
+    for secret in &secrets {
         assert!(
             !dump.contains(&secret[4..36]),
             "a stored column holds the secret"
         );
-        assert_eq!(
-            row.key_hash,
-            blake3::hash(secret.as_bytes()).as_bytes().to_vec()
-        );
+        // Only its hash.
+        let hash = blake3::hash(secret.as_bytes()).as_bytes().to_vec();
+        assert!(rows.iter().any(|row| row.key_hash == hash));
     }
 
     // For SQLite, the raw bytes of every file too: pages, WAL, free space.
