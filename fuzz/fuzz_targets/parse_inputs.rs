@@ -1,12 +1,12 @@
 //! Every parser of caller-supplied text: keys, names, ids, workspace ids, page tokens, actor
-//! metadata and the callers file. None may panic, and what they accept must be what they say.
+//! metadata, scopes and the callers file. None may panic, and what they accept must be what they say.
 #![no_main]
 
 use apikeys::{
     callers::{Callers, check_name},
     domain::{
-        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, PageCursor, PresentedKey, WorkspaceId,
-        contains_key,
+        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES, PageCursor, PresentedKey,
+        Scopes, WorkspaceId, check_required, column_scopes, contains_key, is_scope,
     },
 };
 use libfuzzer_sys::fuzz_target;
@@ -41,6 +41,21 @@ fuzz_target!(|text: &str| {
         assert_eq!(cursor.encode(&acme), text);
         let globex = WorkspaceId::parse("globex").expect("a valid workspace id");
         assert!(PageCursor::decode(text, &globex).is_err());
+    }
+    // Scopes, one per line: what is accepted is a sorted set of well-formed scopes that the
+    // stored column gives back exactly.
+    let items: Vec<&str> = text.split('\n').collect();
+    if let Ok(scopes) = Scopes::parse(&items) {
+        let held = scopes.as_slice();
+        assert!(held.len() <= MAX_SCOPES);
+        assert!(held.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(held.iter().all(|scope| is_scope(scope) && !contains_key(scope)));
+        assert!(items.iter().all(|item| held.iter().any(|scope| scope == item)));
+        let column = scopes.to_column();
+        assert!(column_scopes(&column).eq(held.iter().map(String::as_str)));
+    }
+    if check_required(&items).is_ok() {
+        assert!(items.len() <= MAX_SCOPES && items.iter().all(|item| is_scope(item)));
     }
     let _ = Actor::parse(Some(text), Some(text));
     let _ = Actor::parse(Some(text), Some("owner"));

@@ -21,7 +21,10 @@ pub struct Scopes(Vec<String>);
 
 impl Scopes {
     pub fn parse<S: AsRef<str>>(input: &[S]) -> Result<Self, InvalidInput> {
-        if input.iter().any(|scope| !is_scope(scope.as_ref())) {
+        // Scopes are stored and shown; a well-formed key (all lower case, however unlikely)
+        // must not end up there.
+        let acceptable = |scope: &str| is_scope(scope) && !super::contains_key(scope);
+        if !input.iter().all(|scope| acceptable(scope.as_ref())) {
             return Err(InvalidInput::ScopeInvalid);
         }
         let mut scopes: Vec<String> = input.iter().map(|s| s.as_ref().to_owned()).collect();
