@@ -31,6 +31,13 @@ pub enum Command {
         #[command(subcommand)]
         command: CallerTokenCommand,
     },
+    /// Manage and check keys on a running server, over gRPC (an operator's CLI).
+    Keys {
+        #[command(flatten)]
+        connection: crate::cli::Connection,
+        #[command(subcommand)]
+        command: crate::cli::KeysCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +163,11 @@ pub struct Settings {
     /// served without a restart; SIGHUP reloads them at once.
     #[arg(long, env = "APIKEYS_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub tls_reload_interval: Duration,
+
+    /// Where to serve Prometheus metrics over plain HTTP (`GET /metrics`), e.g.
+    /// `0.0.0.0:9090`; off when unset. The metrics hold no secret, key or workspace.
+    #[arg(long, env = "APIKEYS_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -184,6 +196,7 @@ impl Settings {
             tls_key: None,
             tls_client_ca: None,
             tls_reload_interval: Duration::from_secs(10),
+            metrics_listen: None,
         }
     }
 

@@ -24,8 +24,8 @@ pub enum ApiError {
     /// NOT_FOUND (`KEY_NOT_FOUND`): no live key with that id in that workspace.
     #[error("no API key with that id in this workspace")]
     KeyNotFound,
-    /// FAILED_PRECONDITION (`KEY_DELETED`, `KEY_DISABLED`, `KEY_EXPIRED`): the key exists in
-    /// this workspace but its state does not allow the change.
+    /// FAILED_PRECONDITION (`KEY_DELETED`, `KEY_DISABLED`, `KEY_EXPIRED`, `KEY_ROTATED`): the
+    /// key exists in this workspace but its state does not allow the change.
     #[error("{}", .0.message())]
     KeyState(KeyStateConflict),
     /// UNAVAILABLE (`DATABASE_UNAVAILABLE`): retry later; nothing was changed.
@@ -70,6 +70,7 @@ pub enum KeyStateConflict {
     Deleted,
     Disabled,
     Expired,
+    Rotated,
 }
 
 impl KeyStateConflict {
@@ -78,6 +79,7 @@ impl KeyStateConflict {
             Self::Deleted => "KEY_DELETED",
             Self::Disabled => "KEY_DISABLED",
             Self::Expired => "KEY_EXPIRED",
+            Self::Rotated => "KEY_ROTATED",
         }
     }
 
@@ -86,6 +88,7 @@ impl KeyStateConflict {
             Self::Deleted => "the key is deleted; deleting is irreversible",
             Self::Disabled => "the key is disabled; enable it first",
             Self::Expired => "the key has expired; create a new key instead",
+            Self::Rotated => "the key was rotated already; rotate the key that replaced it",
         }
     }
 }

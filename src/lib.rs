@@ -1,12 +1,14 @@
 //! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
 
 pub mod callers;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod index;
+pub mod metrics;
 pub mod service;
 pub mod signal;
 pub mod startup;

@@ -10,13 +10,20 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::CallerToken {
-        command: CallerTokenCommand::New { name, role },
-    }) = &cli.command
-    {
-        print!("{}", callers::new_token_instructions(name, *role));
-        return ExitCode::SUCCESS;
-    }
+    let command = match cli.command.unwrap_or(Command::Serve) {
+        Command::CallerToken {
+            command: CallerTokenCommand::New { name, role },
+        } => {
+            print!("{}", callers::new_token_instructions(&name, role));
+            return ExitCode::SUCCESS;
+        }
+        // The operator CLI is a client: it logs nothing of its own.
+        Command::Keys {
+            connection,
+            command,
+        } => return apikeys::cli::run(connection, command).await,
+        server => server,
+    };
     if let Err(err) = apikeys::telemetry::init(
         cli.settings.log_format,
         std::io::stderr,
@@ -25,17 +32,17 @@ async fn main() -> ExitCode {
         eprintln!("cannot set up logging: {err}");
         return ExitCode::FAILURE;
     }
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let result = match command {
         Command::Migrate => connect_and_migrate(&cli.settings.database_url)
             .await
             .map(|_| {
                 tracing::info!("migrations are up to date");
             }),
-        Command::CallerToken { .. } => Ok(()),
         Command::Serve => match Application::build(&cli.settings).await {
             Ok(app) => app.run_until_stopped(apikeys::signal::shutdown()).await,
             Err(err) => Err(err),
         },
+        Command::CallerToken { .. } | Command::Keys { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

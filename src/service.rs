@@ -244,11 +244,12 @@ impl KeyService {
                 if key.delete_time_us.is_some() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                if key.disable_time_us.is_some() == disabled {
-                    return Ok(None);
-                }
+                // An expired key stays as it is: enabling cannot revive it.
                 if !disabled && key.expire_time_us.is_some_and(|at| at <= now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
+                }
+                if key.disable_time_us.is_some() == disabled {
+                    return Ok(None);
                 }
                 Ok(Some(Change {
                     update: KeyUpdate {
@@ -285,6 +286,11 @@ impl KeyService {
                 if key.disable_time_us.is_some() {
                     return Err(ApiError::KeyState(KeyStateConflict::Disabled));
                 }
+                // One successor per key: a second rotation (a retry, a double click) would
+                // issue another live key and measure its lifetime from the grace period.
+                if key.rotated_to.is_some() {
+                    return Err(ApiError::KeyState(KeyStateConflict::Rotated));
+                }
                 // Same lifetime as the old key; never stays never.
                 let lifetime = key
                     .expire_time_us
@@ -295,6 +301,7 @@ impl KeyService {
                         expire_time_us: Some(Some(
                             key.expire_time_us.map_or(grace_end, |at| at.min(grace_end)),
                         )),
+                        rotated_to: Some(new_id.as_str().to_owned()),
                         ..Default::default()
                     },
                     insert: Some(NewKey {

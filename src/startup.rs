@@ -17,6 +17,7 @@ use crate::{
         proto,
     },
     index::{KeyIndex, SyncSettings, Syncer},
+    metrics::{Metrics, RecordRpcs},
     service::KeyService,
     store::{Store, StoreError},
     tls::ReloadableTls,
@@ -73,6 +74,8 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    /// The Prometheus listener and its address, when metrics are on.
+    metrics: Option<(TcpListener, SocketAddr)>,
     store: Store,
     clock: Arc<dyn Clock>,
     syncer: Arc<Syncer>,
@@ -127,9 +130,22 @@ impl Application {
             addr: settings.listen,
             source,
         })?;
+        let metrics = match settings.metrics_listen {
+            Some(listen) => {
+                let bind_error = |source| StartupError::Bind {
+                    addr: listen,
+                    source,
+                };
+                let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+                let addr = listener.local_addr().map_err(bind_error)?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
         Ok(Self {
             listener,
             addr,
+            metrics,
             store,
             clock,
             syncer,
@@ -147,6 +163,11 @@ impl Application {
         self.addr
     }
 
+    /// Where Prometheus metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
+    }
+
     /// Serves until `shutdown` resolves: health turns NOT_SERVING at once, in-flight calls
     /// finish (for at most the shutdown grace), then the database is closed.
     pub async fn run_until_stopped(
@@ -158,12 +179,26 @@ impl Application {
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+        let metrics = self.metrics.map(|(listener, addr)| {
+            let metrics = Arc::new(Metrics::new());
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            let serving = tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                self.syncer.clone(),
+                self.store.clone(),
+                sync_stopped.clone(),
+            ));
+            (metrics, AbortOnDrop(vec![serving]))
+        });
+        let (metrics, _metrics_task) = metrics.unzip();
         let api = ApiKeysService::new(KeyService::new(
             self.store.clone(),
             self.clock,
             self.syncer.clone(),
-        ));
-        let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+        ))
+        .with_metrics(metrics.clone());
         let sync_tasks = self.syncer.spawn(health.clone(), sync_stopped);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -193,6 +228,8 @@ impl Application {
         let server = Server::builder()
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
+            // Outermost, so calls the guards turn away are counted too.
+            .layer(RecordRpcs(metrics))
             .layer(Guard(InFlight::new(limits.max_in_flight)))
             .layer(Guard(Authenticate::new(self.callers)))
             .layer(Guard(ManagementRate::new(

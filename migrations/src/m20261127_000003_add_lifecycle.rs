@@ -1,8 +1,8 @@
 use sea_orm_migration::{prelude::*, schema::*};
 
-/// Disabling and scopes: `disable_time_us` is set while a key is disabled (null when it is
-/// enabled), `scopes` holds the key's scopes sorted and separated by single spaces ('' for
-/// none; a scope never contains a space).
+/// Disabling, scopes and rotation: `disable_time_us` is set while a key is disabled (null when
+/// it is enabled), `scopes` holds the key's scopes sorted and separated by single spaces (''
+/// for none; a scope never contains a space), `rotated_to` names the key that replaced it.
 #[derive(DeriveMigrationName)]
 pub(crate) struct Migration;
 
@@ -25,11 +25,19 @@ impl MigrationTrait for Migration {
                     .add_column(text(ApiKeys::Scopes).default(""))
                     .to_owned(),
             )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ApiKeys::Table)
+                    .add_column(string_len_null(ApiKeys::RotatedTo, 24))
+                    .to_owned(),
+            )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        for column in [ApiKeys::Scopes, ApiKeys::DisableTimeUs] {
+        for column in [ApiKeys::RotatedTo, ApiKeys::Scopes, ApiKeys::DisableTimeUs] {
             manager
                 .alter_table(
                     Table::alter()
@@ -48,4 +56,5 @@ enum ApiKeys {
     Table,
     DisableTimeUs,
     Scopes,
+    RotatedTo,
 }

@@ -18,6 +18,8 @@ pub enum InvalidInput {
     ExpirationUnknown,
     #[error("set either expiration or expire_time, not both")]
     ExpirationConflict,
+    #[error("expire_time must be a valid timestamp (nanos from 0 to 999,999,999)")]
+    ExpireTimeInvalid,
     #[error("expire_time must be in the future")]
     ExpireTimeInPast,
     #[error("expire_time must be at most 5 years ahead")]
@@ -54,6 +56,7 @@ impl InvalidInput {
             Self::ExpirationUnspecified => "EXPIRATION_UNSPECIFIED",
             Self::ExpirationUnknown => "EXPIRATION_UNKNOWN",
             Self::ExpirationConflict => "EXPIRATION_CONFLICT",
+            Self::ExpireTimeInvalid => "EXPIRE_TIME_INVALID",
             Self::ExpireTimeInPast => "EXPIRE_TIME_IN_PAST",
             Self::ExpireTimeTooFar => "EXPIRE_TIME_TOO_FAR",
             Self::ScopeInvalid => "SCOPE_INVALID",
@@ -78,7 +81,9 @@ impl InvalidInput {
             Self::ExpirationUnspecified | Self::ExpirationUnknown | Self::ExpirationConflict => {
                 "expiration"
             }
-            Self::ExpireTimeInPast | Self::ExpireTimeTooFar => "expire_time",
+            Self::ExpireTimeInvalid | Self::ExpireTimeInPast | Self::ExpireTimeTooFar => {
+                "expire_time"
+            }
             Self::ScopeInvalid | Self::TooManyScopes => "scopes",
             Self::RequiredScopesInvalid => "required_scopes",
             Self::UpdateMaskInvalid => "update_mask",

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
@@ -14,6 +16,7 @@ use crate::{
     },
     error::ApiError,
     index::KeyState,
+    metrics::Metrics,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
     store::KeyRow,
 };
@@ -28,11 +31,20 @@ pub const VALIDATE_MAX_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct ApiKeysService {
     keys: KeyService,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ApiKeysService {
     pub fn new(keys: KeyService) -> Self {
-        Self { keys }
+        Self {
+            keys,
+            metrics: None,
+        }
+    }
+
+    /// Counts ValidateKey answers by result in `metrics`.
+    pub fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
+        Self { metrics, ..self }
     }
 }
 
@@ -225,6 +237,9 @@ impl ApiKeys for ApiKeysService {
             Validation::Deleted => ValidationResult::Deleted,
             Validation::InsufficientScope => ValidationResult::InsufficientScope,
         };
+        if let Some(metrics) = &self.metrics {
+            metrics.validation(result);
+        }
         let span = tracing::Span::current();
         span.record("result", result.as_str_name());
         let mut response = ValidateKeyResponse {
@@ -274,13 +289,15 @@ fn expiry(preset: i32, custom: Option<prost_types::Timestamp>) -> Result<Expiry,
             Err(InvalidInput::ExpirationConflict)
         }
         Some(at) => {
-            // Kept to the microsecond, as stored; out of chrono's range is far in the future.
-            let at = u32::try_from(at.nanos)
+            let nanos = u32::try_from(at.nanos)
                 .ok()
                 .filter(|nanos| *nanos < 1_000_000_000)
-                .and_then(|nanos| DateTime::from_timestamp(at.seconds, nanos / 1000 * 1000));
-            match at {
+                .ok_or(InvalidInput::ExpireTimeInvalid)?;
+            // Kept to the microsecond, as stored. Beyond chrono's range (±262,000 years) is
+            // far in the past or the future.
+            match DateTime::from_timestamp(at.seconds, nanos / 1000 * 1000) {
                 Some(at) => Ok(Expiry::At(at)),
+                None if at.seconds < 0 => Err(InvalidInput::ExpireTimeInPast),
                 None => Err(InvalidInput::ExpireTimeTooFar),
             }
         }

@@ -28,6 +28,8 @@ pub struct Model {
     pub disable_time_us: Option<i64>,
     /// Sorted, separated by single spaces; '' for none.
     pub scopes: String,
+    /// The id of the key RotateKey issued to replace this one.
+    pub rotated_to: Option<String>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

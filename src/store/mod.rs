@@ -162,6 +162,7 @@ impl NewKey<'_> {
             revision: Set(revision),
             disable_time_us: Set(None),
             scopes: Set(self.scopes),
+            rotated_to: Set(None),
         }
     }
 }
@@ -173,6 +174,7 @@ pub struct KeyUpdate {
     pub scopes: Option<String>,
     pub disable_time_us: Option<Option<i64>>,
     pub expire_time_us: Option<Option<i64>>,
+    pub rotated_to: Option<String>,
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
@@ -237,6 +239,21 @@ impl Store {
 
     pub fn backend(&self) -> DatabaseBackend {
         self.db.get_database_backend()
+    }
+
+    /// Connections open in the pool, and how many of them are idle.
+    pub fn pool_use(&self) -> (u32, usize) {
+        match self.backend() {
+            DatabaseBackend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            DatabaseBackend::Sqlite => {
+                let pool = self.db.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            _ => (0, 0),
+        }
     }
 
     /// The URL this store connected with (it may hold a password: never log it).
@@ -316,6 +333,7 @@ impl Store {
             scopes,
             disable_time_us,
             expire_time_us,
+            rotated_to,
         } = change.update;
         let mut update = ActiveModel {
             id: sea_orm::ActiveValue::Unchanged(row.id.clone()),
@@ -333,6 +351,9 @@ impl Store {
         }
         if let Some(expire_time_us) = expire_time_us {
             update.expire_time_us = Set(expire_time_us);
+        }
+        if let Some(rotated_to) = rotated_to {
+            update.rotated_to = Set(Some(rotated_to));
         }
         let key = Entity::update(update)
             .exec(&txn)

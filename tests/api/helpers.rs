@@ -104,6 +104,8 @@ fn with_database(server: &str, name: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct TestApp {
     pub(crate) addr: std::net::SocketAddr,
+    /// Where Prometheus metrics are served, when the test turned them on.
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     pub(crate) client: ApiKeysClient<Recording>,
     pub(crate) channel: Channel,
     pub(crate) clock: ManualClock,
@@ -137,6 +139,7 @@ pub(crate) async fn spawn_app_with(
         .await
         .expect("build the app");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let (tx, rx) = oneshot::channel();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -147,6 +150,7 @@ pub(crate) async fn spawn_app_with(
         .connect_lazy();
     TestApp {
         addr,
+        metrics_addr,
         client: ApiKeysClient::new(Recording(channel.clone())),
         channel,
         clock,

@@ -202,6 +202,13 @@ async fn a_disabled_key_that_expires_is_expired_and_cannot_be_enabled() {
     assert_eq!(app.list("acme").await[0].status(), KeyStatus::Expired);
     let status = app.try_enable("acme", &key.id).await.unwrap_err();
     assert_error(&status, Code::FailedPrecondition, "KEY_EXPIRED");
+    // Nor can one that was never disabled.
+    let (other, _) = app
+        .create_key("acme", "other", Expiration::Expiration30Days)
+        .await;
+    app.clock.advance(TimeDelta::days(30));
+    let status = app.try_enable("acme", &other.id).await.unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "KEY_EXPIRED");
     // Disabling an expired key is harmless and keeps it expired.
     assert_eq!(
         app.try_disable("acme", &key.id).await.unwrap().status(),
@@ -918,4 +925,107 @@ async fn lifecycle_state_survives_a_restart() {
         app.validate(&rolled_secret).await.result(),
         ValidationResult::Expired
     );
+}
+
+#[tokio::test]
+async fn a_key_is_rotated_at_most_once() {
+    let mut app = spawn_app().await;
+    let (old, old_secret) = app.create_key("acme", "forever", Expiration::Never).await;
+    let first = app.try_rotate("acme", &old.id, grace(3600)).await.unwrap();
+
+    // A retry, or a second click, while the old key is in its grace period.
+    let status = app
+        .try_rotate("acme", &old.id, grace(3600))
+        .await
+        .unwrap_err();
+
+    assert_error(&status, Code::FailedPrecondition, "KEY_ROTATED");
+    assert_eq!(app.store().await.all_rows().await.unwrap().len(), 2);
+    assert_eq!(
+        app.validate(&old_secret).await.result(),
+        ValidationResult::Valid
+    );
+    // The successor rolls on, and never still means never.
+    let successor = first.key.unwrap();
+    let second = app.try_rotate("acme", &successor.id, None).await.unwrap();
+    assert_eq!(second.key.unwrap().expire_time, None);
+    assert_eq!(
+        app.validate(&first.secret).await.result(),
+        ValidationResult::Expired
+    );
+}
+
+#[tokio::test]
+async fn concurrent_rotations_of_one_key_issue_one_successor() {
+    let mut app = spawn_app().await;
+    let (key, _) = app.create_key("acme", "racy", Expiration::Never).await;
+    let (mut a, mut b) = (app.client.clone(), app.client.clone());
+    let rotate = || RotateKeyRequest {
+        workspace_id: "acme".into(),
+        key_id: key.id.clone(),
+        grace_period: grace(60),
+    };
+
+    let (first, second) = tokio::join!(
+        a.rotate_key(as_owner(rotate())),
+        b.rotate_key(as_owner(rotate()))
+    );
+
+    let (won, lost): (Vec<_>, Vec<_>) = [first, second].into_iter().partition(Result::is_ok);
+    assert_eq!((won.len(), lost.len()), (1, 1));
+    let status = lost.into_iter().next().unwrap().unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "KEY_ROTATED");
+    assert_eq!(app.store().await.all_rows().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_disable_racing_a_delete_leaves_the_key_deleted() {
+    let mut app = spawn_app().await;
+    for i in 0..5 {
+        let (key, secret) = app
+            .create_key("acme", &format!("k{i}"), Expiration::Never)
+            .await;
+        let (mut a, mut b) = (app.client.clone(), app.client.clone());
+        let (disabled, deleted) = tokio::join!(
+            a.disable_key(as_owner(DisableKeyRequest {
+                workspace_id: "acme".into(),
+                key_id: key.id.clone(),
+            })),
+            b.delete_key(as_owner(DeleteKeyRequest {
+                workspace_id: "acme".into(),
+                key_id: key.id.clone(),
+            }))
+        );
+        deleted.unwrap();
+        // Either it was disabled first, or it was deleted already.
+        if let Err(status) = disabled {
+            assert_error(&status, Code::FailedPrecondition, "KEY_DELETED");
+        }
+        assert_eq!(
+            app.validate(&secret).await.result(),
+            ValidationResult::Deleted
+        );
+    }
+    assert!(app.list("acme").await.is_empty());
+}
+
+#[tokio::test]
+async fn an_expire_time_that_is_no_timestamp_is_an_invalid_argument() {
+    let mut app = spawn_app().await;
+    for (seconds, nanos, reason) in [
+        (2_000_000_000, -1, "EXPIRE_TIME_INVALID"),
+        (2_000_000_000, 1_000_000_000, "EXPIRE_TIME_INVALID"),
+        (i64::MIN, 0, "EXPIRE_TIME_IN_PAST"),
+        (i64::MAX, 0, "EXPIRE_TIME_TOO_FAR"),
+    ] {
+        let request = CreateKeyRequest {
+            workspace_id: "acme".into(),
+            name: "k".into(),
+            expire_time: Some(Timestamp { seconds, nanos }),
+            ..Default::default()
+        };
+        let status = app.client.create_key(as_owner(request)).await.unwrap_err();
+        assert_error(&status, Code::InvalidArgument, reason);
+    }
+    assert!(app.store().await.all_rows().await.unwrap().is_empty());
 }

@@ -2,12 +2,14 @@
 //! fresh database: SQLite by default, PostgreSQL when APIKEYS_TEST_DATABASE_URL is set.
 
 mod binary;
+mod cli;
 mod create_key;
 mod delete_key;
 mod health_and_reflection;
 mod helpers;
 mod lifecycle;
 mod list_keys;
+mod metrics;
 mod readme;
 mod replicas;
 mod scan;

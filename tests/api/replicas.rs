@@ -332,3 +332,44 @@ async fn disable_enable_update_and_rotate_reach_another_replica_within_the_bound
     worst = worst.max(seen);
     println!("worst delay to the other replica: {worst:?}");
 }
+
+#[tokio::test]
+async fn expiry_and_the_end_of_a_grace_period_need_no_sync() {
+    let mut a = spawn_app().await;
+    let mut b = spawn_app_with(TestDb::sharing(&a.db.url), a.clock.clone(), |_| {}).await;
+    let (key, secret) = a
+        .create_key("acme", "month", Expiration::Expiration30Days)
+        .await;
+    time_until(&mut b, &secret, ValidationResult::Valid, BOUND).await;
+    let rotated = a
+        .try_rotate(
+            "acme",
+            &key.id,
+            Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        )
+        .await
+        .unwrap();
+    time_until(&mut b, &rotated.secret, ValidationResult::Valid, BOUND).await;
+    // The old key works on the other replica through its grace period...
+    assert_eq!(b.validate(&secret).await.result(), ValidationResult::Valid);
+
+    // ...and stops there the instant the clock passes its end: no change to sync.
+    a.clock.advance(chrono::TimeDelta::hours(1));
+    assert_eq!(
+        b.validate(&secret).await.result(),
+        ValidationResult::Expired
+    );
+    assert_eq!(
+        b.validate(&rotated.secret).await.result(),
+        ValidationResult::Valid
+    );
+    a.clock
+        .advance(chrono::TimeDelta::days(30) - chrono::TimeDelta::hours(1));
+    assert_eq!(
+        b.validate(&rotated.secret).await.result(),
+        ValidationResult::Expired
+    );
+}

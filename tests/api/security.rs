@@ -29,14 +29,14 @@ use crate::helpers::{TestApp, TestDb, as_owner, assert_error, captured_logs, spa
 use crate::scan::caller_token;
 
 /// A server with a callers file listing one admin and one gateway.
-struct Guarded {
-    app: TestApp,
-    admin: CallerToken,
-    gateway: CallerToken,
+pub(crate) struct Guarded {
+    pub(crate) app: TestApp,
+    pub(crate) admin: CallerToken,
+    pub(crate) gateway: CallerToken,
     _dir: tempfile::TempDir,
 }
 
-async fn spawn_guarded(adjust: impl FnOnce(&mut Settings)) -> Guarded {
+pub(crate) async fn spawn_guarded(adjust: impl FnOnce(&mut Settings)) -> Guarded {
     let (admin, gateway) = (caller_token(), caller_token());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("callers");

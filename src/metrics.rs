@@ -1,0 +1,324 @@
+//! Prometheus metrics in the OpenMetrics text format, on a listener of their own
+//! (`--metrics-listen` / `APIKEYS_METRICS_LISTEN`, off by default). No label ever carries a
+//! key, a caller token, a workspace or any other caller-chosen text: methods and codes come
+//! from fixed lists, so a flood of odd requests cannot grow the series either.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, atomic::AtomicU64},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, StatusCode, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::{grpc::proto::ValidationResult, index::Syncer, store::Store};
+
+/// The ApiKeys methods, the only method labels besides health, reflection and `unknown`.
+const API_METHODS: [&str; 9] = [
+    "CreateKey",
+    "ListKeys",
+    "DeleteKey",
+    "ValidateKey",
+    "GetKey",
+    "UpdateKey",
+    "DisableKey",
+    "EnableKey",
+    "RotateKey",
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric the service keeps.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    rpcs: Family<RpcLabels, Counter>,
+    durations: Family<RpcLabels, Histogram>,
+    /// One counter per ValidationResult, at its number less one: an atomic add per call.
+    validations: Vec<Counter>,
+    index_keys: Gauge,
+    sync_age: Gauge<f64, AtomicU64>,
+    pool_connections: Gauge,
+    pool_idle: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("apikeys");
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpcs",
+            "gRPC calls answered, by method and status code",
+            rpcs.clone(),
+        );
+        // 50 µs to about 3.3 s.
+        let durations = Family::<RpcLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.000_05, 2.0, 17))) as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time from a call's arrival to its response headers, by method and status code",
+            durations.clone(),
+        );
+        let results = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "validations",
+            "ValidateKey answers, by result",
+            results.clone(),
+        );
+        let validations = (1..=ValidationResult::InsufficientScope as i32)
+            .filter_map(|n| ValidationResult::try_from(n).ok())
+            .map(|result| {
+                let result = result.as_str_name();
+                results.get_or_create(&ResultLabels { result }).clone()
+            })
+            .collect();
+        let index_keys = Gauge::default();
+        registry.register(
+            "index_keys",
+            "Keys in this replica's validation index, tombstones included",
+            index_keys.clone(),
+        );
+        let sync_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "index_sync_age_seconds",
+            "Time since this replica's last successful sync with the database started",
+            sync_age.clone(),
+        );
+        let pool_connections = Gauge::default();
+        registry.register(
+            "db_pool_connections",
+            "Open database connections in the pool",
+            pool_connections.clone(),
+        );
+        let pool_idle = Gauge::default();
+        registry.register(
+            "db_pool_idle_connections",
+            "Open database connections not in use",
+            pool_idle.clone(),
+        );
+        Self {
+            registry,
+            rpcs,
+            durations,
+            validations,
+            index_keys,
+            sync_age,
+            pool_connections,
+            pool_idle,
+        }
+    }
+
+    /// Counts one ValidateKey answer.
+    pub fn validation(&self, result: ValidationResult) {
+        let counter = (result as usize)
+            .checked_sub(1)
+            .and_then(|i| self.validations.get(i));
+        if let Some(counter) = counter {
+            counter.inc();
+        }
+    }
+
+    fn rpc(&self, method: &'static str, code: &'static str, started: Instant) {
+        let labels = RpcLabels { method, code };
+        self.rpcs.get_or_create(&labels).inc();
+        self.durations
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The text exposition, with the gauges read now.
+    pub fn render(&self, syncer: &Syncer, store: &Store) -> String {
+        self.index_keys.set(syncer.index().len() as i64);
+        self.sync_age.set(syncer.staleness().as_secs_f64());
+        let (connections, idle) = store.pool_use();
+        self.pool_connections.set(i64::from(connections));
+        self.pool_idle.set(idle as i64);
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The method label of a request path: one of a fixed set.
+fn method_of(path: &str) -> &'static str {
+    if let Some(method) = path.strip_prefix("/cloodot.apikeys.v1.ApiKeys/") {
+        return API_METHODS
+            .into_iter()
+            .find(|known| *known == method)
+            .unwrap_or("unknown");
+    }
+    match path {
+        "/grpc.health.v1.Health/Check" => "health.Check",
+        "/grpc.health.v1.Health/Watch" => "health.Watch",
+        _ if path.starts_with("/grpc.reflection.") => "reflection",
+        _ => "unknown",
+    }
+}
+
+/// The code label of a response: its `grpc-status` header (every error tonic or a guard
+/// answers is trailers-only, so its status is in the headers); without one, the call
+/// succeeded and its `OK` comes in the trailers.
+fn code_of(response: &http::Response<Body>) -> &'static str {
+    let Some(status) = response.headers().get("grpc-status") else {
+        return "OK";
+    };
+    match tonic::Code::from_bytes(status.as_bytes()) {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The layer that counts and times every call, rejected ones included; a no-op without
+/// metrics.
+#[derive(Debug, Clone)]
+pub struct RecordRpcs(pub Option<Arc<Metrics>>);
+
+impl<S> Layer<S> for RecordRpcs {
+    type Service = Recorded<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Recorded {
+            metrics: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Recorded<S> {
+    metrics: Option<Arc<Metrics>>,
+    inner: S,
+}
+
+impl<S> Service<http::Request<Body>> for Recorded<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Some(metrics) = self.metrics.clone() else {
+            return Box::pin(self.inner.call(request));
+        };
+        let started = Instant::now();
+        let method = method_of(request.uri().path());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(response) = &response {
+                metrics.rpc(method, code_of(response), started);
+            }
+            response
+        })
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    syncer: Arc<Syncer>,
+    store: Store,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let (metrics, syncer, store) = (metrics.clone(), syncer.clone(), store.clone());
+        let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let response = if request.uri().path() != "/metrics" {
+                reply(
+                    StatusCode::NOT_FOUND,
+                    "not found: metrics are at /metrics\n",
+                )
+            } else if request.method() != Method::GET {
+                reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+            } else {
+                let mut response = reply(StatusCode::OK, metrics.render(&syncer, &store));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            };
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,303 @@
+//! The operator CLI: the real binary against a real server.
+
+use std::io::Write;
+
+use apikeys::{
+    cli::{DELETE_WARNING, SHOWN_ONCE_WARNING},
+    grpc::proto::ValidationResult,
+};
+use serde_json::Value;
+
+use crate::{helpers::spawn_app, scan::remember, security::spawn_guarded};
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|err| panic!("{err}: {self:?}"))
+    }
+}
+
+/// Runs `apikeys ARGS` with `stdin` and nothing from this process's environment but `env`.
+async fn apikeys(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Run {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let stdin = stdin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_apikeys"))
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run apikeys");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn create_list_validate_and_delete_through_the_cli() {
+    let mut app = spawn_app().await;
+    let addr = format!("http://{}", app.addr);
+    fn with<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all
+    }
+    let connection = ["--addr", addr.as_str(), "--actor-id", "ops_alice"];
+
+    // JSON: the key and its secret.
+    let mut args = with(&[
+        "create",
+        "--workspace",
+        "acme",
+        "--name",
+        "Zapier integration",
+    ]);
+    args.extend(["--expires", "90d", "--scope", "orders:read", "--json"]);
+    args.extend(connection);
+    let created = apikeys(&args, "", &[]).await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let created = created.json();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    remember(&secret);
+    let key_id = created["key"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["key"]["created_by"], "ops_alice");
+    assert_eq!(created["key"]["status"], "KEY_STATUS_ACTIVE");
+    assert_eq!(created["key"]["scopes"][0], "orders:read");
+    assert!(created["key"]["expire_time"].is_string());
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+
+    // Text: the secret alone on standard output, the warning beside it.
+    let mut args = with(&["create", "--workspace", "acme", "--name", "script"]);
+    args.extend(["--expires", "never"]);
+    args.extend(connection);
+    let text = apikeys(&args, "", &[("USER", "bob")]).await;
+    assert_eq!(text.code, 0, "{text:?}");
+    let second = text.stdout.trim_end().to_owned();
+    remember(&second);
+    assert_eq!(text.stdout, format!("{second}\n"));
+    assert!(text.stderr.contains(SHOWN_ONCE_WARNING), "{text:?}");
+    assert!(text.stderr.contains("expires Never"), "{text:?}");
+    assert_eq!(
+        app.validate(&second).await.result(),
+        ValidationResult::Valid
+    );
+
+    // The list, as JSON and as the product's table; never a secret.
+    let mut args = with(&["list", "--workspace", "acme", "--json"]);
+    args.extend(connection);
+    let listed = apikeys(&args, "", &[]).await;
+    let keys = listed.json();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == key_id.as_str())
+    );
+    let mut args = with(&["list", "--workspace", "acme"]);
+    args.extend(connection);
+    let table = apikeys(&args, "", &[]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    let header = table.stdout.lines().next().unwrap();
+    for column in [
+        "ID",
+        "Name",
+        "Key",
+        "Created",
+        "Expires",
+        "Status",
+        "Last used",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(table.stdout.contains("Zapier integration"));
+    assert!(
+        table
+            .stdout
+            .contains(&format!("clo_********{}", &secret[38..]))
+    );
+    assert!(table.stdout.contains("Active"));
+    for output in [&listed.stdout, &table.stdout] {
+        assert!(!output.contains(&secret) && !output.contains(&second));
+    }
+
+    // Validate reads the key from standard input; the exit code tells.
+    let mut args = with(&["validate", "--json"]);
+    args.extend(connection);
+    let valid = apikeys(&args, &format!("{secret}\n"), &[]).await;
+    assert_eq!(valid.code, 0, "{valid:?}");
+    assert_eq!(valid.json()["result"], "VALIDATION_RESULT_VALID");
+    assert_eq!(valid.json()["key_id"], key_id.as_str());
+    let mut args = with(&["validate", "--require-scope", "refunds:write"]);
+    args.extend(connection);
+    let refused = apikeys(&args, &secret, &[]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stdout.starts_with("INSUFFICIENT_SCOPE"),
+        "{refused:?}"
+    );
+
+    // Delete asks first, with the product's warning; only a yes deletes.
+    let mut args = with(&["delete", "--workspace", "acme", key_id.as_str()]);
+    args.extend(connection);
+    let kept = apikeys(&args, "no\n", &[]).await;
+    assert_eq!(kept.code, 1, "{kept:?}");
+    assert!(kept.stderr.contains(DELETE_WARNING), "{kept:?}");
+    assert!(kept.stderr.contains("Zapier integration"), "{kept:?}");
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+    let deleted = apikeys(&args, "delete\n", &[]).await;
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Deleted
+    );
+
+    let mut args = with(&["validate"]);
+    args.extend(connection);
+    let gone = apikeys(&args, &secret, &[]).await;
+    assert_eq!(gone.code, 1);
+    assert!(gone.stdout.starts_with("DELETED"), "{gone:?}");
+}
+
+#[tokio::test]
+async fn cli_errors_say_what_went_wrong_and_exit_2() {
+    let app = spawn_app().await;
+    let addr = format!("http://{}", app.addr);
+
+    let missing = apikeys(
+        &[
+            "keys",
+            "delete",
+            "--workspace",
+            "acme",
+            "key_00000000000000000000",
+            "--yes",
+            "--addr",
+            &addr,
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(missing.code, 2, "{missing:?}");
+    assert!(missing.stderr.contains("KEY_NOT_FOUND"), "{missing:?}");
+
+    let member = apikeys(
+        &[
+            "keys",
+            "list",
+            "--workspace",
+            "acme",
+            "--actor-role",
+            "member",
+            "--addr",
+            &addr,
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(member.code, 2, "{member:?}");
+    assert!(member.stderr.contains("ROLE_NOT_ALLOWED"), "{member:?}");
+
+    // Nothing listens on port 9 of loopback.
+    let unreachable = apikeys(
+        &[
+            "keys",
+            "list",
+            "--workspace",
+            "acme",
+            "--addr",
+            "http://127.0.0.1:9",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(unreachable.code, 2, "{unreachable:?}");
+    assert!(
+        unreachable.stderr.contains("cannot reach"),
+        "{unreachable:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_presents_a_caller_token_from_the_environment() {
+    let guarded = spawn_guarded(|_| {}).await;
+    let addr = format!("http://{}", guarded.app.addr);
+    let args = [
+        "keys",
+        "create",
+        "--workspace",
+        "acme",
+        "--name",
+        "k",
+        "--expires",
+        "30d",
+        "--addr",
+        &addr,
+    ];
+
+    let refused = apikeys(&args, "", &[]).await;
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(
+        refused.stderr.contains("CALLER_UNAUTHENTICATED"),
+        "{refused:?}"
+    );
+
+    let gateway = apikeys(
+        &args,
+        "",
+        &[("APIKEYS_CALLER_TOKEN", guarded.gateway.expose())],
+    )
+    .await;
+    assert_eq!(gateway.code, 2, "{gateway:?}");
+    assert!(
+        gateway.stderr.contains("CALLER_ROLE_NOT_ALLOWED"),
+        "{gateway:?}"
+    );
+
+    let admin = apikeys(
+        &args,
+        "",
+        &[("APIKEYS_CALLER_TOKEN", guarded.admin.expose())],
+    )
+    .await;
+    assert_eq!(admin.code, 0, "{admin:?}");
+    remember(admin.stdout.trim());
+    for output in [&admin.stdout, &admin.stderr, &gateway.stderr] {
+        assert!(!output.contains(guarded.admin.expose()));
+        assert!(!output.contains(guarded.gateway.expose()));
+    }
+}

@@ -1,0 +1,130 @@
+//! Prometheus metrics: off by default, and when on, counters that move with the calls.
+
+use apikeys::grpc::proto::{DeleteKeyRequest, Expiration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use apikeys::clock::ManualClock;
+
+use crate::helpers::{TestDb, as_owner, spawn_app, spawn_app_with};
+
+/// One HTTP/1.1 GET: the status line, the headers and the body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed); 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_are_off_unless_asked_for() {
+    let app = spawn_app().await;
+    assert_eq!(app.metrics_addr, None);
+}
+
+#[tokio::test]
+async fn the_counters_move_with_the_calls_and_hold_no_secret() {
+    let db = TestDb::new().await;
+    let mut app = spawn_app_with(db, ManualClock::new(chrono::Utc::now()), |settings| {
+        settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let metrics = app.metrics_addr.expect("metrics listen");
+    let (head, before) = get(metrics, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+
+    let (key, secret) = app.create_key("acme", "metered", Expiration::Never).await;
+    app.validate(&secret).await;
+    app.validate(apikeys::domain::Secret::generate().expose())
+        .await;
+    app.validate("clo_garbage").await;
+    let missing = app
+        .client
+        .delete_key(as_owner(DeleteKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: "key_00000000000000000000".into(),
+        }))
+        .await;
+    assert!(missing.is_err());
+    let (_, after) = get(metrics, "/metrics").await;
+
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        moved(r#"apikeys_rpcs_total{method="CreateKey",code="OK"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"apikeys_rpcs_total{method="ValidateKey",code="OK"}"#),
+        3.0
+    );
+    assert_eq!(
+        moved(r#"apikeys_rpcs_total{method="DeleteKey",code="NOT_FOUND"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"apikeys_rpc_duration_seconds_count{method="ValidateKey",code="OK"}"#),
+        3.0
+    );
+    for result in ["VALID", "NOT_FOUND", "MALFORMED"] {
+        let series = format!(r#"apikeys_validations_total{{result="VALIDATION_RESULT_{result}"}}"#);
+        assert_eq!(moved(&series), 1.0, "{series}");
+    }
+    assert_eq!(sample(&after, "apikeys_index_keys"), 1.0);
+    let age = sample(&after, "apikeys_index_sync_age_seconds");
+    assert!((0.0..30.0).contains(&age), "sync age {age}");
+    assert!(sample(&after, "apikeys_db_pool_connections") >= 1.0);
+    // Nothing a caller chose, let alone a secret, becomes a label.
+    assert!(!after.contains(&secret[4..36]));
+    assert!(!after.contains(&key.id));
+    assert!(!after.contains("acme"));
+
+    let (head, _) = get(metrics, "/other").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+#[tokio::test]
+async fn odd_paths_do_not_grow_the_series() {
+    let db = TestDb::new().await;
+    let app = spawn_app_with(db, ManualClock::new(chrono::Utc::now()), |settings| {
+        settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    for i in 0..5 {
+        grpc.ready().await.unwrap();
+        let path = format!("/cloodot.apikeys.v1.ApiKeys/Nope{i}")
+            .parse()
+            .unwrap();
+        let answer: Result<tonic::Response<()>, _> = grpc
+            .unary(
+                tonic::Request::new(()),
+                path,
+                tonic_prost::ProstCodec::<(), ()>::default(),
+            )
+            .await;
+        assert_eq!(answer.unwrap_err().code(), tonic::Code::Unimplemented);
+    }
+    let (_, text) = get(app.metrics_addr.unwrap(), "/metrics").await;
+    assert!(!text.contains("Nope"));
+    assert_eq!(
+        sample(
+            &text,
+            r#"apikeys_rpcs_total{method="unknown",code="UNIMPLEMENTED"}"#
+        ),
+        5.0
+    );
+}
