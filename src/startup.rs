@@ -26,8 +26,14 @@ use crate::{
 /// The service name health reports on, besides the whole server (`""`).
 pub const SERVICE_NAME: &str = "cloodot.apikeys.v1.ApiKeys";
 
-/// Every name health reports on: the whole server and the API.
+/// Every name health reports on for readiness: the whole server and the API. Both turn
+/// NOT_SERVING when the index is stale and on shutdown.
 pub(crate) const HEALTH_NAMES: [&str; 2] = ["", SERVICE_NAME];
+
+/// The health name for liveness probes: SERVING for as long as the process serves, through
+/// database outages too (restarting would not bring the database back, and a replica
+/// without one could not even start).
+pub const LIVENESS_NAME: &str = "liveness";
 
 /// The largest request message any service decodes; ValidateKey holds its own to 16 KiB.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -176,6 +182,9 @@ impl Application {
     ) -> Result<(), StartupError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
+        health
+            .set_service_status(LIVENESS_NAME, ServingStatus::Serving)
+            .await;
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;

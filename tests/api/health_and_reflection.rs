@@ -12,7 +12,7 @@ use crate::helpers::spawn_app;
 async fn health_is_serving_for_the_server_and_the_service() {
     let app = spawn_app().await;
     let mut health = HealthClient::new(app.channel.clone());
-    for service in ["", "cloodot.apikeys.v1.ApiKeys"] {
+    for service in ["", "cloodot.apikeys.v1.ApiKeys", "liveness"] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.into(),

@@ -263,6 +263,15 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
         Duration::from_secs(3),
     )
     .await;
+    // Not ready, but alive: a liveness probe must not restart a replica for the database.
+    let liveness = health
+        .check(HealthCheckRequest {
+            service: apikeys::startup::LIVENESS_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status(), ServingStatus::Serving);
 
     cut.restore();
     // Recovery needs no restart.
