@@ -24,14 +24,17 @@ async fn main() -> ExitCode {
         } => return apikeys::cli::run(connection, command).await,
         server => server,
     };
-    if let Err(err) = apikeys::telemetry::init(
+    let telemetry = match apikeys::telemetry::init(
         cli.settings.log_format,
         std::io::stderr,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
     ) {
-        eprintln!("cannot set up logging: {err}");
-        return ExitCode::FAILURE;
-    }
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("cannot set up logging and tracing: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match command {
         Command::Migrate => connect_and_migrate(&cli.settings.database_url)
             .await
@@ -44,11 +47,16 @@ async fn main() -> ExitCode {
         },
         Command::CallerToken { .. } | Command::Keys { .. } => Ok(()),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "apikeys failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The spans of the last calls leave before the process does (blocking, briefly).
+    tokio::task::spawn_blocking(|| telemetry.shutdown())
+        .await
+        .ok();
+    code
 }

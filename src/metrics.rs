@@ -174,7 +174,7 @@ impl Metrics {
 }
 
 /// The method label of a request path: one of a fixed set.
-fn method_of(path: &str) -> &'static str {
+pub(crate) fn method_of(path: &str) -> &'static str {
     if let Some(method) = path.strip_prefix("/cloodot.apikeys.v1.ApiKeys/") {
         return API_METHODS
             .into_iter()
@@ -192,7 +192,7 @@ fn method_of(path: &str) -> &'static str {
 /// The code label of a response: its `grpc-status` header (every error tonic or a guard
 /// answers is trailers-only, so its status is in the headers); without one, the call
 /// succeeded and its `OK` comes in the trailers.
-fn code_of(response: &http::Response<Body>) -> &'static str {
+pub(crate) fn code_of(response: &http::Response<Body>) -> &'static str {
     let Some(status) = response.headers().get("grpc-status") else {
         return "OK";
     };

@@ -20,6 +20,7 @@ use crate::{
     metrics::{Metrics, RecordRpcs},
     service::KeyService,
     store::{Store, StoreError},
+    telemetry::TraceRpcs,
     tls::ReloadableTls,
 };
 
@@ -237,8 +238,9 @@ impl Application {
         let server = Server::builder()
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
-            // Outermost, so calls the guards turn away are counted too.
+            // Outermost, so calls the guards turn away are counted and traced too.
             .layer(RecordRpcs(metrics))
+            .layer(TraceRpcs)
             .layer(Guard(InFlight::new(limits.max_in_flight)))
             .layer(Guard(Authenticate::new(self.callers)))
             .layer(Guard(ManagementRate::new(

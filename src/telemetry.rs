@@ -1,31 +1,201 @@
-//! Structured logs. Secrets never reach them: the key types print `clo_****`, and no span or
-//! event records a presented key.
+//! Logs and traces. Logs: human-readable, or JSON with `APIKEYS_LOG_FORMAT=json`. Traces:
+//! OpenTelemetry over OTLP/gRPC when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with `OTEL_SERVICE_NAME` (default
+//! `apikeys`), `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER`/`_ARG` honoured; a W3C
+//! `traceparent` in a call's metadata continues the caller's trace.
+//!
+//! Secrets never reach either: the key types print `clo_****`, and no span or event records a
+//! presented key, a caller token or any other header.
 
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    task::{Context, Poll},
+};
 
-use crate::config::LogFormat;
+use opentelemetry::{propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry_otlp::SpanExporter;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::{Instrument, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::Targets, fmt::MakeWriter, layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
+};
 
-/// Installs the global subscriber, writing to `writer`, filtered by RUST_LOG (default `info`).
-/// Colours only when `ansi` (a terminal). Fails if a subscriber is installed already.
+use crate::{
+    config::LogFormat,
+    metrics::{code_of, method_of},
+};
+
+/// Whether spans are exported; the per-call span layer is skipped otherwise.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// What must be shut down before exit: the span exporter, flushing what it holds.
+#[derive(Debug, Default)]
+#[must_use = "dropping it without shutdown() loses the spans not yet exported"]
+pub struct Telemetry {
+    traces: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(traces) = self.traces
+            && let Err(err) = traces.shutdown()
+        {
+            eprintln!("apikeys: exporting the last spans failed: {err}");
+        }
+    }
+}
+
+/// Whether OTLP export is configured in the environment (and not disabled).
+fn otlp_configured() -> bool {
+    let set = |name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs the global subscriber, writing logs to `writer`, filtered by RUST_LOG (default
+/// `info`); colours only when `ansi`. With OTLP configured, also exports this service's spans
+/// (the per-call span and the handlers' spans, at info and above). Fails if a subscriber is
+/// installed already or the exporter cannot be built. Call from within the Tokio runtime.
 pub fn init<W>(
     format: LogFormat,
     writer: W,
     ansi: bool,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
+    };
+    let mut telemetry = Telemetry::default();
+    let traces = if otlp_configured() {
+        // The exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _TIMEOUT and _HEADERS.
+        let exporter = SpanExporter::builder().with_tonic().build()?;
+        let mut resource = Resource::builder();
+        if std::env::var("OTEL_SERVICE_NAME").is_err() {
+            resource = resource.with_service_name("apikeys");
+        }
+        // The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on).
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build();
+        let tracer = provider.tracer("apikeys");
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        telemetry.traces = Some(provider);
+        EXPORTING.store(true, Ordering::Release);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(Targets::new().with_target("apikeys", tracing::Level::INFO)),
+        )
+    } else {
+        None
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()?;
+    Ok(telemetry)
+}
+
+/// Reads W3C trace context from a call's HTTP/2 headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The layer that gives every call a server span, child of the caller's `traceparent`;
+/// the handlers' spans (workspace, key id, result) nest in it. A no-op when spans are not
+/// exported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceRpcs;
+
+impl<S> Layer<S> for TraceRpcs {
+    type Service = Traced<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Traced { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Traced<S> {
+    inner: S,
+}
+
+impl<S> Service<http::Request<Body>> for Traced<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if !EXPORTING.load(Ordering::Acquire) {
+            return Box::pin(self.inner.call(request));
+        }
+        // Named from a fixed list, never from the path a caller sent.
+        let method = method_of(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = method,
+            rpc.grpc.status_code = Empty,
+            otel.status_code = Empty,
+        );
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(request.headers()))
+        });
+        // Fails only when the span is filtered out, and then there is nothing to parent.
+        let _ = span.set_parent(parent);
+        let response = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(response) = &response {
+                let code = code_of(response);
+                span.record("rpc.grpc.status_code", code);
+                if matches!(
+                    code,
+                    "UNKNOWN" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "DEADLINE_EXCEEDED"
+                ) {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            response
+        })
     }
 }

@@ -17,7 +17,7 @@ use crate::helpers::{TestDb, as_owner};
 
 const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
 
-fn command(db: &TestDb) -> Command {
+pub(crate) fn command(db: &TestDb) -> Command {
     let mut command = Command::new(BIN);
     command
         .env("APIKEYS_DATABASE_URL", &db.url)
@@ -29,7 +29,7 @@ fn command(db: &TestDb) -> Command {
 }
 
 /// A running `apikeys`, killed if the test ends before it exits.
-struct Process(Child);
+pub(crate) struct Process(pub(crate) Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -45,7 +45,9 @@ fn start(db: &TestDb) -> (Process, String, std::sync::mpsc::Receiver<String>) {
     start_command(command(db))
 }
 
-fn start_command(mut command: Command) -> (Process, String, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn start_command(
+    mut command: Command,
+) -> (Process, String, std::sync::mpsc::Receiver<String>) {
     let mut child = Process(command.spawn().expect("start apikeys"));
     let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -72,7 +74,7 @@ fn start_command(mut command: Command) -> (Process, String, std::sync::mpsc::Rec
     }
 }
 
-fn wait(child: &mut Process, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Process, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -341,4 +343,67 @@ async fn insecure_no_caller_auth_is_announced_with_a_warning_at_start() {
             .is_some_and(|l| l.contains("serving gRPC")),
         "it still serves"
     );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let db = TestDb::new().await;
+    let mut server = command(&db);
+    server.env("APIKEYS_LOG_FORMAT", "json");
+    let mut child = Process(server.spawn().expect("start apikeys"));
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = logs
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a log line");
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        lines.push(event.clone());
+        if event["message"] == "serving gRPC" {
+            break event["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut client = ApiKeysClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .validate_key(ValidateKeyRequest {
+            key: "clo_nothing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(client);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success());
+    for line in logs.try_iter() {
+        lines.push(
+            serde_json::from_str(&line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")),
+        );
+    }
+    for event in &lines {
+        assert!(event["timestamp"].is_string(), "{event}");
+        assert!(event["level"].is_string(), "{event}");
+        assert!(event["message"].is_string(), "{event}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|e| e["message"] == "key index loaded" && e["keys"] == 0)
+    );
+    assert!(lines.iter().any(|e| e["message"] == "stopped"));
 }

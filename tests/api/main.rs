@@ -16,4 +16,5 @@ mod scan;
 mod secrets;
 mod security;
 mod tls;
+mod traces;
 mod validate_key;
