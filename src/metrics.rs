@@ -6,7 +6,6 @@
 use std::{
     convert::Infallible,
     sync::{Arc, atomic::AtomicU64},
-    task::{Context, Poll},
     time::Instant,
 };
 
@@ -25,23 +24,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tonic::body::Body;
-use tower::{Layer, Service};
 
 use crate::{grpc::proto::ValidationResult, index::Syncer, store::Store};
-
-/// The ApiKeys methods, the only method labels besides health, reflection and `unknown`.
-const API_METHODS: [&str; 9] = [
-    "CreateKey",
-    "ListKeys",
-    "DeleteKey",
-    "ValidateKey",
-    "GetKey",
-    "UpdateKey",
-    "DisableKey",
-    "EnableKey",
-    "RotateKey",
-];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -151,7 +135,8 @@ impl Metrics {
         }
     }
 
-    fn rpc(&self, method: &'static str, code: &'static str, started: Instant) {
+    /// Counts and times one call.
+    pub(crate) fn rpc(&self, method: &'static str, code: &'static str, started: Instant) {
         let labels = RpcLabels { method, code };
         self.rpcs.get_or_create(&labels).inc();
         self.durations
@@ -170,105 +155,6 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
-    }
-}
-
-/// The method label of a request path: one of a fixed set.
-pub(crate) fn method_of(path: &str) -> &'static str {
-    if let Some(method) = path.strip_prefix("/cloodot.apikeys.v1.ApiKeys/") {
-        return API_METHODS
-            .into_iter()
-            .find(|known| *known == method)
-            .unwrap_or("unknown");
-    }
-    match path {
-        "/grpc.health.v1.Health/Check" => "health.Check",
-        "/grpc.health.v1.Health/Watch" => "health.Watch",
-        _ if path.starts_with("/grpc.reflection.") => "reflection",
-        _ => "unknown",
-    }
-}
-
-/// The code label of a response: its `grpc-status` header (every error tonic or a guard
-/// answers is trailers-only, so its status is in the headers); without one, the call
-/// succeeded and its `OK` comes in the trailers.
-pub(crate) fn code_of(response: &http::Response<Body>) -> &'static str {
-    let Some(status) = response.headers().get("grpc-status") else {
-        return "OK";
-    };
-    match tonic::Code::from_bytes(status.as_bytes()) {
-        tonic::Code::Ok => "OK",
-        tonic::Code::Cancelled => "CANCELLED",
-        tonic::Code::Unknown => "UNKNOWN",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        tonic::Code::Aborted => "ABORTED",
-        tonic::Code::OutOfRange => "OUT_OF_RANGE",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DataLoss => "DATA_LOSS",
-        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The layer that counts and times every call, rejected ones included; a no-op without
-/// metrics.
-#[derive(Debug, Clone)]
-pub struct RecordRpcs(pub Option<Arc<Metrics>>);
-
-impl<S> Layer<S> for RecordRpcs {
-    type Service = Recorded<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Recorded {
-            metrics: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Recorded<S> {
-    metrics: Option<Arc<Metrics>>,
-    inner: S,
-}
-
-impl<S> Service<http::Request<Body>> for Recorded<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Some(metrics) = self.metrics.clone() else {
-            return Box::pin(self.inner.call(request));
-        };
-        let started = Instant::now();
-        let method = method_of(request.uri().path());
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            if let Ok(response) = &response {
-                metrics.rpc(method, code_of(response), started);
-            }
-            response
-        })
     }
 }
 

@@ -14,13 +14,13 @@ use crate::{
     grpc::{
         ApiKeysService,
         guard::{Authenticate, Guard, InFlight, ManagementRate},
+        observe::Observe,
         proto,
     },
     index::{KeyIndex, SyncSettings, Syncer},
-    metrics::{Metrics, RecordRpcs},
+    metrics::Metrics,
     service::KeyService,
     store::{Store, StoreError},
-    telemetry::TraceRpcs,
     tls::ReloadableTls,
 };
 
@@ -239,8 +239,7 @@ impl Application {
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
             // Outermost, so calls the guards turn away are counted and traced too.
-            .layer(RecordRpcs(metrics))
-            .layer(TraceRpcs)
+            .layer(Observe(metrics))
             .layer(Guard(InFlight::new(limits.max_in_flight)))
             .layer(Guard(Authenticate::new(self.callers)))
             .layer(Guard(ManagementRate::new(

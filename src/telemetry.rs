@@ -7,30 +7,25 @@
 //! Secrets never reach either: the key types print `clo_****`, and no span or event records a
 //! presented key, a caller token or any other header.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    task::{Context, Poll},
-};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::{propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::SpanExporter;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tonic::body::Body;
-use tower::{Layer, Service};
-use tracing::{Instrument, field::Empty};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{
     EnvFilter, Layer as _, filter::Targets, fmt::MakeWriter, layer::SubscriberExt as _,
     util::SubscriberInitExt as _,
 };
 
-use crate::{
-    config::LogFormat,
-    metrics::{code_of, method_of},
-};
+use crate::config::LogFormat;
 
-/// Whether spans are exported; the per-call span layer is skipped otherwise.
+/// Whether spans are exported; calls get no server span otherwise.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans.
+pub(crate) fn exporting() -> bool {
+    EXPORTING.load(Ordering::Acquire)
+}
 
 /// What must be shut down before exit: the span exporter, flushing what it holds.
 #[derive(Debug, Default)]
@@ -112,90 +107,4 @@ where
         .with(traces)
         .try_init()?;
     Ok(telemetry)
-}
-
-/// Reads W3C trace context from a call's HTTP/2 headers.
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// The layer that gives every call a server span, child of the caller's `traceparent`;
-/// the handlers' spans (workspace, key id, result) nest in it. A no-op when spans are not
-/// exported.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceRpcs;
-
-impl<S> Layer<S> for TraceRpcs {
-    type Service = Traced<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Traced { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Traced<S> {
-    inner: S,
-}
-
-impl<S> Service<http::Request<Body>> for Traced<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if !EXPORTING.load(Ordering::Acquire) {
-            return Box::pin(self.inner.call(request));
-        }
-        // Named from a fixed list, never from the path a caller sent.
-        let method = method_of(request.uri().path());
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = method,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = method,
-            rpc.grpc.status_code = Empty,
-            otel.status_code = Empty,
-        );
-        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.extract(&HeaderExtractor(request.headers()))
-        });
-        // Fails only when the span is filtered out, and then there is nothing to parent.
-        let _ = span.set_parent(parent);
-        let response = self.inner.call(request).instrument(span.clone());
-        Box::pin(async move {
-            let response = response.await;
-            if let Ok(response) = &response {
-                let code = code_of(response);
-                span.record("rpc.grpc.status_code", code);
-                if matches!(
-                    code,
-                    "UNKNOWN" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "DEADLINE_EXCEEDED"
-                ) {
-                    span.record("otel.status_code", "ERROR");
-                }
-            }
-            response
-        })
-    }
 }

@@ -46,6 +46,23 @@ impl ApiKeysService {
     pub fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
         Self { metrics, ..self }
     }
+
+    /// DisableKey and EnableKey.
+    async fn set_disabled(
+        &self,
+        metadata: &MetadataMap,
+        workspace_id: &str,
+        key_id: &str,
+        disabled: bool,
+    ) -> Result<Response<ApiKey>, Status> {
+        let actor = actor(metadata)?;
+        let (workspace, id) = key_of(workspace_id, key_id)?;
+        let row = self
+            .keys
+            .set_disabled(&actor, &workspace, &id, disabled)
+            .await?;
+        Ok(Response::new(api_key(row, self.keys.now())))
+    }
 }
 
 #[tonic::async_trait]
@@ -170,14 +187,9 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<DisableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let actor = actor(request.metadata())?;
-        let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
-        let row = self
-            .keys
-            .set_disabled(&actor, &workspace, &id, true)
-            .await?;
-        Ok(Response::new(api_key(row, self.keys.now())))
+        let (metadata, _, request) = request.into_parts();
+        self.set_disabled(&metadata, &request.workspace_id, &request.key_id, true)
+            .await
     }
 
     #[tracing::instrument(name = "EnableKey", skip_all, fields(workspace_id, key_id))]
@@ -185,14 +197,9 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<EnableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let actor = actor(request.metadata())?;
-        let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
-        let row = self
-            .keys
-            .set_disabled(&actor, &workspace, &id, false)
-            .await?;
-        Ok(Response::new(api_key(row, self.keys.now())))
+        let (metadata, _, request) = request.into_parts();
+        self.set_disabled(&metadata, &request.workspace_id, &request.key_id, false)
+            .await
     }
 
     #[tracing::instrument(name = "RotateKey", skip_all, fields(workspace_id, key_id, new_key_id))]

@@ -2,6 +2,7 @@
 
 mod api_keys;
 pub mod guard;
+pub mod observe;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
 

@@ -74,6 +74,18 @@ pub(crate) fn start_command(
     }
 }
 
+/// Sends SIGTERM and waits for the exit.
+pub(crate) async fn terminate(mut child: Process) -> std::process::ExitStatus {
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
+        .await
+        .unwrap()
+}
+
 pub(crate) fn wait(child: &mut Process, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
     loop {
@@ -381,15 +393,7 @@ async fn json_logs_are_one_object_per_line() {
         .await
         .unwrap();
     drop(client);
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
-        .await
-        .unwrap();
-    assert!(status.success());
+    assert!(terminate(child).await.success());
     for line in logs.try_iter() {
         lines.push(
             serde_json::from_str(&line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")),

@@ -1,9 +1,6 @@
 //! OpenTelemetry traces: the real binary exports over OTLP/gRPC to a minimal collector.
 
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeys::grpc::proto::{CreateKeyRequest, Expiration, api_keys_client::ApiKeysClient};
 use opentelemetry_proto::tonic::{
@@ -17,7 +14,7 @@ use opentelemetry_proto::tonic::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    binary::{command, start_command, wait},
+    binary::{command, start_command, terminate},
     helpers::{TestDb, as_owner},
     scan::remember,
 };
@@ -108,7 +105,7 @@ async fn a_create_key_is_traced_in_the_callers_trace_and_no_secret_is_an_attribu
     server
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_SERVICE_NAME", "apikeys-under-test");
-    let (mut child, addr, _logs) = start_command(server);
+    let (child, addr, _logs) = start_command(server);
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -134,15 +131,7 @@ async fn a_create_key_is_traced_in_the_callers_trace_and_no_secret_is_an_attribu
     let key_id = created.key.unwrap().id;
 
     // Spans are batched; a graceful shutdown flushes them.
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let status = tokio::task::spawn_blocking(move || wait(&mut child, Duration::from_secs(20)))
-        .await
-        .unwrap();
-    assert!(status.success());
+    assert!(terminate(child).await.success());
 
     let spans = collector.spans();
     let ours: Vec<&(String, Span)> = spans

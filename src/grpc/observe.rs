@@ -1,0 +1,173 @@
+//! The outermost layer: every call, the ones the guards turn away included, is counted and
+//! timed (with metrics on) and gets a server span in the caller's trace (with traces on).
+//! Method and code come from fixed lists, never from what a caller sent, so neither a label
+//! nor a span name can carry a secret or grow without bound.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use opentelemetry::propagation::Extractor;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::{Instrument, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::{metrics::Metrics, telemetry};
+
+/// The ApiKeys methods: the only method names besides health, reflection and `unknown`.
+pub const API_METHODS: [&str; 9] = [
+    "CreateKey",
+    "ListKeys",
+    "DeleteKey",
+    "ValidateKey",
+    "GetKey",
+    "UpdateKey",
+    "DisableKey",
+    "EnableKey",
+    "RotateKey",
+];
+
+/// The method of a request path: one of a fixed set.
+fn method_of(path: &str) -> &'static str {
+    if let Some(method) = path.strip_prefix("/cloodot.apikeys.v1.ApiKeys/") {
+        return API_METHODS
+            .into_iter()
+            .find(|known| *known == method)
+            .unwrap_or("unknown");
+    }
+    match path {
+        "/grpc.health.v1.Health/Check" => "health.Check",
+        "/grpc.health.v1.Health/Watch" => "health.Watch",
+        _ if path.starts_with("/grpc.reflection.") => "reflection",
+        _ => "unknown",
+    }
+}
+
+/// The status of a response: its `grpc-status` header (every error tonic or a guard answers
+/// is trailers-only, so its status is in the headers); without one, the call succeeded and
+/// its `OK` comes in the trailers.
+fn code_of(response: &http::Response<Body>) -> &'static str {
+    let Some(status) = response.headers().get("grpc-status") else {
+        return "OK";
+    };
+    match tonic::Code::from_bytes(status.as_bytes()) {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Reads W3C trace context from a call's HTTP/2 headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The layer; a pass-through when neither metrics nor traces are on.
+#[derive(Debug, Clone)]
+pub struct Observe(pub Option<Arc<Metrics>>);
+
+impl<S> Layer<S> for Observe {
+    type Service = Observed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observed {
+            metrics: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Observed<S> {
+    metrics: Option<Arc<Metrics>>,
+    inner: S,
+}
+
+impl<S> Service<http::Request<Body>> for Observed<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let tracing = telemetry::exporting();
+        if self.metrics.is_none() && !tracing {
+            return Box::pin(self.inner.call(request));
+        }
+        let started = Instant::now();
+        let method = method_of(request.uri().path());
+        let span = if tracing {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = method,
+                rpc.grpc.status_code = Empty,
+                otel.status_code = Empty,
+            );
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&HeaderExtractor(request.headers()))
+            });
+            // Fails only when the span is filtered out, and then there is nothing to parent.
+            let _ = span.set_parent(parent);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let response = self.inner.call(request).instrument(span.clone());
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(response) = &response {
+                let code = code_of(response);
+                if let Some(metrics) = metrics {
+                    metrics.rpc(method, code, started);
+                }
+                span.record("rpc.grpc.status_code", code);
+                if matches!(
+                    code,
+                    "UNKNOWN" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "DEADLINE_EXCEEDED"
+                ) {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            response
+        })
+    }
+}
