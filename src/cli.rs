@@ -18,8 +18,9 @@ use tonic::{
 use tonic_types::StatusExt;
 
 use crate::grpc::proto::{
-    ApiKey, CreateKeyRequest, DeleteKeyRequest, Expiration, GetKeyRequest, KeyStatus,
-    ListKeysRequest, ValidateKeyRequest, ValidateKeyResponse, api_keys_client::ApiKeysClient,
+    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
+    GetKeyRequest, KeyStatus, ListKeysRequest, RotateKeyRequest, ValidateKeyRequest,
+    ValidateKeyResponse, api_keys_client::ApiKeysClient,
 };
 
 /// The product's words, shown with every new secret and before every delete.
@@ -85,6 +86,33 @@ pub enum KeysCommand {
     List {
         #[arg(long)]
         workspace: String,
+    },
+    /// Show one key.
+    Get {
+        #[arg(long)]
+        workspace: String,
+        key_id: String,
+    },
+    /// Disable a key: it stops validating at once, on every replica; `enable` undoes it.
+    Disable {
+        #[arg(long)]
+        workspace: String,
+        key_id: String,
+    },
+    /// Enable a disabled key again.
+    Enable {
+        #[arg(long)]
+        workspace: String,
+        key_id: String,
+    },
+    /// Rotate a key: a new key with the same name, scopes and lifetime, printed once; the
+    /// old key keeps working for `--grace` (0 to 7 days, e.g. 1h or 7d).
+    Rotate {
+        #[arg(long)]
+        workspace: String,
+        key_id: String,
+        #[arg(long, default_value = "0s", value_parser = crate::config::parse_duration)]
+        grace: std::time::Duration,
     },
     /// Delete a key, irreversibly (asks first, unless `--yes`).
     Delete {
@@ -204,6 +232,70 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
                 write!(out, "{}", table(&keys)).map_err(io)?;
             }
         }
+        KeysCommand::Get { workspace, key_id } => {
+            let request = GetKeyRequest {
+                workspace_id: workspace,
+                key_id,
+            };
+            let key = client.get_key(connection.request(request)?).await;
+            show(out, connection, &key.map_err(explain)?.into_inner())?;
+        }
+        KeysCommand::Disable { workspace, key_id } => {
+            let request = DisableKeyRequest {
+                workspace_id: workspace,
+                key_id,
+            };
+            let key = client.disable_key(connection.request(request)?).await;
+            show(out, connection, &key.map_err(explain)?.into_inner())?;
+        }
+        KeysCommand::Enable { workspace, key_id } => {
+            let request = EnableKeyRequest {
+                workspace_id: workspace,
+                key_id,
+            };
+            let key = client.enable_key(connection.request(request)?).await;
+            show(out, connection, &key.map_err(explain)?.into_inner())?;
+        }
+        KeysCommand::Rotate {
+            workspace,
+            key_id,
+            grace,
+        } => {
+            let grace_period = prost_types::Duration::try_from(grace)
+                .map_err(|_| "--grace is too long".to_owned())?;
+            let request = RotateKeyRequest {
+                workspace_id: workspace,
+                key_id,
+                grace_period: Some(grace_period),
+            };
+            let rotated = client
+                .rotate_key(connection.request(request)?)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let (key, old) = (
+                rotated.key.unwrap_or_default(),
+                rotated.old_key.unwrap_or_default(),
+            );
+            if connection.json {
+                let value = json!({
+                    "key": key_json(&key),
+                    "secret": rotated.secret,
+                    "old_key": key_json(&old),
+                });
+                writeln!(out, "{value}").map_err(io)?;
+            } else {
+                eprintln!(
+                    "Rotated \"{}\": new key {} expires {}; the old key {} stops at {}.\n\n{SHOWN_ONCE_WARNING}",
+                    key.name,
+                    key.id,
+                    time_or_never(&key.expire_time),
+                    old.id,
+                    time_or_never(&old.expire_time)
+                );
+                writeln!(out, "{}", rotated.secret).map_err(io)?;
+            }
+        }
         KeysCommand::Delete {
             workspace,
             key_id,
@@ -315,6 +407,15 @@ fn explain(status: Status) -> String {
         .map(|info| format!(" ({})", info.reason))
         .unwrap_or_default();
     format!("{:?}: {}{reason}", status.code(), status.message())
+}
+
+/// One key, as a table row or JSON.
+fn show(out: &mut impl Write, connection: &Connection, key: &ApiKey) -> Result<(), String> {
+    if connection.json {
+        writeln!(out, "{}", key_json(key)).map_err(io)
+    } else {
+        write!(out, "{}", table(std::slice::from_ref(key))).map_err(io)
+    }
 }
 
 fn io(err: std::io::Error) -> String {

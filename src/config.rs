@@ -213,7 +213,8 @@ impl Settings {
     }
 }
 
-fn parse_duration(input: &str) -> Result<Duration, String> {
+/// `500ms`, `10s`, `5m`, `1h`, `7d`; a bare number is seconds.
+pub(crate) fn parse_duration(input: &str) -> Result<Duration, String> {
     let (number, unit) = input
         .find(|c: char| !c.is_ascii_digit())
         .map_or((input, "s"), |at| input.split_at(at));
@@ -223,8 +224,10 @@ fn parse_duration(input: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        _ => Err(format!("`{input}`: use ms, s or m")),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(number.saturating_mul(3600))),
+        "d" => Ok(Duration::from_secs(number.saturating_mul(86_400))),
+        _ => Err(format!("`{input}`: use ms, s, m, h or d")),
     }
 }
 
@@ -237,9 +240,11 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("5w").is_err());
     }
 
     #[test]

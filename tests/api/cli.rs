@@ -301,3 +301,77 @@ async fn the_cli_presents_a_caller_token_from_the_environment() {
         assert!(!output.contains(guarded.gateway.expose()));
     }
 }
+
+#[tokio::test]
+async fn get_disable_enable_and_rotate_through_the_cli() {
+    let mut app = spawn_app().await;
+    let addr = format!("http://{}", app.addr);
+    let (key, secret) = app
+        .create_key(
+            "acme",
+            "rolling",
+            apikeys::grpc::proto::Expiration::Expiration30Days,
+        )
+        .await;
+    let run = |verb: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec!["keys", verb, "--workspace", "acme"];
+        args.push(key.id.as_str());
+        args.extend_from_slice(extra);
+        args.extend(["--addr", addr.as_str()]);
+        args
+    };
+
+    let shown = apikeys(&run("get", &["--json"]), "", &[]).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    assert_eq!(shown.json()["name"], "rolling");
+    assert_eq!(shown.json()["status"], "KEY_STATUS_ACTIVE");
+
+    let disabled = apikeys(&run("disable", &[]), "", &[]).await;
+    assert_eq!(disabled.code, 0, "{disabled:?}");
+    assert!(disabled.stdout.contains("Disabled"), "{disabled:?}");
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Disabled
+    );
+
+    let enabled = apikeys(&run("enable", &["--json"]), "", &[]).await;
+    assert_eq!(enabled.json()["status"], "KEY_STATUS_ACTIVE");
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+
+    // Text: the new secret alone on standard output, the warning and the old key's end beside.
+    let rotated = apikeys(&run("rotate", &["--grace", "1h"]), "", &[]).await;
+    assert_eq!(rotated.code, 0, "{rotated:?}");
+    let new_secret = rotated.stdout.trim_end().to_owned();
+    remember(&new_secret);
+    assert_eq!(rotated.stdout, format!("{new_secret}\n"));
+    assert!(rotated.stderr.contains(SHOWN_ONCE_WARNING), "{rotated:?}");
+    assert_eq!(
+        app.validate(&new_secret).await.result(),
+        ValidationResult::Valid
+    );
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
+
+    // A second rotation of the same key is refused, with its reason.
+    let again = apikeys(&run("rotate", &["--json"]), "", &[]).await;
+    assert_eq!(again.code, 2, "{again:?}");
+    assert!(again.stderr.contains("KEY_ROTATED"), "{again:?}");
+    let bad = apikeys(&run("rotate", &["--grace", "8d"]), "", &[]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("GRACE_PERIOD_INVALID"), "{bad:?}");
+
+    app.clock.advance(chrono::TimeDelta::hours(1));
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Expired
+    );
+    assert_eq!(
+        app.validate(&new_secret).await.result(),
+        ValidationResult::Valid
+    );
+}
