@@ -488,10 +488,7 @@ fn table(keys: &[ApiKey]) -> String {
                 time_or_never(&key.create_time),
                 time_or_never(&key.expire_time),
                 status_word(key).to_owned(),
-                time(&key.last_used_time).map_or_else(
-                    || "Never".into(),
-                    |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
-                ),
+                time_or_never(&key.last_used_time),
             ]
         })
         .collect();

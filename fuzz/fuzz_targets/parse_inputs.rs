@@ -5,8 +5,8 @@
 use apikeys::{
     callers::{Callers, check_name},
     domain::{
-        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES, PageCursor, PresentedKey,
-        Scopes, WorkspaceId, check_required, column_scopes, contains_key, is_scope,
+        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES, PageCursor, PresentedKey, Scopes,
+        WorkspaceId, check_required, column_scopes, contains_key, is_scope,
     },
 };
 use libfuzzer_sys::fuzz_target;
@@ -49,8 +49,15 @@ fuzz_target!(|text: &str| {
         let held = scopes.as_slice();
         assert!(held.len() <= MAX_SCOPES);
         assert!(held.windows(2).all(|pair| pair[0] < pair[1]));
-        assert!(held.iter().all(|scope| is_scope(scope) && !contains_key(scope)));
-        assert!(items.iter().all(|item| held.iter().any(|scope| scope == item)));
+        assert!(
+            held.iter()
+                .all(|scope| is_scope(scope) && !contains_key(scope))
+        );
+        assert!(
+            items
+                .iter()
+                .all(|item| held.iter().any(|scope| scope == item))
+        );
         let column = scopes.to_column();
         assert!(column_scopes(&column).eq(held.iter().map(String::as_str)));
     }

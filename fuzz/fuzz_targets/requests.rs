@@ -12,9 +12,9 @@ use apikeys::{
     grpc::{
         ApiKeysService,
         proto::{
-            CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
-            GetKeyRequest, ListKeysRequest, RotateKeyRequest, UpdateKeyRequest,
-            ValidateKeyRequest, api_keys_server::ApiKeysServer,
+            CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
+            ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
+            api_keys_server::ApiKeysServer,
         },
     },
     index::{KeyIndex, SyncSettings, Syncer},
@@ -29,17 +29,8 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tower::Service;
 
-const METHODS: [&str; 9] = [
-    "CreateKey",
-    "ListKeys",
-    "DeleteKey",
-    "ValidateKey",
-    "GetKey",
-    "UpdateKey",
-    "DisableKey",
-    "EnableKey",
-    "RotateKey",
-];
+/// Every ApiKeys method, as the server names them.
+const METHODS: [&str; 9] = apikeys::grpc::observe::API_METHODS;
 
 #[derive(Debug, Arbitrary)]
 struct Call {
