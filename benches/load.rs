@@ -22,6 +22,11 @@
 //!
 //! With `--previous-bin PATH` (a build of an earlier commit of this service) that server runs
 //! too, likewise, so a change's effect on ValidateKey is measured in one run, not across runs.
+//!
+//! A second apikeys server with usage recording off (`APIKEYS_RECORD_USAGE=false`) always
+//! runs beside the default one, so the cost of counting usage is measured in the same run.
+//! Every ValidateKey request carries a `client_ip` (one of 16 per scenario), as a gateway's
+//! would.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -31,7 +36,8 @@ use std::{
 
 use apikeys::grpc::proto::{
     self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
-    DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest, ListKeysRequest,
+    DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest, GetKeyUsageRequest,
+    GetKeyUsageResponse, ListKeyEventsRequest, ListKeyEventsResponse, ListKeysRequest,
     ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest,
     ValidateKeyResponse, ValidationResult,
     api_keys_client::ApiKeysClient,
@@ -139,18 +145,25 @@ async fn run(options: Options) {
     println!("# database: {}", redact(&database_url));
 
     let echo = Server::start_echo(&options);
-    let apikeys = Server::start_apikeys(&options, BIN, &database_url);
+    let apikeys = Server::start_apikeys(&options, BIN, &database_url, &[]);
+    let usage_off_url = fresh_database(&options, dir.path(), "apikeys_bench_usage_off").await;
+    let usage_off = Server::start_apikeys(
+        &options,
+        BIN,
+        &usage_off_url,
+        &[("APIKEYS_RECORD_USAGE", "false")],
+    );
     let db_backed = match &options.db_backed_bin {
         Some(bin) => {
             let url = fresh_database(&options, dir.path(), "apikeys_bench_db_backed").await;
-            Some(Server::start_apikeys(&options, bin, &url))
+            Some(Server::start_apikeys(&options, bin, &url, &[]))
         }
         None => None,
     };
     let previous = match &options.previous_bin {
         Some(bin) => {
             let url = fresh_database(&options, dir.path(), "apikeys_bench_previous").await;
-            Some(Server::start_apikeys(&options, bin, &url))
+            Some(Server::start_apikeys(&options, bin, &url, &[]))
         }
         None => None,
     };
@@ -182,6 +195,8 @@ async fn run(options: Options) {
         Some(channel) => create_keys(channel, options.keys, &[]).await,
         None => Vec::new(),
     };
+    let usage_off_channels = channels(&usage_off.addr, options.connections).await;
+    let usage_off_secrets = create_keys(&usage_off_channels[0], options.keys, &[]).await;
     let previous_channels = match &previous {
         Some(server) => channels(&server.addr, options.connections).await,
         None => Vec::new(),
@@ -225,6 +240,13 @@ async fn run(options: Options) {
             &api_channels,
             &scoped_secrets,
             &["bench:read"],
+            ValidationResult::Valid,
+        ),
+        (
+            "ValidateKey hit, usage off",
+            &usage_off_channels,
+            &usage_off_secrets,
+            NONE,
             ValidationResult::Valid,
         ),
     ];
@@ -316,6 +338,23 @@ async fn run(options: Options) {
     };
     let hit = rate_of("ValidateKey hit").unwrap();
     let unknown = rate_of("ValidateKey unknown key").unwrap();
+    if let Some(off_at) = plan
+        .iter()
+        .position(|(n, ..)| *n == "ValidateKey hit, usage off")
+    {
+        let off = median(&results[off_at].0);
+        let rounds: Vec<String> = results[1]
+            .0
+            .iter()
+            .zip(&results[off_at].0)
+            .map(|(on, off)| format!("{:.2}", on / off))
+            .collect();
+        println!(
+            "# ValidateKey hit, usage on / off: {:.2} (round by round: {})",
+            hit / off,
+            rounds.join(" ")
+        );
+    }
     if let (Some(db_hit), Some(db_unknown)) = (
         rate_of("DB-backed hit (f4f862b)"),
         rate_of("DB-backed unknown (f4f862b)"),
@@ -337,6 +376,7 @@ async fn run(options: Options) {
     }
     drop(previous);
     drop(db_backed);
+    drop(usage_off);
     drop(apikeys);
     drop(echo);
 }
@@ -488,6 +528,7 @@ async fn scenario(
                         .validate_key(ValidateKeyRequest {
                             key,
                             required_scopes: required.clone(),
+                            client_ip: format!("203.0.113.{}", task % 16),
                         })
                         .await
                         .expect("ValidateKey");
@@ -572,7 +613,12 @@ struct Server {
 }
 
 impl Server {
-    fn start_apikeys(options: &Options, bin: &str, database_url: &str) -> Self {
+    fn start_apikeys(
+        options: &Options,
+        bin: &str,
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let child = Command::new("taskset")
             .args(["-c", &options.server_core, bin])
@@ -582,6 +628,7 @@ impl Server {
             .env("APIKEYS_MANAGEMENT_RATE", "1000000")
             .env("APIKEYS_MANAGEMENT_BURST", "1000000")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .spawn()
             .expect("start apikeys");
         Self::ready(child, port)
@@ -665,6 +712,18 @@ impl ApiKeys for Echo {
         &self,
         _: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn list_key_events(
+        &self,
+        _: Request<ListKeyEventsRequest>,
+    ) -> Result<Response<ListKeyEventsResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_key_usage(
+        &self,
+        _: Request<GetKeyUsageRequest>,
+    ) -> Result<Response<GetKeyUsageResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
     async fn validate_key(
@@ -850,8 +909,8 @@ async fn revocation(
     kill_listeners: bool,
 ) -> Histogram<u64> {
     use sea_orm::{ConnectionTrait, Database};
-    let a = Server::start_apikeys(options, BIN, database_url);
-    let b = Server::start_apikeys(options, BIN, database_url);
+    let a = Server::start_apikeys(options, BIN, database_url, &[]);
+    let b = Server::start_apikeys(options, BIN, database_url, &[]);
     let mut a_client = ApiKeysClient::new(channels(&a.addr, 1).await.remove(0));
     let mut b_client = ApiKeysClient::new(channels(&b.addr, 1).await.remove(0));
     let admin = Database::connect(database_url).await.unwrap();

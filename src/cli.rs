@@ -339,6 +339,7 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             let request = ValidateKeyRequest {
                 key: key.trim().to_owned(),
                 required_scopes,
+                ..Default::default()
             };
             let answer = client
                 .validate_key(connection.request(request)?)

@@ -168,6 +168,26 @@ pub struct Settings {
     /// `0.0.0.0:9090`; off when unset. The metrics hold no secret, key or workspace.
     #[arg(long, env = "APIKEYS_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Count every ValidateKey answer per key and hour for GetKeyUsage (in memory, written
+    /// every 2 s). `false` keeps only each key's last use.
+    #[arg(
+        long,
+        env = "APIKEYS_RECORD_USAGE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    pub record_usage: bool,
+
+    /// How long key events and hourly usage are kept; older ones are pruned in the
+    /// background, e.g. `90d`.
+    #[arg(long, env = "APIKEYS_RETENTION", default_value = "90d", value_parser = parse_duration, global = true)]
+    pub retention: Duration,
+
+    /// How often the retention task prunes.
+    #[arg(long, env = "APIKEYS_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_duration, global = true)]
+    pub prune_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -197,6 +217,9 @@ impl Settings {
             tls_client_ca: None,
             tls_reload_interval: Duration::from_secs(10),
             metrics_listen: None,
+            record_usage: true,
+            retention: Duration::from_secs(90 * 86_400),
+            prune_interval: Duration::from_secs(3600),
         }
     }
 

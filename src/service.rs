@@ -1,6 +1,6 @@
 //! What the API does, in domain terms; the gRPC layer only converts at the edges.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -12,7 +12,9 @@ use crate::{
     },
     error::{ApiError, KeyStateConflict},
     index::{Found, KeyIndex, KeyState, Syncer},
-    store::{Change, Changed, KeyRow, KeyUpdate, NewKey, Store},
+    store::{
+        Change, Changed, EventKind, EventRow, KeyRow, KeyUpdate, NewEvent, NewKey, Store, UsageRow,
+    },
 };
 
 /// ListKeys page size when the caller gives none.
@@ -73,6 +75,21 @@ pub struct Page {
     pub next: Option<PageCursor>,
 }
 
+#[derive(Debug)]
+pub struct EventPage {
+    pub events: Vec<EventRow>,
+    /// The id of the last event, when another page follows.
+    pub next: Option<i64>,
+}
+
+/// GetKeyUsage's answer.
+#[derive(Debug)]
+pub struct KeyUsage {
+    pub hours: Vec<UsageRow>,
+    pub last_used_time_us: Option<i64>,
+    pub last_used_ip: Option<String>,
+}
+
 impl KeyService {
     /// `syncer` keeps the index that ValidateKey reads in step with `store`.
     pub fn new(store: Store, clock: Arc<dyn Clock>, syncer: Arc<Syncer>) -> Self {
@@ -105,7 +122,8 @@ impl KeyService {
         let id = KeyId::generate();
         let row = self
             .store
-            .insert(NewKey {
+            .insert(
+                NewKey {
                 id: &id,
                 workspace: workspace.as_str(),
                 name: name.as_str().to_owned(),
@@ -115,7 +133,9 @@ impl KeyService {
                 create_time: now,
                 expire_time,
                 scopes: scopes.to_column(),
-            })
+                },
+                NewEvent::new(EventKind::Created, actor, now),
+            )
             .await?;
         // This replica answers for the key before CreateKey returns.
         self.index.apply(&(&row).into());
@@ -203,6 +223,7 @@ impl KeyService {
         id: &KeyId,
         edit: KeyEdit,
     ) -> Result<KeyRow, ApiError> {
+        let mut event = NewEvent::new(EventKind::Updated, actor, self.now());
         let changed = self
             .change(actor, workspace, id, "updated", |key| {
                 if key.delete_time_us.is_some() {
@@ -216,6 +237,10 @@ impl KeyService {
                     .scopes
                     .map(|scopes| scopes.to_column())
                     .filter(|scopes| *scopes != key.scopes);
+                event.changed_fields = [("name", name.is_some()), ("scopes", scopes.is_some())]
+                    .into_iter()
+                    .filter_map(|(field, changed)| changed.then_some(field))
+                    .collect();
                 Ok((name.is_some() || scopes.is_some()).then(|| Change {
                     update: KeyUpdate {
                         name,
@@ -223,6 +248,7 @@ impl KeyService {
                         ..Default::default()
                     },
                     insert: None,
+                    event,
                 }))
             })
             .await?;
@@ -237,8 +263,13 @@ impl KeyService {
         id: &KeyId,
         disabled: bool,
     ) -> Result<KeyRow, ApiError> {
-        let now = self.now().timestamp_micros();
-        let what = if disabled { "disabled" } else { "enabled" };
+        let at = self.now();
+        let now = at.timestamp_micros();
+        let (what, kind) = if disabled {
+            ("disabled", EventKind::Disabled)
+        } else {
+            ("enabled", EventKind::Enabled)
+        };
         let changed = self
             .change(actor, workspace, id, what, |key| {
                 if key.delete_time_us.is_some() {
@@ -257,6 +288,7 @@ impl KeyService {
                         ..Default::default()
                     },
                     insert: None,
+                    event: NewEvent::new(kind, actor, at),
                 }))
             })
             .await?;
@@ -315,6 +347,10 @@ impl KeyService {
                         expire_time: lifetime.map(|lifetime| now + lifetime),
                         scopes: key.scopes.clone(),
                     }),
+                    event: NewEvent {
+                        new_key_id: Some(new_id.as_str().to_owned()),
+                        ..NewEvent::new(EventKind::Rotated, actor, now)
+                    },
                 }))
             })
             .await?;
@@ -337,7 +373,8 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
     ) -> Result<(), ApiError> {
-        let Some(row) = self.store.delete(workspace, id, self.now()).await? else {
+        let event = NewEvent::new(EventKind::Deleted, actor, self.now());
+        let Some(row) = self.store.delete(workspace, id, event).await? else {
             return Err(ApiError::KeyNotFound);
         };
         // The very next ValidateKey on this replica answers DELETED.
@@ -346,12 +383,64 @@ impl KeyService {
         Ok(())
     }
 
+    /// A workspace's events, or one key's, newest first, after the event `before`.
+    pub async fn events(
+        &self,
+        workspace: &WorkspaceId,
+        key: Option<&KeyId>,
+        page_size: u64,
+        before: Option<i64>,
+    ) -> Result<EventPage, ApiError> {
+        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        let mut events = self
+            .store
+            .events(workspace, key, before, page_size + 1)
+            .await?;
+        let next = (events.len() as u64 > page_size).then(|| {
+            events.truncate(page_size as usize);
+            events.last().map(|last| last.id)
+        });
+        Ok(EventPage {
+            events,
+            next: next.flatten(),
+        })
+    }
+
+    /// A key's hourly usage in `[from_us, to_us)`; the key may be deleted.
+    pub async fn usage(
+        &self,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<KeyUsage, ApiError> {
+        let Some(key) = self.store.get(workspace, id).await? else {
+            return Err(ApiError::KeyNotFound);
+        };
+        let hours = self.store.usage(workspace, id, from_us, to_us).await?;
+        let (mut last_used_time_us, mut last_used_ip) = (key.last_used_time_us, key.last_used_ip);
+        // A use this replica saw may not be flushed yet.
+        if let Some((at, ip)) = KeyHash::from_slice(&key.key_hash)
+            .and_then(|hash| self.index.last_seen_use(&hash))
+            .filter(|(at, _)| Some(*at) > last_used_time_us)
+        {
+            last_used_time_us = Some(at);
+            last_used_ip = ip.map(|ip| ip.to_string());
+        }
+        Ok(KeyUsage {
+            hours,
+            last_used_time_us,
+            last_used_ip,
+        })
+    }
+
     /// Answers from memory: no database round trip, whatever the input. `required` are the
-    /// scopes the key must all have.
+    /// scopes the key must all have; `client_ip`, where the gateway saw the key come from.
     pub fn validate<S: AsRef<str>>(
         &self,
         presented: &str,
         required: &[S],
+        client_ip: Option<IpAddr>,
     ) -> Result<ValidateOutcome, ApiError> {
         // The gateway's configuration is at fault, whatever the key.
         check_required(required)?;
@@ -368,7 +457,10 @@ impl KeyService {
         }
         let now = self.clock.now().timestamp_micros();
         let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
-        let Some(found) = self.index.lookup(&key.hash(), required, now, resolution) else {
+        let Some(found) = self
+            .index
+            .lookup(&key.hash(), required, now, resolution, client_ip)
+        else {
             return Ok(ValidateOutcome {
                 result: Validation::NotFound,
                 key: None,

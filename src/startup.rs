@@ -115,7 +115,7 @@ impl Application {
         };
         let syncer = Arc::new(Syncer::new(
             store.clone(),
-            Arc::new(KeyIndex::new()),
+            Arc::new(KeyIndex::recording_usage(settings.record_usage)),
             sync_settings,
         ));
         // Health turns SERVING only once every key is in memory.
@@ -205,11 +205,18 @@ impl Application {
         let (metrics, _metrics_task) = metrics.unzip();
         let api = ApiKeysService::new(KeyService::new(
             self.store.clone(),
-            self.clock,
+            self.clock.clone(),
             self.syncer.clone(),
         ))
         .with_metrics(metrics.clone());
-        let sync_tasks = self.syncer.spawn(health.clone(), sync_stopped);
+        let mut sync_tasks = self.syncer.spawn(health.clone(), sync_stopped.clone());
+        sync_tasks.push(tokio::spawn(crate::retention::prune_loop(
+            self.store.clone(),
+            self.clock,
+            self.settings.retention,
+            self.settings.prune_interval,
+            sync_stopped,
+        )));
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = {
@@ -288,7 +295,7 @@ impl Application {
             } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
         }
         drop(tls_tasks);
-        // The sync loops end with a last flush of last-used times.
+        // The sync loops end with a last flush of last-used times and usage.
         let _ = stop_sync.send(true);
         for task in sync_tasks {
             let _ = task.await;

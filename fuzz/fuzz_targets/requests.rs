@@ -13,8 +13,8 @@ use apikeys::{
         ApiKeysService,
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
-            ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
-            api_keys_server::ApiKeysServer,
+            GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
+            UpdateKeyRequest, ValidateKeyRequest, api_keys_server::ApiKeysServer,
         },
     },
     index::{KeyIndex, SyncSettings, Syncer},
@@ -30,7 +30,7 @@ use prost::Message;
 use tower::Service;
 
 /// Every ApiKeys method, as the server names them.
-const METHODS: [&str; 9] = apikeys::grpc::observe::API_METHODS;
+const METHODS: [&str; 11] = apikeys::grpc::observe::API_METHODS;
 
 #[derive(Debug, Arbitrary)]
 struct Call {
@@ -118,6 +118,8 @@ fuzz_target!(|call: Call| {
             "DisableKey" => DisableKeyRequest::decode(call.message.as_slice()).is_ok(),
             "EnableKey" => EnableKeyRequest::decode(call.message.as_slice()).is_ok(),
             "RotateKey" => RotateKeyRequest::decode(call.message.as_slice()).is_ok(),
+            "ListKeyEvents" => ListKeyEventsRequest::decode(call.message.as_slice()).is_ok(),
+            "GetKeyUsage" => GetKeyUsageRequest::decode(call.message.as_slice()).is_ok(),
             _ => ValidateKeyRequest::decode(call.message.as_slice()).is_ok(),
         };
     let mut server = harness.server.clone();

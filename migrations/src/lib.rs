@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_create_api_keys;
 mod m20261126_000002_add_revisions;
 mod m20261127_000003_add_lifecycle;
+mod m20261127_000004_add_events_and_usage;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_create_api_keys::Migration),
             Box::new(m20261126_000002_add_revisions::Migration),
             Box::new(m20261127_000003_add_lifecycle::Migration),
+            Box::new(m20261127_000004_add_events_and_usage::Migration),
         ]
     }
 }

@@ -13,6 +13,16 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// As `x-actor-role` spells it, and as the audit trail records it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+        }
+    }
+}
+
 const ACTOR_ID_MAX_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -38,8 +38,14 @@ pub enum InvalidInput {
     GracePeriodInvalid,
     #[error("page_size must not be negative")]
     PageSizeNegative,
-    #[error("page_token is not a token returned by ListKeys for this workspace")]
+    #[error("page_token is not a token returned by this list for this workspace")]
     PageTokenInvalid,
+    #[error("client_ip must be an IPv4 or IPv6 address")]
+    ClientIpInvalid,
+    #[error(
+        "start_time and end_time are required, valid timestamps, start_time before end_time and at most 93 days apart"
+    )]
+    TimeRangeInvalid,
     #[error("key_id must be a key id as returned by CreateKey or ListKeys")]
     KeyIdInvalid,
 }
@@ -66,6 +72,8 @@ impl InvalidInput {
             Self::GracePeriodInvalid => "GRACE_PERIOD_INVALID",
             Self::PageSizeNegative => "PAGE_SIZE_NEGATIVE",
             Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
+            Self::ClientIpInvalid => "CLIENT_IP_INVALID",
+            Self::TimeRangeInvalid => "TIME_RANGE_INVALID",
             Self::KeyIdInvalid => "KEY_ID_INVALID",
         }
     }
@@ -90,6 +98,8 @@ impl InvalidInput {
             Self::GracePeriodInvalid => "grace_period",
             Self::PageSizeNegative => "page_size",
             Self::PageTokenInvalid => "page_token",
+            Self::ClientIpInvalid => "client_ip",
+            Self::TimeRangeInvalid => "start_time",
             Self::KeyIdInvalid => "key_id",
         }
     }

@@ -16,7 +16,7 @@ pub use expiration::{Expiration, Expiry};
 pub use invalid_input::InvalidInput;
 pub use key_id::KeyId;
 pub use key_name::KeyName;
-pub use page_token::PageCursor;
+pub use page_token::{EventCursor, PageCursor};
 pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{
     KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,

@@ -47,6 +47,44 @@ impl PageCursor {
     }
 }
 
+/// Where a ListKeyEvents page ended: the last event's id. Opaque and bound to its workspace on
+/// the wire, like [`PageCursor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventCursor {
+    pub before: i64,
+}
+
+const EVENT_VERSION: u8 = 2;
+const EVENT_TOKEN_LEN: usize = 1 + TAG_LEN + 8;
+
+impl EventCursor {
+    pub fn encode(&self, workspace: &WorkspaceId) -> String {
+        let mut bytes = Vec::with_capacity(EVENT_TOKEN_LEN);
+        bytes.push(EVENT_VERSION);
+        bytes.extend_from_slice(&workspace_tag(workspace));
+        bytes.extend_from_slice(&self.before.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    pub fn decode(token: &str, workspace: &WorkspaceId) -> Result<Self, InvalidInput> {
+        let invalid = InvalidInput::PageTokenInvalid;
+        if token.len() > 2 * EVENT_TOKEN_LEN {
+            return Err(invalid);
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid)?;
+        if bytes.len() != EVENT_TOKEN_LEN
+            || bytes[0] != EVENT_VERSION
+            || bytes[1..=TAG_LEN] != workspace_tag(workspace)
+        {
+            return Err(invalid);
+        }
+        let before = <[u8; 8]>::try_from(&bytes[1 + TAG_LEN..]).map_err(|_| invalid)?;
+        Ok(Self {
+            before: i64::from_be_bytes(before),
+        })
+    }
+}
+
 fn workspace_tag(workspace: &WorkspaceId) -> [u8; TAG_LEN] {
     let hash = blake3::hash(workspace.as_str().as_bytes());
     let mut tag = [0; TAG_LEN];
@@ -79,6 +117,20 @@ mod tests {
                 PageCursor::decode(&token, &ws(&other)),
                 Err(InvalidInput::PageTokenInvalid)
             );
+        }
+
+        #[test]
+        fn event_cursors_round_trip_in_their_workspace_only_and_are_no_key_cursors(
+            before in any::<i64>(),
+            workspace in "[a-z0-9_-]{1,40}",
+            other in "[a-z0-9_-]{1,40}",
+        ) {
+            prop_assume!(workspace != other);
+            let cursor = EventCursor { before };
+            let token = cursor.encode(&ws(&workspace));
+            prop_assert_eq!(EventCursor::decode(&token, &ws(&workspace)), Ok(cursor));
+            prop_assert!(EventCursor::decode(&token, &ws(&other)).is_err());
+            prop_assert!(PageCursor::decode(&token, &ws(&workspace)).is_err());
         }
 
         #[test]

@@ -5,25 +5,31 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::proto::{
     self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
-    DisableKeyRequest, EnableKeyRequest, GetKeyRequest, KeyStatus, ListKeysRequest,
-    ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest,
-    ValidateKeyResponse, ValidationResult, api_keys_server::ApiKeys,
+    DisableKeyRequest, EnableKeyRequest, GetKeyRequest, GetKeyUsageRequest, GetKeyUsageResponse,
+    KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest, ListKeyEventsResponse,
+    ListKeysRequest, ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest,
+    UsageBucket, ValidateKeyRequest, ValidateKeyResponse, ValidationResult,
+    api_keys_server::ApiKeys,
 };
 use crate::{
     domain::{
-        Actor, Expiration, Expiry, InvalidInput, KeyId, KeyName, PageCursor, Scopes, WorkspaceId,
-        column_scopes, masked_key,
+        Actor, EventCursor, Expiration, Expiry, InvalidInput, KeyId, KeyName, PageCursor, Scopes,
+        WorkspaceId, column_scopes, masked_key,
     },
     error::ApiError,
     index::KeyState,
     metrics::Metrics,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
-    store::KeyRow,
+    store::{EventKind, EventRow, KeyRow},
+    usage::hour_start,
 };
 
 /// Metadata naming the person a management call acts for.
 const ACTOR_ID_HEADER: &str = "x-actor-id";
 const ACTOR_ROLE_HEADER: &str = "x-actor-role";
+/// GetKeyUsage's longest range: a quarter and a bit, enough for the product's 90 days.
+const MAX_USAGE_RANGE_US: i64 = 93 * 24 * 3_600_000_000;
+
 /// ValidateKey's request limit: ample for any key (junk below it is answered MALFORMED),
 /// a quarter of what other calls may send.
 pub const VALIDATE_MAX_BYTES: usize = 16 * 1024;
@@ -98,11 +104,7 @@ impl ApiKeys for ApiKeysService {
         actor(request.metadata())?;
         let request = request.into_inner();
         let workspace = workspace(&request.workspace_id)?;
-        let page_size = match request.page_size {
-            size if size < 0 => return Err(ApiError::from(InvalidInput::PageSizeNegative).into()),
-            0 => DEFAULT_PAGE_SIZE,
-            size => size as u64,
-        };
+        let page_size = page_size(request.page_size)?;
         let after = match request.page_token.as_str() {
             "" => None,
             token => Some(PageCursor::decode(token, &workspace).map_err(ApiError::from)?),
@@ -234,7 +236,16 @@ impl ApiKeys for ApiKeysService {
             .into());
         }
         let request = request.get_ref();
-        let outcome = self.keys.validate(&request.key, &request.required_scopes)?;
+        let client_ip = match request.client_ip.as_str() {
+            "" => None,
+            ip => Some(
+                ip.parse::<std::net::IpAddr>()
+                    .map_err(|_| ApiError::from(InvalidInput::ClientIpInvalid))?,
+            ),
+        };
+        let outcome = self
+            .keys
+            .validate(&request.key, &request.required_scopes, client_ip)?;
         let result = match outcome.result {
             Validation::Valid => ValidationResult::Valid,
             Validation::Malformed => ValidationResult::Malformed,
@@ -263,6 +274,133 @@ impl ApiKeys for ApiKeysService {
             response.name = found.name;
         }
         Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(name = "ListKeyEvents", skip_all, fields(workspace_id, key_id))]
+    async fn list_key_events(
+        &self,
+        request: Request<ListKeyEventsRequest>,
+    ) -> Result<Response<ListKeyEventsResponse>, Status> {
+        actor(request.metadata())?;
+        let request = request.into_inner();
+        let workspace = workspace(&request.workspace_id)?;
+        let key = match request.key_id.as_str() {
+            "" => None,
+            id => {
+                let id = KeyId::parse(id).map_err(ApiError::from)?;
+                tracing::Span::current().record("key_id", id.as_str());
+                Some(id)
+            }
+        };
+        let page_size = page_size(request.page_size)?;
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                EventCursor::decode(token, &workspace)
+                    .map_err(ApiError::from)?
+                    .before,
+            ),
+        };
+        let page = self
+            .keys
+            .events(&workspace, key.as_ref(), page_size, before)
+            .await?;
+        Ok(Response::new(ListKeyEventsResponse {
+            events: page.events.into_iter().map(key_event).collect(),
+            next_page_token: page
+                .next
+                .map(|before| EventCursor { before }.encode(&workspace))
+                .unwrap_or_default(),
+        }))
+    }
+
+    #[tracing::instrument(name = "GetKeyUsage", skip_all, fields(workspace_id, key_id))]
+    async fn get_key_usage(
+        &self,
+        request: Request<GetKeyUsageRequest>,
+    ) -> Result<Response<GetKeyUsageResponse>, Status> {
+        actor(request.metadata())?;
+        let request = request.into_inner();
+        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let (from_us, to_us) =
+            usage_range(request.start_time, request.end_time).map_err(ApiError::from)?;
+        let usage = self.keys.usage(&workspace, &id, from_us, to_us).await?;
+        Ok(Response::new(GetKeyUsageResponse {
+            buckets: usage
+                .hours
+                .into_iter()
+                .map(|hour| {
+                    let [valid, expired, disabled, deleted, insufficient_scope] = hour.counts;
+                    UsageBucket {
+                        start_time: Some(timestamp(hour.start_time_us)),
+                        valid,
+                        expired,
+                        disabled,
+                        deleted,
+                        insufficient_scope,
+                        distinct_client_ips: i64::try_from(hour.client_ips.estimate())
+                            .unwrap_or(i64::MAX),
+                    }
+                })
+                .collect(),
+            last_used_time: usage.last_used_time_us.map(timestamp),
+            last_used_ip: usage.last_used_ip.unwrap_or_default(),
+        }))
+    }
+}
+
+fn page_size(size: i32) -> Result<u64, ApiError> {
+    match size {
+        size if size < 0 => Err(InvalidInput::PageSizeNegative.into()),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        size => Ok(size as u64),
+    }
+}
+
+/// `[start, end)` in microseconds, the start rounded down to its hour.
+fn usage_range(
+    start: Option<prost_types::Timestamp>,
+    end: Option<prost_types::Timestamp>,
+) -> Result<(i64, i64), InvalidInput> {
+    let micros = |at: Option<prost_types::Timestamp>| {
+        let at = at?;
+        let nanos = u32::try_from(at.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+        Some(DateTime::from_timestamp(at.seconds, nanos)?.timestamp_micros())
+    };
+    let (Some(start), Some(end)) = (micros(start), micros(end)) else {
+        return Err(InvalidInput::TimeRangeInvalid);
+    };
+    if start >= end || end - start > MAX_USAGE_RANGE_US {
+        return Err(InvalidInput::TimeRangeInvalid);
+    }
+    Ok((hour_start(start), end))
+}
+
+fn key_event(row: EventRow) -> KeyEvent {
+    let kind = match EventKind::parse(&row.kind) {
+        Some(EventKind::Created) => KeyEventType::Created,
+        Some(EventKind::Updated) => KeyEventType::Updated,
+        Some(EventKind::Disabled) => KeyEventType::Disabled,
+        Some(EventKind::Enabled) => KeyEventType::Enabled,
+        Some(EventKind::Rotated) => KeyEventType::Rotated,
+        Some(EventKind::Deleted) => KeyEventType::Deleted,
+        None => KeyEventType::Unspecified,
+    };
+    KeyEvent {
+        id: format!("evt_{}", row.id),
+        workspace_id: row.workspace_id,
+        key_id: row.key_id,
+        r#type: kind.into(),
+        actor_id: row.actor_id,
+        actor_role: row.actor_role,
+        create_time: Some(timestamp(row.create_time_us)),
+        new_key_id: row.new_key_id.unwrap_or_default(),
+        changed_fields: row
+            .changed_fields
+            .split(' ')
+            .filter(|field| !field.is_empty())
+            .map(str::to_owned)
+            .collect(),
     }
 }
 

@@ -18,7 +18,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::{metrics::Metrics, telemetry};
 
 /// The ApiKeys methods: the only method names besides health, reflection and `unknown`.
-pub const API_METHODS: [&str; 9] = [
+pub const API_METHODS: [&str; 11] = [
     "CreateKey",
     "ListKeys",
     "DeleteKey",
@@ -28,6 +28,8 @@ pub const API_METHODS: [&str; 9] = [
     "DisableKey",
     "EnableKey",
     "RotateKey",
+    "ListKeyEvents",
+    "GetKeyUsage",
 ];
 
 /// The method of a request path: one of a fixed set.

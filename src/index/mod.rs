@@ -6,8 +6,9 @@ mod sync;
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     hash::{BuildHasher, Hasher},
+    net::IpAddr,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicBool, AtomicI64, Ordering},
     },
 };
@@ -19,6 +20,7 @@ pub use sync::{SyncSettings, Syncer};
 use crate::{
     domain::{KeyHash, column_scopes},
     store::IndexRow,
+    usage::{HourUsage, UsageResult, hour_start},
 };
 
 /// A key's scopes, sorted; keys with the same scopes share one.
@@ -40,10 +42,49 @@ struct Record {
     scopes: ScopeSet,
     /// The revision this record reflects; an older one never replaces it.
     revision: i64,
-    /// Last valid use seen by this replica, `i64::MIN` for none; flushed in batches.
+    /// The last valid use as stored, `i64::MIN` for none.
+    stored_last_used_us: i64,
+    /// What this replica saw of the key: made on its first use, and handed on to the record
+    /// that replaces this one, so nothing counted is lost to a change.
+    activity: OnceLock<Arc<Activity>>,
+}
+
+impl Record {
+    fn last_used_us(&self) -> i64 {
+        let seen = self.activity.get().map_or(i64::MIN, |activity| {
+            activity.last_used_us.load(Ordering::Relaxed)
+        });
+        seen.max(self.stored_last_used_us)
+    }
+}
+
+/// A key's uses since the last flush took them.
+#[derive(Debug)]
+struct Activity {
+    /// The last valid use seen by this replica, `i64::MIN` for none.
     last_used_us: AtomicI64,
-    /// Whether this key waits in the flush queue already.
-    use_pending: AtomicBool,
+    /// Whether the key waits in the flush queue.
+    queued: AtomicBool,
+    unflushed: Mutex<Unflushed>,
+}
+
+#[derive(Debug, Default)]
+struct Unflushed {
+    /// Whether `last_used_us` moved since the flush took it.
+    last_used: bool,
+    last_used_ip: Option<IpAddr>,
+    /// This hour's answers (when usage is recorded).
+    usage: Option<HourUsage>,
+}
+
+/// What a flush takes of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyActivity {
+    pub key_id: String,
+    pub workspace_id: String,
+    /// The last valid use and its client IP, when it moved since the last flush.
+    pub last_used: Option<(i64, Option<IpAddr>)>,
+    pub usage: Option<HourUsage>,
 }
 
 const ID_PREFIX: &str = "key_";
@@ -122,18 +163,34 @@ impl Hasher for PrehashedHasher {
     fn write_usize(&mut self, _length: usize) {}
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KeyIndex {
     keys: HashMap<[u8; 32], Record, PrehashedKeys>,
     workspaces: Mutex<HashSet<Arc<str>>>,
     /// Every distinct scope set, by its stored column.
     scope_sets: Mutex<StdHashMap<Box<str>, ScopeSet>>,
-    /// Keys whose last use changed since the last flush.
-    pending_uses: Mutex<Vec<KeyHash>>,
+    /// Keys with activity since the last flush, each once.
+    pending: Mutex<Vec<KeyHash>>,
+    /// Hours that ended before a flush took them.
+    rolled: Mutex<Vec<(KeyHash, HourUsage)>>,
+    /// Whether every answer for a known key is counted (GetKeyUsage), or only valid uses
+    /// noted (last used).
+    record_usage: bool,
+}
+
+impl Default for KeyIndex {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl KeyIndex {
+    /// An index that records usage.
     pub fn new() -> Self {
+        Self::recording_usage(true)
+    }
+
+    pub fn recording_usage(record_usage: bool) -> Self {
         Self {
             // Blocking resizes finish at once; an incremental one would leave lookups checking
             // two tables until enough later writes (rare here) finish the copy.
@@ -143,7 +200,9 @@ impl KeyIndex {
                 .build(),
             workspaces: Mutex::default(),
             scope_sets: Mutex::default(),
-            pending_uses: Mutex::default(),
+            pending: Mutex::default(),
+            rolled: Mutex::default(),
+            record_usage,
         }
     }
 
@@ -178,7 +237,7 @@ impl KeyIndex {
         let workspace = self.intern(&row.workspace_id);
         let scopes = self.intern_scopes(&row.scopes);
         let stored_use = row.last_used_time_us.unwrap_or(i64::MIN);
-        let record = |last_used: i64| Record {
+        let record = |old: Option<&Record>| Record {
             id,
             workspace: workspace.clone(),
             expire_time_us: row.expire_time_us.unwrap_or(i64::MAX),
@@ -187,14 +246,20 @@ impl KeyIndex {
             name: row.name.as_str().into(),
             scopes: scopes.clone(),
             revision: row.revision,
-            last_used_us: AtomicI64::new(last_used.max(stored_use)),
-            use_pending: AtomicBool::new(false),
+            stored_last_used_us: old.map_or(stored_use, |old| {
+                old.stored_last_used_us.max(stored_use)
+            }),
+            // Shared, not moved: papaya may run this more than once.
+            activity: old
+                .and_then(|old| old.activity.get().cloned())
+                .map(OnceLock::from)
+                .unwrap_or_default(),
         };
         let keys = self.keys.pin();
         keys.compute(*hash.as_bytes(), |existing| match existing {
             Some((_, old)) if old.revision >= row.revision => Operation::Abort(()),
-            Some((_, old)) => Operation::Insert(record(old.last_used_us.load(Ordering::Relaxed))),
-            None => Operation::Insert(record(i64::MIN)),
+            Some((_, old)) => Operation::Insert(record(Some(old))),
+            None => Operation::Insert(record(None)),
         });
     }
 
@@ -225,14 +290,16 @@ impl KeyIndex {
     }
 
     /// The key with this hash, as of `now_us`, and whether it has every one of `required`
-    /// (sorted or not). An answer of VALID (active, with the scopes required) records the use
-    /// (in memory).
+    /// (sorted or not). An answer of VALID (active, with the scopes required) notes the use
+    /// (at most once per `use_resolution_us`); with usage recorded, every answer is counted
+    /// in the key's hour. All in memory, for the flush to write.
     pub fn lookup<S: AsRef<str>>(
         &self,
         hash: &KeyHash,
         required: &[S],
         now_us: i64,
         use_resolution_us: i64,
+        client_ip: Option<IpAddr>,
     ) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
@@ -248,17 +315,17 @@ impl KeyIndex {
                 .binary_search_by(|held| (**held).cmp(scope.as_ref()))
                 .is_ok()
         });
-        if state == KeyState::Active
-            && has_required_scopes
-            && record.last_used_us.load(Ordering::Relaxed) + use_resolution_us <= now_us
-        {
-            record.last_used_us.fetch_max(now_us, Ordering::Relaxed);
-            if !record.use_pending.swap(true, Ordering::AcqRel) {
-                self.pending_uses
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(*hash);
-            }
+        let result = match state {
+            KeyState::Active if has_required_scopes => UsageResult::Valid,
+            KeyState::Active => UsageResult::InsufficientScope,
+            KeyState::Disabled => UsageResult::Disabled,
+            KeyState::Expired => UsageResult::Expired,
+            KeyState::Deleted => UsageResult::Deleted,
+        };
+        let use_due = result == UsageResult::Valid
+            && record.last_used_us().saturating_add(use_resolution_us) <= now_us;
+        if use_due || self.record_usage {
+            self.note(hash, record, result, use_due, now_us, client_ip);
         }
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
         id.push_str(ID_PREFIX);
@@ -279,35 +346,123 @@ impl KeyIndex {
         })
     }
 
+    /// Notes a use and counts an answer in the key's activity, and queues the key for the
+    /// next flush.
+    fn note(
+        &self,
+        hash: &KeyHash,
+        record: &Record,
+        result: UsageResult,
+        use_due: bool,
+        now_us: i64,
+        client_ip: Option<IpAddr>,
+    ) {
+        let activity = record.activity.get_or_init(|| {
+            Arc::new(Activity {
+                last_used_us: AtomicI64::new(i64::MIN),
+                queued: AtomicBool::new(false),
+                unflushed: Mutex::default(),
+            })
+        });
+        {
+            let mut unflushed = lock(&activity.unflushed);
+            if use_due {
+                activity.last_used_us.fetch_max(now_us, Ordering::Relaxed);
+                unflushed.last_used = true;
+                unflushed.last_used_ip = client_ip;
+            }
+            if self.record_usage {
+                let hour = hour_start(now_us);
+                if let Some(ended) = unflushed
+                    .usage
+                    .take_if(|usage| usage.start_time_us != hour)
+                {
+                    lock(&self.rolled).push((*hash, ended));
+                }
+                unflushed
+                    .usage
+                    .get_or_insert_with(|| HourUsage::new(hour))
+                    .count(result, client_ip);
+            }
+        }
+        // A flush clears `queued` before it takes what is unflushed, so a use it missed is
+        // queued again here.
+        if !activity.queued.load(Ordering::Acquire) && !activity.queued.swap(true, Ordering::AcqRel)
+        {
+            lock(&self.pending).push(*hash);
+        }
+    }
+
     /// The last valid use this replica has seen of the key, if any.
     pub fn last_used_us(&self, hash: &KeyHash) -> Option<i64> {
         let keys = self.keys.pin();
-        let used = keys
-            .get(hash.as_bytes())?
-            .last_used_us
-            .load(Ordering::Relaxed);
+        let used = keys.get(hash.as_bytes())?.last_used_us();
         (used != i64::MIN).then_some(used)
     }
 
-    /// Takes the uses recorded since the last call: `(key id, last used µs)`.
-    pub fn take_uses(&self) -> Vec<(String, i64)> {
-        let pending = std::mem::take(
-            &mut *self
-                .pending_uses
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+    /// The last valid use this replica has seen of the key, with its client IP.
+    pub fn last_seen_use(&self, hash: &KeyHash) -> Option<(i64, Option<IpAddr>)> {
         let keys = self.keys.pin();
-        pending
-            .into_iter()
-            .filter_map(|hash| {
-                let record = keys.get(hash.as_bytes())?;
-                record.use_pending.store(false, Ordering::Release);
-                let id = format!("{ID_PREFIX}{}", std::str::from_utf8(&record.id).ok()?);
-                Some((id, record.last_used_us.load(Ordering::Relaxed)))
-            })
-            .collect()
+        let activity = keys.get(hash.as_bytes())?.activity.get()?;
+        let at = activity.last_used_us.load(Ordering::Relaxed);
+        (at != i64::MIN).then(|| (at, lock(&activity.unflushed).last_used_ip))
     }
+
+    /// Takes what was noted since the last call: last uses that moved, and counted hours.
+    pub fn take_activity(&self) -> Vec<KeyActivity> {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let rolled = std::mem::take(&mut *lock(&self.rolled));
+        let keys = self.keys.pin();
+        let names = |record: &Record| {
+            let id = format!("{ID_PREFIX}{}", std::str::from_utf8(&record.id).ok()?);
+            Some((id, record.workspace.to_string()))
+        };
+        let mut taken = Vec::with_capacity(pending.len() + rolled.len());
+        for hash in pending {
+            let Some(record) = keys.get(hash.as_bytes()) else {
+                continue;
+            };
+            let Some(activity) = record.activity.get() else {
+                continue;
+            };
+            activity.queued.store(false, Ordering::Release);
+            let (last_used, usage) = {
+                let mut unflushed = lock(&activity.unflushed);
+                let last_used = std::mem::take(&mut unflushed.last_used).then(|| {
+                    (
+                        activity.last_used_us.load(Ordering::Relaxed),
+                        unflushed.last_used_ip,
+                    )
+                });
+                (last_used, unflushed.usage.take())
+            };
+            if let Some((key_id, workspace_id)) = names(record)
+                && (last_used.is_some() || usage.is_some())
+            {
+                taken.push(KeyActivity {
+                    key_id,
+                    workspace_id,
+                    last_used,
+                    usage,
+                });
+            }
+        }
+        for (hash, usage) in rolled {
+            if let Some((key_id, workspace_id)) = keys.get(hash.as_bytes()).and_then(names) {
+                taken.push(KeyActivity {
+                    key_id,
+                    workspace_id,
+                    last_used: None,
+                    usage: Some(usage),
+                });
+            }
+        }
+        taken
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -345,18 +500,18 @@ mod tests {
         let index = KeyIndex::new();
         let secret = Secret::generate();
         index.apply(&row(7, &secret, 1, false));
-        let found = index.lookup(&secret.hash(), NONE, 999, 1).unwrap();
+        let found = index.lookup(&secret.hash(), NONE, 999, 1, None).unwrap();
         assert_eq!(found.id, "key_00000000000000000007");
         assert_eq!(&*found.workspace, "ws-1");
         assert_eq!(found.state, KeyState::Active);
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 1_000, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 1_000, 1, None).unwrap().state,
             KeyState::Expired
         );
         assert!(
             index
-                .lookup(&Secret::generate().hash(), NONE, 0, 1)
+                .lookup(&Secret::generate().hash(), NONE, 0, 1, None)
                 .is_none()
         );
     }
@@ -369,30 +524,34 @@ mod tests {
         key.scopes = "orders:read orders:write".into();
         index.apply(&key);
         let found = index
-            .lookup(&secret.hash(), &["orders:write"], 0, 1)
+            .lookup(&secret.hash(), &["orders:write"], 0, 1, None)
             .unwrap();
         assert!(found.has_required_scopes);
         assert_eq!(found.scopes, ["orders:read", "orders:write"]);
         assert_eq!(found.name, "key 1");
-        assert_eq!(index.take_uses().len(), 1);
+        assert_eq!(index.take_activity().len(), 1);
         let found = index
-            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1)
+            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1, None)
             .unwrap();
         assert!(!found.has_required_scopes);
         key.revision = 2;
         key.disable_time_us = Some(1);
         index.apply(&key);
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 20, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 20, 1, None).unwrap().state,
             KeyState::Disabled
         );
         // Expired wins over disabled, deleted over both.
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 1_000, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 1_000, 1, None).unwrap().state,
             KeyState::Expired
         );
-        // A refused key's use is not its last use.
-        assert!(index.take_uses().is_empty());
+        // A refused key's use is not its last use, but it is counted.
+        let taken = index.take_activity();
+        assert_eq!(taken[0].last_used, None);
+        let usage = taken[0].usage.as_ref().unwrap();
+        // Insufficient scope, disabled, expired (all within hour 0).
+        assert_eq!(usage.counts, [0, 1, 1, 0, 1]);
         assert_eq!(index.last_used_us(&secret.hash()), Some(0));
     }
 
@@ -404,7 +563,7 @@ mod tests {
         // A slow catch-up delivers the key as it was before its delete.
         index.apply(&row(1, &secret, 4, false));
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 0, 1).unwrap().state,
+            index.lookup(&secret.hash(), NONE, 0, 1, None).unwrap().state,
             KeyState::Deleted
         );
     }
@@ -414,14 +573,63 @@ mod tests {
         let index = KeyIndex::new();
         let secret = Secret::generate();
         index.apply(&row(1, &secret, 1, false));
-        index.lookup(&secret.hash(), NONE, 100, 10);
-        index.lookup(&secret.hash(), NONE, 105, 10); // within the resolution: not noted
-        index.lookup(&secret.hash(), NONE, 120, 10);
-        assert_eq!(
-            index.take_uses(),
-            vec![("key_00000000000000000001".to_owned(), 120)]
-        );
-        assert!(index.take_uses().is_empty());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        index.lookup(&secret.hash(), NONE, 100, 10, None);
+        index.lookup(&secret.hash(), NONE, 105, 10, None); // within the resolution: not noted
+        index.lookup(&secret.hash(), NONE, 120, 10, Some(ip));
+        let taken = index.take_activity();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].key_id, "key_00000000000000000001");
+        assert_eq!(taken[0].workspace_id, "ws-1");
+        assert_eq!(taken[0].last_used, Some((120, Some(ip))));
+        let usage = taken[0].usage.as_ref().unwrap();
+        assert_eq!(usage.counts, [3, 0, 0, 0, 0]);
+        assert_eq!(usage.client_ips.estimate(), 1);
+        assert!(index.take_activity().is_empty());
         assert_eq!(index.last_used_us(&secret.hash()), Some(120));
+    }
+
+    #[test]
+    fn an_hour_that_ends_before_a_flush_is_kept_apart() {
+        use crate::usage::HOUR_US;
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        let mut key = row(1, &secret, 1, false);
+        key.expire_time_us = None;
+        index.apply(&key);
+        index.lookup(&secret.hash(), NONE, HOUR_US - 1, 1, None);
+        index.lookup(&secret.hash(), NONE, HOUR_US, 1, None);
+        index.lookup(&secret.hash(), NONE, HOUR_US + 1, 1, None);
+        let mut hours: Vec<_> = index
+            .take_activity()
+            .into_iter()
+            .filter_map(|taken| taken.usage)
+            .map(|usage| (usage.start_time_us, usage.counts[0]))
+            .collect();
+        hours.sort();
+        assert_eq!(hours, [(0, 1), (HOUR_US, 2)]);
+    }
+
+    #[test]
+    fn counts_survive_a_change_to_the_key_and_are_off_when_usage_is_not_recorded() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        let mut key = row(1, &secret, 1, false);
+        index.apply(&key);
+        index.lookup(&secret.hash(), NONE, 10, 1, None);
+        key.revision = 2;
+        key.disable_time_us = Some(11);
+        index.apply(&key);
+        index.lookup(&secret.hash(), NONE, 12, 1, None);
+        let taken = index.take_activity();
+        assert_eq!(taken[0].usage.as_ref().unwrap().counts, [1, 0, 1, 0, 0]);
+
+        let off = KeyIndex::recording_usage(false);
+        off.apply(&row(1, &secret, 1, false));
+        off.lookup(&secret.hash(), NONE, 10, 1, None);
+        off.lookup(&secret.hash(), NONE, 2_000, 1, None); // expired: not a use
+        let taken = off.take_activity();
+        assert_eq!(taken[0].last_used, Some((10, None)));
+        assert_eq!(taken[0].usage, None);
     }
 }

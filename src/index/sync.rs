@@ -1,9 +1,10 @@
 //! Keeps a replica's index in step with the database: PostgreSQL LISTEN/NOTIFY for speed, a
 //! catch-up by revision on every notification, every (re)connect and every poll for
-//! certainty, and batched flushes of last-used times.
+//! certainty, and batched flushes of last-used times and usage.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,13 +19,18 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use super::KeyIndex;
 use crate::{
     startup::HEALTH_NAMES,
-    store::{CHANGES_CHANNEL, ChangeCursor, Store, StoreError},
+    store::{CHANGES_CHANNEL, ChangeCursor, KeyHour, Store, StoreError},
 };
 
 /// Rows read per catch-up query; start-up loads the whole table in such pages.
 const BATCH: u64 = 20_000;
 /// Revision ranges loaded side by side at start-up.
 const LOAD_SLICES: i64 = 2;
+/// Key-hours of usage held while the database cannot take them (a few hundred bytes each);
+/// past this, new ones are dropped and counted, so an outage cannot exhaust memory.
+const MAX_UNWRITTEN_HOURS: usize = 200_000;
+/// Attempts of the last flush at shutdown, a moment apart.
+const SHUTDOWN_FLUSH_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SyncSettings {
@@ -33,7 +39,7 @@ pub struct SyncSettings {
     pub poll_interval: Duration,
     /// How old the last successful sync may be before ValidateKey fails closed.
     pub staleness_bound: Duration,
-    /// How often last-used times are written to the database.
+    /// How often last-used times and usage are written to the database.
     pub flush_interval: Duration,
 }
 
@@ -57,6 +63,17 @@ pub struct Syncer {
     /// Milliseconds after `epoch` at which the last successful catch-up started.
     last_sync_ms: AtomicU64,
     stopping: AtomicBool,
+    /// Flushes that failed (and were retried by the next).
+    pub(crate) flush_failures: AtomicU64,
+    /// Answers counted in memory but dropped, the unwritten backlog being full.
+    pub(crate) usage_dropped: AtomicU64,
+}
+
+/// What a flush took but could not write yet.
+#[derive(Debug, Default)]
+struct Unwritten {
+    uses: HashMap<String, (i64, Option<IpAddr>)>,
+    hours: HashMap<(String, i64), KeyHour>,
 }
 
 impl Syncer {
@@ -69,6 +86,8 @@ impl Syncer {
             epoch: Instant::now(),
             last_sync_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            flush_failures: AtomicU64::new(0),
+            usage_dropped: AtomicU64::new(0),
         }
     }
 
@@ -285,7 +304,7 @@ impl Syncer {
     }
 
     async fn flush_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut unwritten = HashMap::new();
+        let mut unwritten = Unwritten::default();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -293,27 +312,99 @@ impl Syncer {
             }
             self.flush(&mut unwritten).await;
         }
-        // Last chance before exit: the graceful shutdown keeps what was recorded.
-        self.flush(&mut unwritten).await;
-    }
-
-    /// Writes recorded uses; on failure keeps them (one entry per key) for the next flush.
-    async fn flush(&self, unwritten: &mut HashMap<String, i64>) {
-        for (id, at) in self.index.take_uses() {
-            let entry = unwritten.entry(id).or_insert(at);
-            *entry = (*entry).max(at);
-        }
-        if unwritten.is_empty() {
-            return;
-        }
-        let batch: Vec<(String, i64)> =
-            unwritten.iter().map(|(id, at)| (id.clone(), *at)).collect();
-        match self.store.record_uses(&batch).await {
-            Ok(()) => unwritten.clear(),
-            Err(err) => {
-                tracing::warn!(error = %err, keys = batch.len(), "cannot write last-used times; will retry")
+        // Last chance before exit: the graceful shutdown keeps what was recorded, riding out
+        // a brief database hiccup.
+        for attempt in 1..=SHUTDOWN_FLUSH_ATTEMPTS {
+            if self.flush(&mut unwritten).await {
+                return;
+            }
+            if attempt < SHUTDOWN_FLUSH_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        let answers: u64 = unwritten
+            .hours
+            .values()
+            .map(|hour| hour.usage.counts.iter().sum::<u64>())
+            .sum();
+        tracing::error!(
+            keys = unwritten.uses.len(),
+            answers,
+            "database unavailable at shutdown: last-used times and usage not written"
+        );
+    }
+
+    /// Writes recorded uses and usage; on failure keeps them (merged, one entry per key or
+    /// key-hour) for the next flush. True when nothing is left unwritten.
+    async fn flush(&self, unwritten: &mut Unwritten) -> bool {
+        for taken in self.index.take_activity() {
+            if let Some((at, ip)) = taken.last_used {
+                let entry = unwritten
+                    .uses
+                    .entry(taken.key_id.clone())
+                    .or_insert((at, ip));
+                if at >= entry.0 {
+                    *entry = (at, ip);
+                }
+            }
+            let Some(usage) = taken.usage else {
+                continue;
+            };
+            let held = unwritten.hours.len();
+            match unwritten
+                .hours
+                .entry((taken.key_id.clone(), usage.start_time_us))
+            {
+                std::collections::hash_map::Entry::Occupied(mut hour) => {
+                    hour.get_mut().usage.merge(&usage)
+                }
+                std::collections::hash_map::Entry::Vacant(_) if held >= MAX_UNWRITTEN_HOURS => {
+                    let answers = usage.counts.iter().sum::<u64>();
+                    if self.usage_dropped.fetch_add(answers, Ordering::Relaxed) == 0 {
+                        tracing::error!(
+                            held,
+                            "usage backlog full while the database is unavailable; dropping new key-hours"
+                        );
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(hour) => {
+                    hour.insert(KeyHour {
+                        key_id: taken.key_id,
+                        workspace_id: taken.workspace_id,
+                        usage,
+                    });
+                }
+            }
+        }
+        let mut written = true;
+        if !unwritten.uses.is_empty() {
+            let batch: Vec<(String, i64, Option<String>)> = unwritten
+                .uses
+                .iter()
+                .map(|(id, (at, ip))| (id.clone(), *at, ip.map(|ip| ip.to_string())))
+                .collect();
+            match self.store.record_uses(&batch).await {
+                Ok(()) => unwritten.uses.clear(),
+                Err(err) => {
+                    written = false;
+                    tracing::warn!(error = %err, keys = batch.len(), "cannot write last-used times; will retry")
+                }
+            }
+        }
+        if !unwritten.hours.is_empty() {
+            let batch: Vec<KeyHour> = unwritten.hours.values().cloned().collect();
+            match self.store.record_usage(&batch).await {
+                Ok(()) => unwritten.hours.clear(),
+                Err(err) => {
+                    written = false;
+                    tracing::warn!(error = %err, key_hours = batch.len(), "cannot write usage; will retry")
+                }
+            }
+        }
+        if !written {
+            self.flush_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        written
     }
 }
 

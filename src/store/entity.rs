@@ -30,6 +30,8 @@ pub struct Model {
     pub scopes: String,
     /// The id of the key RotateKey issued to replace this one.
     pub rotated_to: Option<String>,
+    /// The client IP of the last valid use, when the gateway sent one.
+    pub last_used_ip: Option<String>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

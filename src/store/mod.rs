@@ -1,6 +1,7 @@
 //! The database: source of truth for keys. SQLite by default, PostgreSQL for many replicas.
 
 mod entity;
+mod event;
 mod sqlite_scan;
 
 use std::{path::PathBuf, time::Duration};
@@ -15,10 +16,14 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait},
 };
 
-use crate::domain::{KeyHash, KeyId, PageCursor, WorkspaceId};
+use crate::{
+    domain::{KeyHash, KeyId, PageCursor, WorkspaceId},
+    usage::{DistinctIps, HOUR_US, HourUsage},
+};
 
 pub use entity::Model as KeyRow;
 use entity::{ActiveModel, Column, Entity};
+pub use event::Model as EventRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -163,9 +168,92 @@ impl NewKey<'_> {
             disable_time_us: Set(None),
             scopes: Set(self.scopes),
             rotated_to: Set(None),
+            last_used_ip: Set(None),
         }
     }
 }
+
+/// What happened to a key, for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Created,
+    Updated,
+    Disabled,
+    Enabled,
+    Rotated,
+    Deleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Disabled => "disabled",
+            Self::Enabled => "enabled",
+            Self::Rotated => "rotated",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(stored: &str) -> Option<Self> {
+        [
+            Self::Created,
+            Self::Updated,
+            Self::Disabled,
+            Self::Enabled,
+            Self::Rotated,
+            Self::Deleted,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == stored)
+    }
+}
+
+/// An event to record with a change, in its transaction; the store adds the key, the
+/// workspace and the id (the change's revision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub actor_id: String,
+    pub actor_role: &'static str,
+    pub time_us: i64,
+    pub new_key_id: Option<String>,
+    pub changed_fields: Vec<&'static str>,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventKind, actor: &crate::domain::Actor, time: DateTime<Utc>) -> Self {
+        Self {
+            kind,
+            actor_id: actor.id().to_owned(),
+            actor_role: actor.role().as_str(),
+            time_us: time.timestamp_micros(),
+            new_key_id: None,
+            changed_fields: Vec::new(),
+        }
+    }
+}
+
+/// One key's answers in one hour, to add to what is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHour {
+    pub key_id: String,
+    pub workspace_id: String,
+    pub usage: HourUsage,
+}
+
+/// A stored hour of a key's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub start_time_us: i64,
+    /// In [`crate::usage::UsageResult::ALL`] order.
+    pub counts: [i64; 5],
+    pub client_ips: DistinctIps,
+}
+
+/// The usage table's count columns, in [`crate::usage::UsageResult::ALL`] order.
+const USAGE_COUNTS: [&str; 5] = ["valid", "expired", "disabled", "deleted", "insufficient_scope"];
 
 /// What a change sets on an existing key; `None` leaves a column as it is.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -178,11 +266,12 @@ pub struct KeyUpdate {
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
-/// rotation, a key to insert with it.
+/// rotation, a key to insert with it; and the event that records it.
 #[derive(Debug)]
 pub struct Change<'a> {
     pub update: KeyUpdate,
     pub insert: Option<NewKey<'a>>,
+    pub event: NewEvent,
 }
 
 /// The outcome of [`Store::change`]: the key as now stored, and the key inserted with it.
@@ -266,12 +355,14 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert(&self, key: NewKey<'_>) -> Result<KeyRow, StoreError> {
+    /// Inserts a key with its `created` event.
+    pub async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<KeyRow, StoreError> {
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
         let row = Entity::insert(key.into_model(revision))
             .exec_with_returning(&txn)
             .await?;
+        record_event(&txn, revision, &row, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
         Ok(row)
@@ -335,6 +426,9 @@ impl Store {
             expire_time_us,
             rotated_to,
         } = change.update;
+        record_event(&txn, revision, &row, change.event)
+            .await
+            .map_err(StoreError::from)?;
         let mut update = ActiveModel {
             id: sea_orm::ActiveValue::Unchanged(row.id.clone()),
             revision: Set(revision),
@@ -423,18 +517,19 @@ impl Store {
             .await?)
     }
 
-    /// Tombstones a live key of the workspace and returns it as now stored; `None` when there
-    /// is no such live key (nothing is changed then).
+    /// Tombstones a live key of the workspace, with its `deleted` event, and returns it as
+    /// now stored; `None` when there is no such live key (nothing is changed then).
     pub async fn delete(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
-        now: DateTime<Utc>,
+        event: NewEvent,
     ) -> Result<Option<KeyRow>, StoreError> {
+        let now = event.time_us;
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
         let result = Entity::update_many()
-            .col_expr(Column::DeleteTimeUs, Expr::value(now.timestamp_micros()))
+            .col_expr(Column::DeleteTimeUs, Expr::value(now))
             .col_expr(Column::Revision, Expr::value(revision))
             .filter(Column::Id.eq(id.as_str()))
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
@@ -445,10 +540,194 @@ impl Store {
             // Dropping the transaction rolls the revision back too.
             return Ok(None);
         }
-        let row = Entity::find_by_id(id.as_str()).one(&txn).await?;
+        let Some(row) = Entity::find_by_id(id.as_str()).one(&txn).await? else {
+            return Ok(None);
+        };
+        record_event(&txn, revision, &row, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
-        Ok(row)
+        Ok(Some(row))
+    }
+
+    /// A workspace's events (or one key's, the rotation that issued it included), newest
+    /// first, older than the event `before`; at most `limit`.
+    pub async fn events(
+        &self,
+        workspace: &WorkspaceId,
+        key: Option<&KeyId>,
+        before: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        use event::{Column as EventColumn, Entity as Events};
+        Ok(Events::find()
+            .filter(EventColumn::WorkspaceId.eq(workspace.as_str()))
+            .apply_if(key, |query, key| {
+                query.filter(
+                    EventColumn::KeyId
+                        .eq(key.as_str())
+                        .or(EventColumn::NewKeyId.eq(key.as_str())),
+                )
+            })
+            .apply_if(before, |query, before| {
+                query.filter(EventColumn::Id.lt(before))
+            })
+            .order_by_desc(EventColumn::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Adds each key's hour to what is stored, in one transaction: counts are summed and the
+    /// client-IP sketches merged, so every replica and every flush adds its own share.
+    pub async fn record_usage(&self, hours: &[KeyHour]) -> Result<(), StoreError> {
+        const PER_STATEMENT: usize = 200;
+        let backend = self.backend();
+        let mut hours: Vec<&KeyHour> = hours.iter().collect();
+        // One lock order for every replica: concurrent flushes wait, never deadlock.
+        hours.sort_by(|a, b| {
+            (&a.key_id, a.usage.start_time_us).cmp(&(&b.key_id, b.usage.start_time_us))
+        });
+        let txn = self.db.begin().await?;
+        for chunk in hours.chunks(PER_STATEMENT) {
+            let mut placeholders = Placeholders::new(backend);
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 9);
+            let mut rows = Vec::with_capacity(chunk.len());
+            for hour in chunk {
+                let columns = (0..9).map(|_| placeholders.next()).collect::<Vec<_>>();
+                rows.push(format!("({})", columns.join(", ")));
+                values.push(hour.key_id.clone().into());
+                values.push(hour.usage.start_time_us.into());
+                values.push(hour.workspace_id.clone().into());
+                for count in hour.usage.counts {
+                    values.push(i64::try_from(count).unwrap_or(i64::MAX).into());
+                }
+                let ips = &hour.usage.client_ips;
+                values.push(sea_orm::Value::Bytes(
+                    (!ips.is_empty()).then(|| ips.to_bytes()),
+                ));
+            }
+            let sums = USAGE_COUNTS
+                .iter()
+                .map(|column| format!("{column} = api_key_usage.{column} + excluded.{column}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO api_key_usage (key_id, start_time_us, workspace_id, {}, client_ips) \
+                 VALUES {} ON CONFLICT (key_id, start_time_us) DO UPDATE SET {sums} \
+                 RETURNING key_id, start_time_us, client_ips",
+                USAGE_COUNTS.join(", "),
+                rows.join(", ")
+            );
+            let stored = txn
+                .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+                .await?;
+            // A new row holds our sketch already; an existing one returns its own to merge.
+            for row in stored {
+                let key_id: String = row.try_get_by_index(0)?;
+                let start: i64 = row.try_get_by_index(1)?;
+                let bytes: Option<Vec<u8>> = row.try_get_by_index(2)?;
+                let Some(hour) = chunk
+                    .iter()
+                    .find(|hour| hour.key_id == key_id && hour.usage.start_time_us == start)
+                else {
+                    continue;
+                };
+                let stored = decode_ips(bytes.as_deref(), &key_id);
+                let mut merged = stored.clone();
+                merged.merge(&hour.usage.client_ips);
+                if merged != stored {
+                    let mut placeholders = Placeholders::new(backend);
+                    let sql = format!(
+                        "UPDATE api_key_usage SET client_ips = {} WHERE key_id = {} AND start_time_us = {}",
+                        placeholders.next(),
+                        placeholders.next(),
+                        placeholders.next(),
+                    );
+                    txn.execute_raw(Statement::from_sql_and_values(
+                        backend,
+                        sql,
+                        [merged.to_bytes().into(), key_id.into(), start.into()],
+                    ))
+                    .await?;
+                }
+            }
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A key's stored hours in `[from_us, to_us)`, oldest first.
+    pub async fn usage(
+        &self,
+        workspace: &WorkspaceId,
+        id: &KeyId,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let backend = self.backend();
+        let mut placeholders = Placeholders::new(backend);
+        let sql = format!(
+            "SELECT start_time_us, {}, client_ips FROM api_key_usage \
+             WHERE key_id = {} AND workspace_id = {} AND start_time_us >= {} AND start_time_us < {} \
+             ORDER BY start_time_us",
+            USAGE_COUNTS.join(", "),
+            placeholders.next(),
+            placeholders.next(),
+            placeholders.next(),
+            placeholders.next(),
+        );
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [
+                    id.as_str().into(),
+                    workspace.as_str().into(),
+                    from_us.into(),
+                    to_us.into(),
+                ],
+            ))
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let mut counts = [0; 5];
+                for (i, count) in counts.iter_mut().enumerate() {
+                    *count = row.try_get_by_index(i + 1)?;
+                }
+                let bytes: Option<Vec<u8>> = row.try_get_by_index(6)?;
+                Ok(UsageRow {
+                    start_time_us: row.try_get_by_index(0)?,
+                    counts,
+                    client_ips: decode_ips(bytes.as_deref(), id.as_str()),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes events older than `cutoff_us` and usage hours that ended before it; returns
+    /// how many of each.
+    pub async fn prune(&self, cutoff_us: i64) -> Result<(u64, u64), StoreError> {
+        use event::{Column as EventColumn, Entity as Events};
+        let events = Events::delete_many()
+            .filter(EventColumn::CreateTimeUs.lt(cutoff_us))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        let backend = self.backend();
+        let usage = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "DELETE FROM api_key_usage WHERE start_time_us <= {}",
+                    Placeholders::new(backend).next()
+                ),
+                [cutoff_us.saturating_sub(HOUR_US).into()],
+            ))
+            .await?
+            .rows_affected();
+        Ok((events, usage))
     }
 
     /// Rows changed after `cursor`, in `(revision, id)` order, at most `limit`: what a
@@ -493,10 +772,13 @@ impl Store {
         Ok(rows.into_iter().map(IndexRow::from).collect())
     }
 
-    /// Writes a batch of `(key id, last used µs)`, a few hundred keys per statement, never
-    /// moving a time backwards (replicas race). Not a revision: other replicas' indexes do
-    /// not need it.
-    pub async fn record_uses(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+    /// Writes a batch of `(key id, last used µs, client IP)`, a few hundred keys per
+    /// statement, never moving a time backwards (replicas race): the IP goes with the time.
+    /// Not a revision: other replicas' indexes do not need it.
+    pub async fn record_uses(
+        &self,
+        uses: &[(String, i64, Option<String>)],
+    ) -> Result<(), StoreError> {
         const PER_STATEMENT: usize = 400;
         let backend = self.backend();
         // SQLite's two-argument max() is a scalar; PostgreSQL spells it GREATEST.
@@ -505,37 +787,42 @@ impl Store {
             _ => ("MAX", ""),
         };
         for chunk in uses.chunks(PER_STATEMENT) {
-            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
-            let mut placeholder = {
-                let mut n = 0;
-                move || {
-                    n += 1;
-                    if backend == DatabaseBackend::Postgres {
-                        format!("${n}")
-                    } else {
-                        "?".to_owned()
-                    }
-                }
-            };
-            let mut cases = String::new();
-            for (id, at) in chunk {
-                cases.push_str(&format!(
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 7);
+            let mut placeholders = Placeholders::new(backend);
+            let mut times = String::new();
+            for (id, at, _) in chunk {
+                times.push_str(&format!(
                     " WHEN {} THEN {}{cast}",
-                    placeholder(),
-                    placeholder()
+                    placeholders.next(),
+                    placeholders.next()
                 ));
                 values.push(id.clone().into());
                 values.push((*at).into());
             }
+            // SET expressions all read the row as it was, so the time compared is the old one;
+            // the times' parameters are numbered, so both expressions share them.
+            let old_time = "COALESCE(last_used_time_us, 0)";
+            let mut ips = format!("CASE WHEN {old_time} < CASE id{times} END THEN CASE id");
+            for (id, _, ip) in chunk {
+                ips.push_str(&format!(
+                    " WHEN {} THEN {}",
+                    placeholders.next(),
+                    placeholders.next()
+                ));
+                values.push(id.clone().into());
+                values.push(sea_orm::Value::String(ip.clone()));
+            }
+            ips.push_str(" END ELSE last_used_ip END");
             let ids: Vec<String> = chunk
                 .iter()
-                .map(|(id, _)| {
+                .map(|(id, _, _)| {
                     values.push(id.clone().into());
-                    placeholder()
+                    placeholders.next()
                 })
                 .collect();
             let sql = format!(
-                "UPDATE api_keys SET last_used_time_us = {greatest}(COALESCE(last_used_time_us, 0), CASE id{cases} END) \
+                "UPDATE api_keys SET last_used_ip = {ips}, \
+                 last_used_time_us = {greatest}({old_time}, CASE id{times} END) \
                  WHERE id IN ({})",
                 ids.join(", ")
             );
@@ -599,5 +886,62 @@ impl Store {
     /// Every stored row, tombstones included; for operators' checks and tests.
     pub async fn all_rows(&self) -> Result<Vec<KeyRow>, StoreError> {
         Ok(Entity::find().all(&self.db).await?)
+    }
+}
+
+/// Numbered statement parameters (`$1` for PostgreSQL, `?1` for SQLite), so one can be used
+/// twice.
+struct Placeholders {
+    backend: DatabaseBackend,
+    n: usize,
+}
+
+impl Placeholders {
+    fn new(backend: DatabaseBackend) -> Self {
+        Self { backend, n: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.n += 1;
+        match self.backend {
+            DatabaseBackend::Postgres => format!("${}", self.n),
+            _ => format!("?{}", self.n),
+        }
+    }
+}
+
+/// Records a change's event, in the change's transaction, under the change's revision.
+async fn record_event(
+    txn: &DatabaseTransaction,
+    revision: i64,
+    key: &KeyRow,
+    event: NewEvent,
+) -> Result<(), DbErr> {
+    event::Entity::insert(event::ActiveModel {
+        id: Set(revision),
+        workspace_id: Set(key.workspace_id.clone()),
+        key_id: Set(key.id.clone()),
+        kind: Set(event.kind.as_str().to_owned()),
+        actor_id: Set(event.actor_id),
+        actor_role: Set(event.actor_role.to_owned()),
+        create_time_us: Set(event.time_us),
+        new_key_id: Set(event.new_key_id),
+        changed_fields: Set(event.changed_fields.join(" ")),
+    })
+    .exec_without_returning(txn)
+    .await?;
+    Ok(())
+}
+
+/// A stored sketch; one that cannot be read counts as empty (and is logged), never fails a
+/// flush or a read.
+fn decode_ips(bytes: Option<&[u8]>, key_id: &str) -> DistinctIps {
+    match bytes.map(DistinctIps::from_bytes) {
+        None => DistinctIps::default(),
+        Some(Ok(ips)) => ips,
+        Some(Err(err)) => {
+            tracing::warn!(key_id, error = %err, "stored client-IP sketch unreadable; counting from empty");
+            DistinctIps::default()
+        }
     }
 }

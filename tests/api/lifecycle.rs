@@ -122,6 +122,7 @@ impl TestApp {
             .validate_key(ValidateKeyRequest {
                 key: key.into(),
                 required_scopes: required_scopes.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
             })
             .await
             .expect("validate")
@@ -742,6 +743,7 @@ async fn ill_formed_scopes_are_invalid_arguments() {
             .validate_key(ValidateKeyRequest {
                 key: secret.clone(),
                 required_scopes: required.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

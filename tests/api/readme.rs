@@ -295,6 +295,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                         ValidateKeyRequest {
                             key: text(&body, "key"),
                             required_scopes: texts(&body, "required_scopes"),
+                            client_ip: text(&body, "client_ip"),
                         },
                         h,
                     ))

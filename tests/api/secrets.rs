@@ -66,6 +66,7 @@ async fn exercise_every_rpc() -> (crate::helpers::TestApp, [String; 2]) {
         .validate_key(ValidateKeyRequest {
             key: secret.clone(),
             required_scopes: vec![secret.clone()],
+            ..Default::default()
         })
         .await;
     app.try_disable("acme", &key.id).await.unwrap();

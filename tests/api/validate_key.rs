@@ -83,14 +83,14 @@ async fn validation_is_answered_without_the_database() {
 
     for input in garbage(apikeys::domain::Secret::generate().expose()) {
         let outcome = service
-            .validate(&input, &[] as &[&str])
+            .validate(&input, &[] as &[&str], None)
             .expect("answered without the database");
         assert_eq!(outcome.result, Validation::Malformed);
     }
     // Well-formed keys too: validation is a memory lookup.
     let unknown = apikeys::domain::Secret::generate();
     let outcome = service
-        .validate(unknown.expose(), &[] as &[&str])
+        .validate(unknown.expose(), &[] as &[&str], None)
         .expect("answered without the database");
     assert_eq!(outcome.result, Validation::NotFound);
 }
@@ -258,7 +258,7 @@ async fn expiry_and_workspace_survive_a_restart() {
 }
 
 #[tokio::test]
-async fn recorded_uses_never_move_back_in_time() {
+async fn recorded_uses_never_move_back_in_time_and_keep_their_client_ip() {
     let mut app = spawn_app().await;
     let (a, _) = app.create_key("acme", "a", Expiration::Never).await;
     let (b, _) = app.create_key("acme", "b", Expiration::Never).await;
@@ -266,13 +266,14 @@ async fn recorded_uses_never_move_back_in_time() {
     let later = 1_900_000_000_000_000;
     let earlier = later - 60_000_000;
 
+    let ip = |n: u8| Some(format!("10.0.0.{n}"));
     store
-        .record_uses(&[(a.id.clone(), later), (b.id.clone(), earlier)])
+        .record_uses(&[(a.id.clone(), later, ip(1)), (b.id.clone(), earlier, ip(2))])
         .await
         .unwrap();
     // Another replica flushes an older use of `a` after ours.
     store
-        .record_uses(&[(a.id.clone(), earlier), (b.id.clone(), later)])
+        .record_uses(&[(a.id.clone(), earlier, ip(3)), (b.id.clone(), later, ip(4))])
         .await
         .unwrap();
 
@@ -280,4 +281,7 @@ async fn recorded_uses_never_move_back_in_time() {
     let used = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_time_us;
     assert_eq!(used(&a.id), Some(later));
     assert_eq!(used(&b.id), Some(later));
+    let ip_of = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_ip.clone();
+    assert_eq!(ip_of(&a.id), ip(1));
+    assert_eq!(ip_of(&b.id), ip(4));
 }
