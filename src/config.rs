@@ -180,6 +180,11 @@ pub struct Settings {
     )]
     pub record_usage: bool,
 
+    /// How often each replica writes last-used times and usage counts to the database:
+    /// GetKeyUsage shows answers within about this long. Also on graceful shutdown.
+    #[arg(long, env = "APIKEYS_FLUSH_INTERVAL", default_value = "2s", value_parser = parse_duration, global = true)]
+    pub flush_interval: Duration,
+
     /// How long key events and hourly usage are kept; older ones are pruned in the
     /// background, e.g. `90d`.
     #[arg(long, env = "APIKEYS_RETENTION", default_value = "90d", value_parser = parse_duration, global = true)]
@@ -218,6 +223,7 @@ impl Settings {
             tls_reload_interval: Duration::from_secs(10),
             metrics_listen: None,
             record_usage: true,
+            flush_interval: Duration::from_secs(2),
             retention: Duration::from_secs(90 * 86_400),
             prune_interval: Duration::from_secs(3600),
         }

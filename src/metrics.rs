@@ -125,6 +125,21 @@ impl Metrics {
         }
     }
 
+    /// Registers the counters of `syncer`'s flushes.
+    pub fn with_flushes_of(mut self, syncer: &Syncer) -> Self {
+        self.registry.register(
+            "flush_failures",
+            "Flushes of last-used times and usage that failed (each is retried by the next)",
+            syncer.flush_failures.clone(),
+        );
+        self.registry.register(
+            "usage_dropped_answers",
+            "ValidateKey answers counted but dropped: the backlog held while the database was unavailable was full",
+            syncer.usage_dropped.clone(),
+        );
+        self
+    }
+
     /// Counts one ValidateKey answer.
     pub fn validation(&self, result: ValidationResult) {
         let counter = (result as usize)

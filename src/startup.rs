@@ -111,7 +111,7 @@ impl Application {
         let sync_settings = SyncSettings {
             poll_interval: settings.sync_poll_interval,
             staleness_bound: settings.staleness_bound,
-            ..SyncSettings::default()
+            flush_interval: settings.flush_interval,
         };
         let syncer = Arc::new(Syncer::new(
             store.clone(),
@@ -191,7 +191,7 @@ impl Application {
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
         let metrics = self.metrics.map(|(listener, addr)| {
-            let metrics = Arc::new(Metrics::new());
+            let metrics = Arc::new(Metrics::new().with_flushes_of(&self.syncer));
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
             let serving = tokio::spawn(crate::metrics::serve(
                 listener,

@@ -222,7 +222,7 @@ mod tests {
     use super::*;
 
     fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+        IpAddr::V4(Ipv4Addr::from(n.wrapping_add(0x0a00_0000)))
     }
 
     #[test]

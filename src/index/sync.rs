@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use sea_orm::{DatabaseBackend, sqlx::postgres::PgListener};
 use tokio::{sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -64,9 +65,9 @@ pub struct Syncer {
     last_sync_ms: AtomicU64,
     stopping: AtomicBool,
     /// Flushes that failed (and were retried by the next).
-    pub(crate) flush_failures: AtomicU64,
+    pub(crate) flush_failures: Counter,
     /// Answers counted in memory but dropped, the unwritten backlog being full.
-    pub(crate) usage_dropped: AtomicU64,
+    pub(crate) usage_dropped: Counter,
 }
 
 /// What a flush took but could not write yet.
@@ -86,8 +87,8 @@ impl Syncer {
             epoch: Instant::now(),
             last_sync_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            flush_failures: AtomicU64::new(0),
-            usage_dropped: AtomicU64::new(0),
+            flush_failures: Counter::default(),
+            usage_dropped: Counter::default(),
         }
     }
 
@@ -360,7 +361,7 @@ impl Syncer {
                 }
                 std::collections::hash_map::Entry::Vacant(_) if held >= MAX_UNWRITTEN_HOURS => {
                     let answers = usage.counts.iter().sum::<u64>();
-                    if self.usage_dropped.fetch_add(answers, Ordering::Relaxed) == 0 {
+                    if self.usage_dropped.inc_by(answers) == 0 {
                         tracing::error!(
                             held,
                             "usage backlog full while the database is unavailable; dropping new key-hours"
@@ -402,7 +403,7 @@ impl Syncer {
             }
         }
         if !written {
-            self.flush_failures.fetch_add(1, Ordering::Relaxed);
+            self.flush_failures.inc();
         }
         written
     }

@@ -9,6 +9,7 @@ mod health_and_reflection;
 mod helpers;
 mod lifecycle;
 mod list_keys;
+mod logs;
 mod metrics;
 mod readme;
 mod replicas;

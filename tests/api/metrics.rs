@@ -87,6 +87,9 @@ async fn the_counters_move_with_the_calls_and_hold_no_secret() {
     let age = sample(&after, "apikeys_index_sync_age_seconds");
     assert!((0.0..30.0).contains(&age), "sync age {age}");
     assert!(sample(&after, "apikeys_db_pool_connections") >= 1.0);
+    // The database took every flush of last-used times and usage.
+    assert_eq!(sample(&after, "apikeys_flush_failures_total"), 0.0);
+    assert_eq!(sample(&after, "apikeys_usage_dropped_answers_total"), 0.0);
     // Nothing a caller chose, let alone a secret, becomes a label.
     assert!(!after.contains(&secret[4..36]));
     assert!(!after.contains(&key.id));

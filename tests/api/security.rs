@@ -10,8 +10,8 @@ use apikeys::{
         VALIDATE_MAX_BYTES,
         proto::{
             ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
-            Expiration, GetKeyRequest, ListKeysRequest, RotateKeyRequest, UpdateKeyRequest,
-            ValidateKeyRequest, ValidationResult,
+            Expiration, GetKeyRequest, GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest,
+            RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest, ValidationResult,
         },
     },
     startup::{Application, StartupError},
@@ -88,6 +88,8 @@ enum Rpc {
     Disable,
     Enable,
     Rotate,
+    Events,
+    Usage,
     Validate,
     Reflection,
     Health,
@@ -191,6 +193,32 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                 ))
                 .await,
         ),
+        Rpc::Events => client
+            .list_key_events(carry(
+                &metadata,
+                ListKeyEventsRequest {
+                    workspace_id: "acme".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::Usage => admitted(
+            client
+                .get_key_usage(carry(
+                    &metadata,
+                    GetKeyUsageRequest {
+                        workspace_id: "acme".into(),
+                        key_id: NO_SUCH_KEY.into(),
+                        start_time: Some(prost_types::Timestamp::default()),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: 3600,
+                            nanos: 0,
+                        }),
+                    },
+                ))
+                .await,
+        ),
         Rpc::Create => client
             .create_key(carry(
                 &metadata,
@@ -283,6 +311,8 @@ async fn each_caller_may_make_exactly_the_calls_of_its_role() {
         R::Disable,
         R::Enable,
         R::Rotate,
+        R::Events,
+        R::Usage,
         R::Validate,
         R::Reflection,
         R::Health,
@@ -300,7 +330,9 @@ async fn each_caller_may_make_exactly_the_calls_of_its_role() {
                     | R::Update
                     | R::Disable
                     | R::Enable
-                    | R::Rotate,
+                    | R::Rotate
+                    | R::Events
+                    | R::Usage,
                     C::Gateway,
                 ) => denied,
                 (_, C::Gateway | C::Admin) => None,
