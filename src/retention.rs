@@ -23,7 +23,9 @@ pub async fn prune_loop(
             Ok((events, key_hours)) => {
                 tracing::info!(events, key_hours, ?retention, "pruned key events and usage")
             }
-            Err(err) => tracing::warn!(error = %err, "cannot prune key events and usage; will retry"),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot prune key events and usage; will retry")
+            }
         }
         tokio::select! {
             _ = stop.changed() => return,

@@ -124,15 +124,15 @@ impl KeyService {
             .store
             .insert(
                 NewKey {
-                id: &id,
-                workspace: workspace.as_str(),
-                name: name.as_str().to_owned(),
-                hash: secret.hash(),
-                suffix: secret.suffix(),
-                created_by: actor.id(),
-                create_time: now,
-                expire_time,
-                scopes: scopes.to_column(),
+                    id: &id,
+                    workspace: workspace.as_str(),
+                    name: name.as_str().to_owned(),
+                    hash: secret.hash(),
+                    suffix: secret.suffix(),
+                    created_by: actor.id(),
+                    create_time: now,
+                    expire_time,
+                    scopes: scopes.to_column(),
                 },
                 NewEvent::new(EventKind::Created, actor, now),
             )

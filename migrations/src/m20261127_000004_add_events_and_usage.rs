@@ -37,14 +37,8 @@ impl MigrationTrait for Migration {
                 "idx_api_key_events_key",
                 vec![ApiKeyEvents::KeyId, ApiKeyEvents::Id],
             ),
-            (
-                "idx_api_key_events_new_key",
-                vec![ApiKeyEvents::NewKeyId],
-            ),
-            (
-                "idx_api_key_events_time",
-                vec![ApiKeyEvents::CreateTimeUs],
-            ),
+            ("idx_api_key_events_new_key", vec![ApiKeyEvents::NewKeyId]),
+            ("idx_api_key_events_time", vec![ApiKeyEvents::CreateTimeUs]),
         ] {
             let mut index = Index::create();
             index.name(name).table(ApiKeyEvents::Table).if_not_exists();

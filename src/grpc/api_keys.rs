@@ -364,7 +364,9 @@ fn usage_range(
 ) -> Result<(i64, i64), InvalidInput> {
     let micros = |at: Option<prost_types::Timestamp>| {
         let at = at?;
-        let nanos = u32::try_from(at.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+        let nanos = u32::try_from(at.nanos)
+            .ok()
+            .filter(|n| *n < 1_000_000_000)?;
         Some(DateTime::from_timestamp(at.seconds, nanos)?.timestamp_micros())
     };
     let (Some(start), Some(end)) = (micros(start), micros(end)) else {

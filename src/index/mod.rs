@@ -246,9 +246,8 @@ impl KeyIndex {
             name: row.name.as_str().into(),
             scopes: scopes.clone(),
             revision: row.revision,
-            stored_last_used_us: old.map_or(stored_use, |old| {
-                old.stored_last_used_us.max(stored_use)
-            }),
+            stored_last_used_us: old
+                .map_or(stored_use, |old| old.stored_last_used_us.max(stored_use)),
             // Shared, not moved: papaya may run this more than once.
             activity: old
                 .and_then(|old| old.activity.get().cloned())
@@ -373,10 +372,7 @@ impl KeyIndex {
             }
             if self.record_usage {
                 let hour = hour_start(now_us);
-                if let Some(ended) = unflushed
-                    .usage
-                    .take_if(|usage| usage.start_time_us != hour)
-                {
+                if let Some(ended) = unflushed.usage.take_if(|usage| usage.start_time_us != hour) {
                     lock(&self.rolled).push((*hash, ended));
                 }
                 unflushed
@@ -506,7 +502,10 @@ mod tests {
         assert_eq!(found.state, KeyState::Active);
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 1_000, 1, None).unwrap().state,
+            index
+                .lookup(&secret.hash(), NONE, 1_000, 1, None)
+                .unwrap()
+                .state,
             KeyState::Expired
         );
         assert!(
@@ -538,12 +537,18 @@ mod tests {
         key.disable_time_us = Some(1);
         index.apply(&key);
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 20, 1, None).unwrap().state,
+            index
+                .lookup(&secret.hash(), NONE, 20, 1, None)
+                .unwrap()
+                .state,
             KeyState::Disabled
         );
         // Expired wins over disabled, deleted over both.
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 1_000, 1, None).unwrap().state,
+            index
+                .lookup(&secret.hash(), NONE, 1_000, 1, None)
+                .unwrap()
+                .state,
             KeyState::Expired
         );
         // A refused key's use is not its last use, but it is counted.
@@ -563,7 +568,10 @@ mod tests {
         // A slow catch-up delivers the key as it was before its delete.
         index.apply(&row(1, &secret, 4, false));
         assert_eq!(
-            index.lookup(&secret.hash(), NONE, 0, 1, None).unwrap().state,
+            index
+                .lookup(&secret.hash(), NONE, 0, 1, None)
+                .unwrap()
+                .state,
             KeyState::Deleted
         );
     }

@@ -253,7 +253,13 @@ pub struct UsageRow {
 }
 
 /// The usage table's count columns, in [`crate::usage::UsageResult::ALL`] order.
-const USAGE_COUNTS: [&str; 5] = ["valid", "expired", "disabled", "deleted", "insufficient_scope"];
+const USAGE_COUNTS: [&str; 5] = [
+    "valid",
+    "expired",
+    "disabled",
+    "deleted",
+    "insufficient_scope",
+];
 
 /// What a change sets on an existing key; `None` leaves a column as it is.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -16,8 +16,7 @@ use tonic::{Code, Request, Status};
 
 use crate::{
     helpers::{
-        TestApp, TestDb, as_actor, as_owner, assert_error, spawn_app, spawn_app_on,
-        spawn_app_with,
+        TestApp, TestDb, as_actor, as_owner, assert_error, spawn_app, spawn_app_on, spawn_app_with,
     },
     lifecycle::timestamp,
 };
@@ -232,7 +231,11 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
         ("user_owner", "owner")
     );
     assert_eq!(events[1].new_key_id, new_id);
-    assert!(events.iter().all(|e| e.r#type() == E::Rotated || e.new_key_id.is_empty()));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.r#type() == E::Rotated || e.new_key_id.is_empty())
+    );
     // The new key's trail starts with the rotation that issued it.
     assert_eq!(
         ids(&app.events("acme", &new_id).await),
@@ -282,7 +285,10 @@ async fn a_change_whose_event_cannot_be_written_is_not_made() {
     assert_eq!(deleted.unwrap_err().code(), Code::Internal);
     assert_eq!(created.unwrap_err().code(), Code::Internal);
     // Neither change happened: the key still works, no key was added, no event recorded.
-    assert_eq!(app.validate(&secret).await.result(), ValidationResult::Valid);
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
     let listed: Vec<String> = app.list("acme").await.into_iter().map(|k| k.id).collect();
     assert_eq!(listed, [key.id.as_str()]);
     assert_eq!(
@@ -358,7 +364,8 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
         ValidationResult::Valid
     );
     assert_eq!(
-        app.validate_from(&secret, "10.0.0.2", &["orders:write"]).await,
+        app.validate_from(&secret, "10.0.0.2", &["orders:write"])
+            .await,
         ValidationResult::InsufficientScope
     );
     clock.advance(TimeDelta::seconds(1)); // the next hour
@@ -392,7 +399,9 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
     app.validate_from("clo_nothing", "10.0.0.1", &[]).await;
 
     let usage = app
-        .usage_when("acme", &key.id, |usage| totals(&usage.buckets).iter().sum::<i64>() == 8)
+        .usage_when("acme", &key.id, |usage| {
+            totals(&usage.buckets).iter().sum::<i64>() == 8
+        })
         .await;
 
     let bucket = |start: DateTime<Utc>, counts: [i64; 5], ips: i64| UsageBucket {
@@ -431,7 +440,9 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
 async fn an_expired_key_is_counted_expired() {
     let clock = ManualClock::new(Utc::now());
     let mut app = spawn_app_on(TestDb::new().await, clock.clone()).await;
-    let (key, secret) = app.create_key("acme", "old", Expiration::Expiration30Days).await;
+    let (key, secret) = app
+        .create_key("acme", "old", Expiration::Expiration30Days)
+        .await;
     clock.advance(TimeDelta::days(31));
 
     assert_eq!(
@@ -458,7 +469,8 @@ async fn a_graceful_shutdown_loses_no_counted_usage() {
     .await;
     let (key, secret) = app.create_key("acme", "busy", Expiration::Never).await;
     for i in 0..25 {
-        app.validate_from(&secret, &format!("10.2.0.{i}"), &[]).await;
+        app.validate_from(&secret, &format!("10.2.0.{i}"), &[])
+            .await;
     }
     app.validate_from(&secret, "10.2.0.99", &["admin"]).await;
 
@@ -532,7 +544,9 @@ async fn logs_need_an_owner_or_admin_and_stay_in_their_workspace() {
         }
         let c = &mut app.client;
         for status in [
-            c.get_key_usage(with(role, usage("acme"))).await.unwrap_err(),
+            c.get_key_usage(with(role, usage("acme")))
+                .await
+                .unwrap_err(),
             c.list_key_events(with(role, events())).await.unwrap_err(),
         ] {
             assert_error(&status, code, reason);

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use apikeys::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
-    GetKeyRequest, ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
+    GetKeyRequest, GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
+    UpdateKeyRequest, ValidateKeyRequest,
 };
 use serde_json::{Map, Value, json};
 use tonic::Request;
@@ -14,14 +15,17 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::helpers::spawn_app;
 
 /// Values that differ on every run; the README shows an example of each.
-const VARYING: [&str; 7] = [
+const VARYING: [&str; 10] = [
     "id",
     "keyId",
+    "newKeyId",
     "secret",
     "maskedKey",
     "createTime",
     "expireTime",
     "lastUsedTime",
+    "startTime",
+    "nextPageToken",
 ];
 
 #[derive(Debug)]
@@ -202,6 +206,9 @@ fn assert_matches(expected: &Value, actual: &Value, path: &str) {
                     chrono::DateTime::parse_from_rfc3339(a).is_ok(),
                     "{path}: {a}"
                 );
+            } else if path.ends_with("Token") {
+                // Opaque: any base64 character may stand anywhere.
+                assert_eq!(e.len(), a.len(), "{path}: {a} is not shaped like {e}");
             } else {
                 assert_eq!(e.len(), a.len(), "{path}: {a} is not shaped like {e}");
                 assert_eq!(prefix(e), prefix(a), "{path}: {a} is not shaped like {e}");
@@ -239,6 +246,8 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
             "EnableKey",
             "RotateKey",
             "GetKey",
+            "ListKeyEvents",
+            "GetKeyUsage",
         ]
     );
 
@@ -422,6 +431,89 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
                     ("key", r.key.as_ref().map(api_key)),
                     ("secret", Some(json!(r.secret))),
                     ("oldKey", r.old_key.as_ref().map(api_key)),
+                ])
+            }
+            "ListKeyEvents" => {
+                let message = ListKeyEventsRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                    page_size: body["page_size"].as_i64().unwrap_or_default() as i32,
+                    page_token: text(&body, "page_token"),
+                };
+                let r = client
+                    .list_key_events(request(message, h))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let events = r
+                    .events
+                    .iter()
+                    .map(|e| {
+                        object(vec![
+                            ("id", Some(json!(e.id))),
+                            ("workspaceId", Some(json!(e.workspace_id))),
+                            ("keyId", Some(json!(e.key_id))),
+                            ("type", Some(json!(e.r#type().as_str_name()))),
+                            ("actorId", Some(json!(e.actor_id))),
+                            ("actorRole", Some(json!(e.actor_role))),
+                            ("createTime", time(&e.create_time)),
+                            ("newKeyId", Some(json!(e.new_key_id))),
+                            ("changedFields", Some(json!(e.changed_fields))),
+                        ])
+                    })
+                    .collect();
+                object(vec![
+                    ("events", Some(Value::Array(events))),
+                    ("nextPageToken", Some(json!(r.next_page_token))),
+                ])
+            }
+            "GetKeyUsage" => {
+                // The README's day stands for the day around this run's clock.
+                let now = app.clock_now();
+                let at = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+                    seconds: t.timestamp(),
+                    nanos: 0,
+                };
+                let message = GetKeyUsageRequest {
+                    workspace_id: text(&body, "workspace_id"),
+                    key_id: text(&body, "key_id"),
+                    start_time: Some(at(now - chrono::TimeDelta::hours(12))),
+                    end_time: Some(at(now + chrono::TimeDelta::hours(12))),
+                };
+                // Usage is written within the flush interval (2 s).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                let r = loop {
+                    let r = client
+                        .get_key_usage(request(message.clone(), h))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if !r.buckets.is_empty() || std::time::Instant::now() > deadline {
+                        break r;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                // grpcurl prints int64 as a string, and omits zeros.
+                let count = |n: i64| (n != 0).then(|| json!(n.to_string()));
+                let buckets = r
+                    .buckets
+                    .iter()
+                    .map(|b| {
+                        object(vec![
+                            ("startTime", time(&b.start_time)),
+                            ("valid", count(b.valid)),
+                            ("expired", count(b.expired)),
+                            ("disabled", count(b.disabled)),
+                            ("deleted", count(b.deleted)),
+                            ("insufficientScope", count(b.insufficient_scope)),
+                            ("distinctClientIps", count(b.distinct_client_ips)),
+                        ])
+                    })
+                    .collect();
+                object(vec![
+                    ("buckets", Some(Value::Array(buckets))),
+                    ("lastUsedTime", time(&r.last_used_time)),
+                    ("lastUsedIp", Some(json!(r.last_used_ip))),
                 ])
             }
             other => panic!("the README calls {other}, which this test does not know"),

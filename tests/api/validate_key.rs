@@ -281,7 +281,13 @@ async fn recorded_uses_never_move_back_in_time_and_keep_their_client_ip() {
     let used = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_time_us;
     assert_eq!(used(&a.id), Some(later));
     assert_eq!(used(&b.id), Some(later));
-    let ip_of = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_ip.clone();
+    let ip_of = |id: &str| {
+        rows.iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .last_used_ip
+            .clone()
+    };
     assert_eq!(ip_of(&a.id), ip(1));
     assert_eq!(ip_of(&b.id), ip(4));
 }
