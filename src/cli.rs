@@ -19,7 +19,8 @@ use tonic_types::StatusExt;
 
 use crate::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
-    GetKeyRequest, KeyStatus, ListKeysRequest, RotateKeyRequest, ValidateKeyRequest,
+    GetKeyRequest, GetKeyUsageRequest, GetKeyUsageResponse, KeyEvent, KeyStatus,
+    ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest, ValidateKeyRequest,
     ValidateKeyResponse, api_keys_client::ApiKeysClient,
 };
 
@@ -123,6 +124,25 @@ pub enum KeysCommand {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+    /// The audit trail: who created, changed or deleted keys, newest first.
+    Events {
+        #[arg(long)]
+        workspace: String,
+        /// Only this key's events.
+        #[arg(long = "key")]
+        key_id: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// A key's ValidateKey answers per hour, by result, over the last `--since` (at most 93d).
+    Usage {
+        #[arg(long)]
+        workspace: String,
+        key_id: String,
+        #[arg(long, default_value = "24h", value_parser = crate::config::parse_duration)]
+        since: std::time::Duration,
     },
     /// Validate a key read from standard input (so it stays out of the shell history and the
     /// process list). Exits 0 when valid, 1 when not.
@@ -330,6 +350,71 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
                 writeln!(out, "Deleted {key_id}.").map_err(io)?;
             }
         }
+        KeysCommand::Events {
+            workspace,
+            key_id,
+            limit,
+        } => {
+            let mut events = Vec::new();
+            let mut page_token = String::new();
+            while events.len() < limit {
+                let request = ListKeyEventsRequest {
+                    workspace_id: workspace.clone(),
+                    key_id: key_id.clone().unwrap_or_default(),
+                    page_size: i32::try_from(limit - events.len())
+                        .unwrap_or(1000)
+                        .min(1000),
+                    page_token,
+                };
+                let page = client
+                    .list_key_events(connection.request(request)?)
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
+                events.extend(page.events);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if connection.json {
+                let value = Value::Array(events.iter().map(event_json).collect());
+                writeln!(out, "{value}").map_err(io)?;
+            } else {
+                write!(out, "{}", events_table(&events)).map_err(io)?;
+            }
+        }
+        KeysCommand::Usage {
+            workspace,
+            key_id,
+            since,
+        } => {
+            let end = Utc::now();
+            let start = chrono::TimeDelta::from_std(since)
+                .ok()
+                .and_then(|since| end.checked_sub_signed(since))
+                .ok_or_else(|| "--since is too long".to_owned())?;
+            let at = |t: DateTime<Utc>| prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: 0,
+            };
+            let request = GetKeyUsageRequest {
+                workspace_id: workspace,
+                key_id,
+                start_time: Some(at(start)),
+                end_time: Some(at(end)),
+            };
+            let usage = client
+                .get_key_usage(connection.request(request)?)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if connection.json {
+                writeln!(out, "{}", usage_json(&usage)).map_err(io)?;
+            } else {
+                write!(out, "{}", usage_table(&usage)).map_err(io)?;
+            }
+        }
         KeysCommand::Validate { required_scopes } => {
             let mut key = String::new();
             std::io::stdin()
@@ -470,15 +555,6 @@ fn status_word(key: &ApiKey) -> &'static str {
 
 /// The product page's table, with the id to delete by.
 fn table(keys: &[ApiKey]) -> String {
-    let header = [
-        "ID",
-        "Name",
-        "Key",
-        "Created",
-        "Expires",
-        "Status",
-        "Last used",
-    ];
     let rows: Vec<[String; 7]> = keys
         .iter()
         .map(|key| {
@@ -493,8 +569,25 @@ fn table(keys: &[ApiKey]) -> String {
             ]
         })
         .collect();
+    aligned(
+        [
+            "ID",
+            "Name",
+            "Key",
+            "Created",
+            "Expires",
+            "Status",
+            "Last used",
+        ],
+        &rows,
+        "(no keys)",
+    )
+}
+
+/// Columns padded to their widest cell; `empty` stands in for no rows.
+fn aligned<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &str) -> String {
     let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -510,13 +603,128 @@ fn table(keys: &[ApiKey]) -> String {
         text.push('\n');
     };
     line(&header.map(str::to_owned));
-    for row in &rows {
+    for row in rows {
         line(row);
     }
-    if keys.is_empty() {
-        text.push_str("(no keys)\n");
+    if rows.is_empty() {
+        text.push_str(empty);
+        text.push('\n');
     }
     text
+}
+
+fn event_word(event: &KeyEvent) -> String {
+    event
+        .r#type()
+        .as_str_name()
+        .trim_start_matches("KEY_EVENT_TYPE_")
+        .to_ascii_lowercase()
+}
+
+fn events_table(events: &[KeyEvent]) -> String {
+    let rows: Vec<[String; 5]> = events
+        .iter()
+        .map(|event| {
+            let detail = if !event.new_key_id.is_empty() {
+                format!("replaced by {}", event.new_key_id)
+            } else if !event.changed_fields.is_empty() {
+                event.changed_fields.join(", ")
+            } else {
+                String::new()
+            };
+            [
+                time(&event.create_time).map_or_else(String::new, |t| {
+                    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+                }),
+                event_word(event),
+                event.key_id.clone(),
+                format!("{} ({})", event.actor_id, event.actor_role),
+                detail,
+            ]
+        })
+        .collect();
+    aligned(
+        ["Time", "Event", "Key", "By", "Detail"],
+        &rows,
+        "(no events)",
+    )
+}
+
+fn event_json(event: &KeyEvent) -> Value {
+    json!({
+        "id": event.id,
+        "workspace_id": event.workspace_id,
+        "key_id": event.key_id,
+        "type": event_word(event),
+        "actor_id": event.actor_id,
+        "actor_role": event.actor_role,
+        "create_time": rfc3339(&event.create_time),
+        "new_key_id": event.new_key_id,
+        "changed_fields": event.changed_fields,
+    })
+}
+
+fn usage_table(usage: &GetKeyUsageResponse) -> String {
+    let rows: Vec<[String; 7]> = usage
+        .buckets
+        .iter()
+        .map(|hour| {
+            [
+                time_or_never(&hour.start_time),
+                hour.valid.to_string(),
+                hour.expired.to_string(),
+                hour.disabled.to_string(),
+                hour.deleted.to_string(),
+                hour.insufficient_scope.to_string(),
+                hour.distinct_client_ips.to_string(),
+            ]
+        })
+        .collect();
+    let mut text = aligned(
+        [
+            "Hour",
+            "Valid",
+            "Expired",
+            "Disabled",
+            "Deleted",
+            "Missing scope",
+            "Client IPs",
+        ],
+        &rows,
+        "(no use in this period)",
+    );
+    let from = match usage.last_used_ip.as_str() {
+        "" => String::new(),
+        ip => format!(" from {ip}"),
+    };
+    text.push_str(&format!(
+        "Last used: {}{from}\n",
+        time_or_never(&usage.last_used_time)
+    ));
+    text
+}
+
+fn usage_json(usage: &GetKeyUsageResponse) -> Value {
+    let hours: Vec<Value> = usage
+        .buckets
+        .iter()
+        .map(|hour| {
+            json!({
+                "start_time": rfc3339(&hour.start_time),
+                "valid": hour.valid,
+                "expired": hour.expired,
+                "disabled": hour.disabled,
+                "deleted": hour.deleted,
+                "insufficient_scope": hour.insufficient_scope,
+                "distinct_client_ips": hour.distinct_client_ips,
+            })
+        })
+        .collect();
+    json!({
+        "hours": hours,
+        "last_used_time": rfc3339(&usage.last_used_time),
+        "last_used_ip": usage.last_used_ip,
+    })
 }
 
 fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {

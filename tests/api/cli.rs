@@ -365,6 +365,67 @@ async fn get_disable_enable_and_rotate_through_the_cli() {
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("GRACE_PERIOD_INVALID"), "{bad:?}");
 
+    // The audit trail and the usage, as the Logs page shows them.
+    let logs = |verb: &'static str, extra: &[&str]| {
+        let mut args = vec!["keys", verb, "--workspace", "acme", "--addr", addr.as_str()];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let args = logs("events", &["--key", key.id.as_str()]);
+    let events = apikeys(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(events.code, 0, "{events:?}");
+    let words: Vec<&str> = events
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().nth(3).unwrap())
+        .collect();
+    assert_eq!(words, ["rotated", "enabled", "disabled", "created"]);
+    assert!(events.stdout.contains("replaced by key_"), "{events:?}");
+    let args = logs("events", &["--limit", "1", "--json"]);
+    let events = apikeys(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(events.json().as_array().unwrap().len(), 1);
+    assert_eq!(events.json()[0]["type"], "rotated");
+    let args = logs("usage", &[key.id.as_str(), "--json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let usage = loop {
+        let usage = apikeys(&args, "", &[]).await;
+        assert_eq!(usage.code, 0, "{usage:?}");
+        let hours = usage.json()["hours"].clone();
+        let counted: i64 = hours
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|hour| hour["valid"].as_i64().unwrap() + hour["disabled"].as_i64().unwrap())
+            .sum();
+        if counted == 3 || std::time::Instant::now() > deadline {
+            break usage;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(usage.json()["hours"][0]["valid"], 2, "{usage:?}");
+    assert_eq!(usage.json()["hours"][0]["disabled"], 1, "{usage:?}");
+    let args = logs("usage", &[key.id.as_str()]);
+    let table = apikeys(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+        &[],
+    )
+    .await;
+    assert!(table.stdout.starts_with("Hour"), "{table:?}");
+    assert!(table.stdout.contains("Last used: 20"), "{table:?}");
+
     app.clock.advance(chrono::TimeDelta::hours(1));
     assert_eq!(
         app.validate(&secret).await.result(),
