@@ -26,7 +26,8 @@
 //! A second apikeys server with usage recording off (`APIKEYS_RECORD_USAGE=false`) always
 //! runs beside the default one, so the cost of counting usage is measured in the same run.
 //! Every ValidateKey request carries a `client_ip` (one of 16 per scenario), as a gateway's
-//! would.
+//! would. `ext_authz Check hit` asks the same server with Envoy's Check, as Envoy does (the
+//! key in `authorization: Bearer`, the client's address in the attributes).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -42,6 +43,13 @@ use apikeys::grpc::proto::{
     ValidateKeyResponse, ValidationResult,
     api_keys_client::ApiKeysClient,
     api_keys_server::{ApiKeys, ApiKeysServer},
+};
+use envoy_types::pb::envoy::{
+    config::core::v3::{Address, SocketAddress, address},
+    service::auth::v3::{
+        AttributeContext, CheckRequest, attribute_context,
+        authorization_client::AuthorizationClient,
+    },
 };
 use hdrhistogram::Histogram;
 use tonic::{Request, Response, Status, transport::Channel};
@@ -213,6 +221,7 @@ async fn run(options: Options) {
             &unknown,
             NONE,
             ValidationResult::Valid,
+            Call::ValidateKey,
         ),
         (
             "ValidateKey hit",
@@ -220,6 +229,7 @@ async fn run(options: Options) {
             &secrets,
             NONE,
             ValidationResult::Valid,
+            Call::ValidateKey,
         ),
         (
             "ValidateKey unknown key",
@@ -227,6 +237,7 @@ async fn run(options: Options) {
             &unknown,
             NONE,
             ValidationResult::NotFound,
+            Call::ValidateKey,
         ),
         (
             "ValidateKey malformed",
@@ -234,6 +245,7 @@ async fn run(options: Options) {
             &malformed,
             NONE,
             ValidationResult::Malformed,
+            Call::ValidateKey,
         ),
         (
             "ValidateKey hit, scope required",
@@ -241,6 +253,15 @@ async fn run(options: Options) {
             &scoped_secrets,
             &["bench:read"],
             ValidationResult::Valid,
+            Call::ValidateKey,
+        ),
+        (
+            "ext_authz Check hit",
+            &api_channels,
+            &secrets,
+            NONE,
+            ValidationResult::Valid,
+            Call::Check,
         ),
         (
             "ValidateKey hit, usage off",
@@ -248,6 +269,7 @@ async fn run(options: Options) {
             &usage_off_secrets,
             NONE,
             ValidationResult::Valid,
+            Call::ValidateKey,
         ),
     ];
     if db_backed.is_some() {
@@ -257,6 +279,7 @@ async fn run(options: Options) {
             &db_backed_secrets,
             NONE,
             ValidationResult::Valid,
+            Call::ValidateKey,
         ));
         plan.push((
             "DB-backed unknown (f4f862b)",
@@ -264,6 +287,7 @@ async fn run(options: Options) {
             &unknown,
             NONE,
             ValidationResult::NotFound,
+            Call::ValidateKey,
         ));
     }
     if previous.is_some() {
@@ -273,6 +297,7 @@ async fn run(options: Options) {
             &previous_secrets,
             NONE,
             ValidationResult::Valid,
+            Call::ValidateKey,
         ));
         plan.push((
             "previous unknown",
@@ -280,6 +305,7 @@ async fn run(options: Options) {
             &unknown,
             NONE,
             ValidationResult::NotFound,
+            Call::ValidateKey,
         ));
     }
     let mut results: Vec<(Vec<f64>, Histogram<u64>)> = plan
@@ -292,10 +318,11 @@ async fn run(options: Options) {
         })
         .collect();
     for _ in 0..options.rounds {
-        for ((_, channels, keys, required, expected), (rates, histogram)) in
+        for ((_, channels, keys, required, expected, call), (rates, histogram)) in
             plan.iter().zip(&mut results)
         {
-            let (rate, measured) = scenario(channels, keys, required, *expected, &options).await;
+            let (rate, measured) =
+                scenario(channels, keys, required, *expected, *call, &options).await;
             rates.push(rate);
             histogram.add(measured).unwrap();
         }
@@ -353,6 +380,12 @@ async fn run(options: Options) {
             "# ValidateKey hit, usage on / off: {:.2} (round by round: {})",
             hit / off,
             rounds.join(" ")
+        );
+    }
+    if let Some(check) = rate_of("ext_authz Check hit") {
+        println!(
+            "# ext_authz Check hit / ValidateKey hit: {:.2}",
+            check / hit
         );
     }
     if let (Some(db_hit), Some(db_unknown)) = (
@@ -487,20 +520,58 @@ fn redact(url: &str) -> String {
 }
 
 /// Runs one closed-loop scenario: its throughput and latency histogram (µs).
-/// Name, server, keys, required scopes, expected result.
+/// Name, server, keys, required scopes, expected result, and the call.
 type Scenario<'a> = (
     &'a str,
     &'a [Channel],
     &'a [String],
     &'a [&'a str],
     ValidationResult,
+    Call,
 );
+
+/// How a scenario asks about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    ValidateKey,
+    /// Envoy's ext_authz Check, the key in `authorization: Bearer`; `expected` VALID means
+    /// allowed.
+    Check,
+}
+
+/// A Check as Envoy sends it for a request carrying `key`.
+fn check_request(key: &str, client_ip: String) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(attribute_context::Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: client_ip,
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    headers: [("authorization".to_owned(), format!("Bearer {key}"))].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
 
 async fn scenario(
     channels: &[Channel],
     keys: &[String],
     required: &[&str],
     expected: ValidationResult,
+    call: Call,
     options: &Options,
 ) -> (f64, Histogram<u64>) {
     let keys: Arc<Vec<String>> = Arc::new(keys.to_vec());
@@ -511,6 +582,7 @@ async fn scenario(
     let tasks: Vec<_> = (0..options.concurrency)
         .map(|task| {
             let mut client = ApiKeysClient::new(channels[task % channels.len()].clone());
+            let mut authz = AuthorizationClient::new(channels[task % channels.len()].clone());
             let keys = keys.clone();
             let required = required.clone();
             tokio::spawn(async move {
@@ -524,16 +596,30 @@ async fn scenario(
                     if sent >= end {
                         break;
                     }
-                    let response = client
-                        .validate_key(ValidateKeyRequest {
-                            key,
-                            required_scopes: required.clone(),
-                            client_ip: format!("203.0.113.{}", task % 16),
-                        })
-                        .await
-                        .expect("ValidateKey");
+                    let client_ip = format!("203.0.113.{}", task % 16);
+                    match call {
+                        Call::ValidateKey => {
+                            let response = client
+                                .validate_key(ValidateKeyRequest {
+                                    key,
+                                    required_scopes: required.clone(),
+                                    client_ip,
+                                })
+                                .await
+                                .expect("ValidateKey");
+                            assert_eq!(response.into_inner().result(), expected);
+                        }
+                        Call::Check => {
+                            let response = authz
+                                .check(check_request(&key, client_ip))
+                                .await
+                                .expect("Check");
+                            let allowed =
+                                response.into_inner().status.unwrap_or_default().code == 0;
+                            assert_eq!(allowed, expected == ValidationResult::Valid);
+                        }
+                    }
                     let took = sent.elapsed();
-                    assert_eq!(response.into_inner().result(), expected);
                     if sent >= measure_from {
                         histogram.record(took.as_micros().max(1) as u64).unwrap();
                         count += 1;

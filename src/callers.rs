@@ -1,7 +1,7 @@
 //! Who may call this service: the callers file and the bearer tokens it vouches for.
 //!
 //! A caller is another backend, not a person: an admin backend (management RPCs, and
-//! ValidateKey) or a gateway (ValidateKey only). Each presents `authorization: Bearer <token>`.
+//! ValidateKey) or a gateway (ValidateKey and Envoy's ext_authz Check only). Each presents `authorization: Bearer <token>`.
 //! The file holds only the blake3 hash of each token, so reading it (or a backup of it) gives
 //! no one a way in. With mutual TLS a caller may instead be known by a DNS name in its client
 //! certificate's subject alternative names (the certificate verified against the client CA).
@@ -30,7 +30,8 @@ const NAME_MAX: usize = 64;
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum CallerRole {
-    /// ValidateKey only: what an API gateway needs on every request.
+    /// ValidateKey and Envoy's ext_authz Check only: what an API gateway needs on every
+    /// request.
     Gateway,
     /// The management RPCs (on behalf of the signed-in person named in `x-actor-*` metadata)
     /// and ValidateKey.

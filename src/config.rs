@@ -47,7 +47,7 @@ pub enum CallerTokenCommand {
         /// The caller's name, as logs and rate limits will know it (a-z, 0-9, '.', '_', '-').
         #[arg(value_parser = |name: &str| crate::callers::check_name(name).map(|()| name.to_owned()))]
         name: String,
-        /// `gateway` may call ValidateKey only; `admin` may also manage keys.
+        /// `gateway` may call ValidateKey (and Envoy's Check) only; `admin` may also manage keys.
         #[arg(long, value_enum)]
         role: CallerRole,
     },
@@ -190,6 +190,29 @@ pub struct Settings {
     #[arg(long, env = "APIKEYS_RETENTION", default_value = "90d", value_parser = parse_duration, global = true)]
     pub retention: Duration,
 
+    /// Headers Envoy's ext_authz Check reads the key from, in order of preference:
+    /// `authorization` as `Bearer <key>`, any other as the bare key.
+    #[arg(
+        long,
+        env = "APIKEYS_GATEWAY_KEY_HEADERS",
+        default_value = "authorization,x-api-key",
+        value_delimiter = ',',
+        value_parser = parse_header_name,
+        global = true
+    )]
+    pub gateway_key_headers: Vec<String>,
+
+    /// Whether an allowed ext_authz Check removes the header that carried the key before the
+    /// request goes upstream, so backends never see keys.
+    #[arg(
+        long,
+        env = "APIKEYS_GATEWAY_HIDE_CREDENTIALS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    pub gateway_hide_credentials: bool,
+
     /// How often the retention task prunes.
     #[arg(long, env = "APIKEYS_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_duration, global = true)]
     pub prune_interval: Duration,
@@ -223,6 +246,8 @@ impl Settings {
             tls_reload_interval: Duration::from_secs(10),
             metrics_listen: None,
             record_usage: true,
+            gateway_key_headers: vec!["authorization".into(), "x-api-key".into()],
+            gateway_hide_credentials: true,
             flush_interval: Duration::from_secs(2),
             retention: Duration::from_secs(90 * 86_400),
             prune_interval: Duration::from_secs(3600),
@@ -240,6 +265,16 @@ impl Settings {
             _ => None,
         }
     }
+}
+
+/// An HTTP header name, as Envoy hands it over: lower case.
+fn parse_header_name(input: &str) -> Result<String, String> {
+    let name = input.trim().to_ascii_lowercase();
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!("`{input}` is not an HTTP header name"));
+    }
+    Ok(name)
 }
 
 /// `500ms`, `10s`, `5m`, `1h`, `7d`; a bare number is seconds.

@@ -203,12 +203,16 @@ impl Application {
             (metrics, AbortOnDrop(vec![serving]))
         });
         let (metrics, _metrics_task) = metrics.unzip();
-        let api = ApiKeysService::new(KeyService::new(
-            self.store.clone(),
-            self.clock.clone(),
-            self.syncer.clone(),
-        ))
-        .with_metrics(metrics.clone());
+        let keys = KeyService::new(self.store.clone(), self.clock.clone(), self.syncer.clone());
+        let ext_authz = crate::grpc::ExtAuthzService::new(
+            keys.clone(),
+            crate::grpc::GatewaySettings {
+                key_headers: self.settings.gateway_key_headers.clone(),
+                hide_credentials: self.settings.gateway_hide_credentials,
+            },
+            metrics.clone(),
+        );
+        let api = ApiKeysService::new(keys).with_metrics(metrics.clone());
         let mut sync_tasks = self.syncer.spawn(health.clone(), sync_stopped.clone());
         sync_tasks.push(tokio::spawn(crate::retention::prune_loop(
             self.store.clone(),
@@ -258,6 +262,10 @@ impl Application {
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(
                 proto::api_keys_server::ApiKeysServer::new(api)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ext_authz)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
         // TLS connections are accepted (and handshaken) by tasks of their own, stopped with

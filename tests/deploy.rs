@@ -112,3 +112,49 @@ fn probes_and_ports_match_what_the_server_serves() {
     let service = read("deploy/kubernetes/service.yaml");
     assert!(service.contains(&format!("port: {port}")));
 }
+
+#[test]
+fn the_envoy_example_asks_this_service_on_its_port_and_fails_closed() {
+    let envoy = read("deploy/envoy/envoy.yaml");
+    let defaults = apikeys::config::Settings::new("127.0.0.1:50051".parse().unwrap(), "");
+    for needle in [
+        "name: envoy.filters.http.ext_authz",
+        "transport_api_version: V3",
+        "failure_mode_allow: false",
+        "cluster_name: apikeys",
+        "http2_protocol_options: {}",
+        "port_value: 50051",
+        &format!("service_name: {SERVICE_NAME}"),
+    ] {
+        assert!(envoy.contains(needle), "envoy.yaml lacks `{needle}`");
+    }
+    // Envoy forwards exactly the headers the service reads the key from.
+    for header in &defaults.gateway_key_headers {
+        assert!(
+            envoy.contains(&format!("- exact: {header}")),
+            "envoy.yaml does not forward {header}"
+        );
+    }
+    // The per-route scopes are scopes the service accepts.
+    let scopes: Vec<&str> = envoy
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("required_scopes:"))
+        .collect();
+    assert!(!scopes.is_empty());
+    for list in scopes {
+        for scope in list.trim().trim_matches('"').split(',') {
+            assert!(apikeys::domain::is_scope(scope.trim()), "{scope}");
+        }
+    }
+
+    let istio = read("deploy/envoy/istio.yaml");
+    for needle in [
+        "envoyExtAuthzGrpc:",
+        "port: 50051",
+        "failOpen: false",
+        "action: CUSTOM",
+        "name: cloodot-apikeys",
+    ] {
+        assert!(istio.contains(needle), "istio.yaml lacks `{needle}`");
+    }
+}

@@ -46,6 +46,9 @@ impl<'a> Rpc<'a> {
     fn of(path: &'a str) -> Self {
         if path.starts_with(HEALTH_PREFIX) {
             Self::Health
+        } else if path == super::EXT_AUTHZ_CHECK_PATH {
+            // Envoy's ValidateKey: a gateway's call, never rate-limited.
+            Self::Validate
         } else if let Some(method) = path.strip_prefix(API_PREFIX) {
             if method == "ValidateKey" {
                 Self::Validate

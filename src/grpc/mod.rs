@@ -1,10 +1,15 @@
 //! The gRPC edge: generated code, proto <-> domain conversion, and the ApiKeys service.
 
 mod api_keys;
+pub mod ext_authz;
 pub mod guard;
 pub mod observe;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
+pub use ext_authz::{ExtAuthzService, GatewaySettings};
+
+/// The path of Envoy's external authorization call.
+pub const EXT_AUTHZ_CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 /// Code generated from `proto/cloodot/apikeys/v1/api_keys.proto`.
 #[allow(clippy::all, unreachable_pub, missing_debug_implementations)]

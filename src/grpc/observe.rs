@@ -43,6 +43,7 @@ fn method_of(path: &str) -> &'static str {
     match path {
         "/grpc.health.v1.Health/Check" => "health.Check",
         "/grpc.health.v1.Health/Watch" => "health.Watch",
+        super::EXT_AUTHZ_CHECK_PATH => "ext_authz.Check",
         _ if path.starts_with("/grpc.reflection.") => "reflection",
         _ => "unknown",
     }

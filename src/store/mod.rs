@@ -4,7 +4,7 @@ mod entity;
 mod event;
 mod sqlite_scan;
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use chrono::{DateTime, Utc};
 use migrations::{Migrator, MigratorTrait};
@@ -628,34 +628,58 @@ impl Store {
                 .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
                 .await?;
             // A new row holds our sketch already; an existing one returns its own to merge.
+            let ours: HashMap<(&str, i64), &DistinctIps> = chunk
+                .iter()
+                .filter(|hour| !hour.usage.client_ips.is_empty())
+                .map(|hour| {
+                    (
+                        (hour.key_id.as_str(), hour.usage.start_time_us),
+                        &hour.usage.client_ips,
+                    )
+                })
+                .collect();
+            let mut merged_rows = Vec::new();
             for row in stored {
                 let key_id: String = row.try_get_by_index(0)?;
                 let start: i64 = row.try_get_by_index(1)?;
-                let bytes: Option<Vec<u8>> = row.try_get_by_index(2)?;
-                let Some(hour) = chunk
-                    .iter()
-                    .find(|hour| hour.key_id == key_id && hour.usage.start_time_us == start)
-                else {
+                let Some(ips) = ours.get(&(key_id.as_str(), start)) else {
                     continue;
                 };
+                let bytes: Option<Vec<u8>> = row.try_get_by_index(2)?;
                 let stored = decode_ips(bytes.as_deref(), &key_id);
                 let mut merged = stored.clone();
-                merged.merge(&hour.usage.client_ips);
+                merged.merge(ips);
                 if merged != stored {
-                    let mut placeholders = Placeholders::new(backend);
-                    let sql = format!(
-                        "UPDATE api_key_usage SET client_ips = {} WHERE key_id = {} AND start_time_us = {}",
+                    merged_rows.push((key_id, start, merged.to_bytes()));
+                }
+            }
+            if !merged_rows.is_empty() {
+                // One statement for the chunk's changed sketches.
+                let mut placeholders = Placeholders::new(backend);
+                let mut values: Vec<sea_orm::Value> = Vec::with_capacity(merged_rows.len() * 5);
+                let mut cases = String::new();
+                let mut keys = Vec::with_capacity(merged_rows.len());
+                for (key_id, start, bytes) in merged_rows {
+                    let (k, t, b) = (
                         placeholders.next(),
                         placeholders.next(),
                         placeholders.next(),
                     );
-                    txn.execute_raw(Statement::from_sql_and_values(
-                        backend,
-                        sql,
-                        [merged.to_bytes().into(), key_id.into(), start.into()],
-                    ))
-                    .await?;
+                    cases.push_str(&format!(
+                        " WHEN key_id = {k} AND start_time_us = {t} THEN {b}"
+                    ));
+                    keys.push(format!("({k}, {t})"));
+                    values.push(key_id.into());
+                    values.push(start.into());
+                    values.push(bytes.into());
                 }
+                let sql = format!(
+                    "UPDATE api_key_usage SET client_ips = CASE{cases} ELSE client_ips END \
+                     WHERE (key_id, start_time_us) IN ({})",
+                    keys.join(", ")
+                );
+                txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+                    .await?;
             }
         }
         txn.commit().await?;

@@ -5,6 +5,7 @@ mod binary;
 mod cli;
 mod create_key;
 mod delete_key;
+mod ext_authz;
 mod health_and_reflection;
 mod helpers;
 mod lifecycle;

@@ -1,0 +1,318 @@
+//! Envoy's external authorization protocol (`envoy.service.auth.v3.Authorization/Check`) on
+//! the service's own port, so Envoy and Istio validate Cloodot keys by configuration alone.
+//! Same index, same usage recording and same speed as ValidateKey; every decision is a
+//! `CheckResponse`, never an RPC error (Envoy would apply its `failure_mode_allow` to one).
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use envoy_types::{
+    ext_authz::v3::pb::{
+        Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+        HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
+    },
+    pb::{
+        envoy::config::core::v3::address::Address, envoy::service::auth::v3::AttributeContext,
+        google::rpc::Status as RpcStatus,
+    },
+};
+use serde_json::json;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{
+    domain::InvalidInput,
+    error::ApiError,
+    grpc::proto::ValidationResult,
+    metrics::Metrics,
+    service::{KeyService, Validation},
+};
+
+/// Upstream request headers naming the key that was accepted.
+pub const KEY_ID_HEADER: &str = "x-cloodot-key-id";
+pub const WORKSPACE_ID_HEADER: &str = "x-cloodot-workspace-id";
+pub const KEY_SCOPES_HEADER: &str = "x-cloodot-key-scopes";
+/// The per-route `context_extensions` entry listing the scopes a route needs.
+pub const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
+
+/// How gateways present keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySettings {
+    /// Headers that may carry the key, in order of preference, lower case. `authorization`
+    /// is read as `Bearer <key>`; any other header holds the key itself.
+    pub key_headers: Vec<String>,
+    /// Remove the header that carried the key before the request goes upstream, so the
+    /// backend never sees it (like Kong's `hide_credentials`).
+    pub hide_credentials: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            key_headers: vec!["authorization".into(), "x-api-key".into()],
+            hide_credentials: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExtAuthzService {
+    keys: KeyService,
+    settings: Arc<GatewaySettings>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl ExtAuthzService {
+    pub fn new(keys: KeyService, settings: GatewaySettings, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            keys,
+            settings: Arc::new(settings),
+            metrics,
+        }
+    }
+
+    /// The key and the header it came in, by the configured order.
+    fn presented<'a>(&'a self, http: &'a HttpRequestView<'a>) -> Option<(&'a str, &'a str)> {
+        self.settings.key_headers.iter().find_map(|name| {
+            let value = http.header(name)?.trim();
+            let key = if name == "authorization" {
+                // Another scheme (Basic, a JWT's own Bearer is still Bearer) is not ours.
+                let (scheme, rest) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())?
+            } else {
+                value
+            };
+            Some((name.as_str(), key))
+        })
+    }
+}
+
+/// The request's headers, from whichever of the two forms Envoy filled.
+struct HttpRequestView<'a> {
+    headers: Option<&'a HashMap<String, String>>,
+    header_map: Vec<(&'a str, std::borrow::Cow<'a, str>)>,
+}
+
+impl<'a> HttpRequestView<'a> {
+    fn of(attributes: &'a AttributeContext) -> Self {
+        let http = attributes
+            .request
+            .as_ref()
+            .and_then(|request| request.http.as_ref());
+        let headers = http.map(|http| &http.headers).filter(|h| !h.is_empty());
+        // Envoy sends `header_map` instead when told to encode raw header values.
+        let header_map = http
+            .and_then(|http| http.header_map.as_ref())
+            .map(|map| {
+                map.headers
+                    .iter()
+                    .map(|header| {
+                        let value = if header.raw_value.is_empty() {
+                            std::borrow::Cow::Borrowed(header.value.as_str())
+                        } else {
+                            String::from_utf8_lossy(&header.raw_value)
+                        };
+                        (header.key.as_str(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            headers,
+            header_map,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        if let Some(headers) = self.headers {
+            return headers.get(name).map(String::as_str);
+        }
+        self.header_map
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_ref())
+    }
+}
+
+/// The peer's IP, as Envoy saw it.
+fn client_ip(attributes: &AttributeContext) -> Option<IpAddr> {
+    let address = attributes
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address {
+        Address::SocketAddress(socket) => socket.address.parse().ok(),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzService {
+    #[tracing::instrument(name = "Check", skip_all, fields(result, key_id))]
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        let http = HttpRequestView::of(&attributes);
+        let span = tracing::Span::current();
+        let Some((header, key)) = self.presented(&http) else {
+            span.record("result", "MISSING");
+            return Ok(Response::new(unauthenticated("missing_key", None)));
+        };
+        let required: Vec<&str> = attributes
+            .context_extensions
+            .get(REQUIRED_SCOPES_EXTENSION)
+            .map(|scopes| {
+                scopes
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|scope| !scope.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let outcome = match self.keys.validate(key, &required, client_ip(&attributes)) {
+            Ok(outcome) => outcome,
+            Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
+                tracing::error!(
+                    "a route's context_extensions.required_scopes is not a list of scopes; denying"
+                );
+                return Ok(Response::new(denied(
+                    Code::Internal,
+                    HttpStatusCode::InternalServerError,
+                    json!({"error": "server_error", "reason": "route_misconfigured"}),
+                    None,
+                )));
+            }
+            Err(err) => {
+                // Fail closed: a stale index (or anything else) never lets a request through.
+                let status = Status::from(err);
+                tracing::warn!(code = ?status.code(), "cannot decide; denying");
+                return Ok(Response::new(denied(
+                    Code::Unavailable,
+                    HttpStatusCode::ServiceUnavailable,
+                    json!({"error": "temporarily_unavailable", "reason": "unavailable"}),
+                    None,
+                )));
+            }
+        };
+        let result = match outcome.result {
+            Validation::Valid => ValidationResult::Valid,
+            Validation::Malformed => ValidationResult::Malformed,
+            Validation::NotFound => ValidationResult::NotFound,
+            Validation::Expired => ValidationResult::Expired,
+            Validation::Disabled => ValidationResult::Disabled,
+            Validation::Deleted => ValidationResult::Deleted,
+            Validation::InsufficientScope => ValidationResult::InsufficientScope,
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.validation(result);
+        }
+        span.record("result", result.as_str_name());
+        let reason = result
+            .as_str_name()
+            .trim_start_matches("VALIDATION_RESULT_")
+            .to_ascii_lowercase();
+        let Some(found) = outcome.key else {
+            return Ok(Response::new(unauthenticated(
+                &reason,
+                Some("invalid_token"),
+            )));
+        };
+        span.record("key_id", found.id.as_str());
+        let response = match outcome.result {
+            Validation::Valid => {
+                let mut remove = Vec::new();
+                if self.settings.hide_credentials {
+                    remove.push(header.to_owned());
+                }
+                let mut headers = vec![
+                    set_header(KEY_ID_HEADER, &found.id),
+                    set_header(WORKSPACE_ID_HEADER, &found.workspace),
+                ];
+                // A client's own value never reaches the backend: overwritten or removed.
+                if found.scopes.is_empty() {
+                    remove.push(KEY_SCOPES_HEADER.to_owned());
+                } else {
+                    headers.push(set_header(KEY_SCOPES_HEADER, &found.scopes.join(",")));
+                }
+                CheckResponse {
+                    status: Some(rpc_status(Code::Ok)),
+                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                        headers,
+                        headers_to_remove: remove,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }
+            }
+            Validation::InsufficientScope => denied(
+                Code::PermissionDenied,
+                HttpStatusCode::Forbidden,
+                json!({"error": "insufficient_scope", "reason": reason}),
+                Some(format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                    required.join(" ")
+                )),
+            ),
+            _ => unauthenticated(&reason, Some("invalid_token")),
+        };
+        Ok(Response::new(response))
+    }
+}
+
+fn rpc_status(code: Code) -> RpcStatus {
+    RpcStatus {
+        code: code as i32,
+        ..Default::default()
+    }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// 401 with RFC 6750's challenge: bare when no key was presented, `error="invalid_token"`
+/// when the key is not accepted.
+fn unauthenticated(reason: &str, error: Option<&str>) -> CheckResponse {
+    let challenge = match error {
+        Some(error) => format!("Bearer error=\"{error}\""),
+        None => "Bearer".to_owned(),
+    };
+    denied(
+        Code::Unauthenticated,
+        HttpStatusCode::Unauthorized,
+        json!({"error": error.unwrap_or("invalid_request"), "reason": reason}),
+        Some(challenge),
+    )
+}
+
+fn denied(
+    code: Code,
+    http: HttpStatusCode,
+    body: serde_json::Value,
+    challenge: Option<String>,
+) -> CheckResponse {
+    let mut headers = vec![set_header("content-type", "application/json")];
+    if let Some(challenge) = challenge {
+        headers.push(set_header("www-authenticate", &challenge));
+    }
+    CheckResponse {
+        status: Some(rpc_status(code)),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: http as i32 }),
+            headers,
+            body: body.to_string(),
+        })),
+        ..Default::default()
+    }
+}
