@@ -246,20 +246,8 @@ impl ApiKeys for ApiKeysService {
         let outcome = self
             .keys
             .validate(&request.key, &request.required_scopes, client_ip)?;
-        let result = match outcome.result {
-            Validation::Valid => ValidationResult::Valid,
-            Validation::Malformed => ValidationResult::Malformed,
-            Validation::NotFound => ValidationResult::NotFound,
-            Validation::Expired => ValidationResult::Expired,
-            Validation::Disabled => ValidationResult::Disabled,
-            Validation::Deleted => ValidationResult::Deleted,
-            Validation::InsufficientScope => ValidationResult::InsufficientScope,
-        };
-        if let Some(metrics) = &self.metrics {
-            metrics.validation(result);
-        }
+        let result = answered(outcome.result, self.metrics.as_deref());
         let span = tracing::Span::current();
-        span.record("result", result.as_str_name());
         let mut response = ValidateKeyResponse {
             valid: result == ValidationResult::Valid,
             result: result.into(),
@@ -347,6 +335,24 @@ impl ApiKeys for ApiKeysService {
             last_used_ip: usage.last_used_ip.unwrap_or_default(),
         }))
     }
+}
+
+/// A validation as the wire names it, counted in the metrics and recorded on the call's span.
+pub(crate) fn answered(validation: Validation, metrics: Option<&Metrics>) -> ValidationResult {
+    let result = match validation {
+        Validation::Valid => ValidationResult::Valid,
+        Validation::Malformed => ValidationResult::Malformed,
+        Validation::NotFound => ValidationResult::NotFound,
+        Validation::Expired => ValidationResult::Expired,
+        Validation::Disabled => ValidationResult::Disabled,
+        Validation::Deleted => ValidationResult::Deleted,
+        Validation::InsufficientScope => ValidationResult::InsufficientScope,
+    };
+    if let Some(metrics) = metrics {
+        metrics.validation(result);
+    }
+    tracing::Span::current().record("result", result.as_str_name());
+    result
 }
 
 fn page_size(size: i32) -> Result<u64, ApiError> {

@@ -21,7 +21,6 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     domain::InvalidInput,
     error::ApiError,
-    grpc::proto::ValidationResult,
     metrics::Metrics,
     service::{KeyService, Validation},
 };
@@ -197,19 +196,7 @@ impl Authorization for ExtAuthzService {
                 )));
             }
         };
-        let result = match outcome.result {
-            Validation::Valid => ValidationResult::Valid,
-            Validation::Malformed => ValidationResult::Malformed,
-            Validation::NotFound => ValidationResult::NotFound,
-            Validation::Expired => ValidationResult::Expired,
-            Validation::Disabled => ValidationResult::Disabled,
-            Validation::Deleted => ValidationResult::Deleted,
-            Validation::InsufficientScope => ValidationResult::InsufficientScope,
-        };
-        if let Some(metrics) = &self.metrics {
-            metrics.validation(result);
-        }
-        span.record("result", result.as_str_name());
+        let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
         let reason = result
             .as_str_name()
             .trim_start_matches("VALIDATION_RESULT_")
