@@ -28,7 +28,10 @@ use crate::{
 
 /// A request as Envoy sends it: headers (lower-case names), the peer's address and the
 /// route's context extensions.
-fn check_request(headers: &[(&str, &str)], required_scopes: Option<&str>) -> CheckRequest {
+pub(crate) fn check_request(
+    headers: &[(&str, &str)],
+    required_scopes: Option<&str>,
+) -> CheckRequest {
     let mut context_extensions = HashMap::new();
     if let Some(scopes) = required_scopes {
         context_extensions.insert("required_scopes".to_owned(), scopes.to_owned());
@@ -63,7 +66,7 @@ fn check_request(headers: &[(&str, &str)], required_scopes: Option<&str>) -> Che
 }
 
 impl TestApp {
-    async fn check(&self, request: CheckRequest) -> CheckResponse {
+    pub(crate) async fn check(&self, request: CheckRequest) -> CheckResponse {
         AuthorizationClient::new(self.channel.clone())
             .check(request)
             .await
@@ -74,12 +77,12 @@ impl TestApp {
 
 /// What a decision says, as Envoy applies it.
 #[derive(Debug)]
-struct Decision {
-    code: Code,
-    http_status: Option<i32>,
-    set: HashMap<String, String>,
-    removed: Vec<String>,
-    body: Value,
+pub(crate) struct Decision {
+    pub(crate) code: Code,
+    pub(crate) http_status: Option<i32>,
+    pub(crate) set: HashMap<String, String>,
+    pub(crate) removed: Vec<String>,
+    pub(crate) body: Value,
 }
 
 fn headers(options: &[HeaderValueOption]) -> HashMap<String, String> {
@@ -97,7 +100,7 @@ fn headers(options: &[HeaderValueOption]) -> HashMap<String, String> {
         .collect()
 }
 
-fn decision(response: CheckResponse) -> Decision {
+pub(crate) fn decision(response: CheckResponse) -> Decision {
     let status: RpcStatus = response.status.unwrap_or_default();
     match response.http_response {
         Some(HttpResponse::OkResponse(ok)) => Decision {

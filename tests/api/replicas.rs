@@ -272,6 +272,17 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
         .unwrap()
         .into_inner();
     assert_eq!(liveness.status(), ServingStatus::Serving);
+    // Envoy's Check fails closed as well: a decision, 503, never an allow.
+    let check = crate::ext_authz::decision(
+        app.check(crate::ext_authz::check_request(
+            &[("x-api-key", &secret)],
+            None,
+        ))
+        .await,
+    );
+    assert_eq!(check.code, Code::Unavailable, "{check:?}");
+    assert_eq!(check.http_status, Some(503));
+    assert_eq!(check.body["reason"], "unavailable");
 
     cut.restore();
     // Recovery needs no restart.
