@@ -1,8 +1,10 @@
-//! Arbitrary bytes as the body of every ApiKeys RPC, with arbitrary actor metadata, through
-//! tonic's decoding and the real handlers over a real (SQLite) database and key index. No
-//! input may panic or hang, and every request that decodes must be answered with something
-//! better than INTERNAL or UNKNOWN. (A body that is not a protobuf message of the request's
-//! type is answered INTERNAL by tonic's codec, as by every gRPC implementation.)
+//! Arbitrary bytes as the body of every ApiKeys RPC and of Envoy's ext_authz Check, with
+//! arbitrary actor metadata, through tonic's decoding and the real handlers over a real
+//! (SQLite) database and key index. No input may panic or hang, every request that decodes
+//! must be answered with something better than INTERNAL or UNKNOWN, and every Check that
+//! decodes with OK: its decisions are CheckResponses, never RPC errors. (A body that is not a
+//! protobuf message of the request's type is answered INTERNAL by tonic's codec, as by every
+//! gRPC implementation.)
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -10,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use apikeys::{
     clock::SystemClock,
     grpc::{
-        ApiKeysService,
+        ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzService, GatewaySettings,
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
             GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
@@ -24,6 +26,7 @@ use apikeys::{
 };
 use arbitrary::Arbitrary;
 use bytes::Bytes;
+use envoy_types::ext_authz::v3::pb::{AuthorizationServer, CheckRequest};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -45,6 +48,7 @@ struct Call {
 struct Harness {
     runtime: tokio::runtime::Runtime,
     server: ApiKeysServer<ApiKeysService>,
+    authz: AuthorizationServer<ExtAuthzService>,
     _dir: tempfile::TempDir,
 }
 
@@ -57,7 +61,7 @@ fn harness() -> &'static Harness {
             .expect("a runtime");
         let dir = tempfile::tempdir().expect("a temporary directory");
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("fuzz.db").display());
-        let server = runtime.block_on(async {
+        let (server, authz) = runtime.block_on(async {
             let store = Store::connect(&url).await.expect("the database");
             store.migrate().await.expect("migrations");
             let syncer = Arc::new(Syncer::new(
@@ -67,12 +71,21 @@ fn harness() -> &'static Harness {
             ));
             syncer.load().await.expect("the index");
             let keys = KeyService::new(store, Arc::new(SystemClock), syncer);
-            ApiKeysServer::new(ApiKeysService::new(keys))
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
+            (
+                ApiKeysServer::new(ApiKeysService::new(keys.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                AuthorizationServer::new(ExtAuthzService::new(
+                    keys,
+                    GatewaySettings::default(),
+                    None,
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
         });
         Harness {
             runtime,
             server,
+            authz,
             _dir: dir,
         }
     })
@@ -80,7 +93,13 @@ fn harness() -> &'static Harness {
 
 fuzz_target!(|call: Call| {
     let harness = harness();
-    let method = METHODS[usize::from(call.method) % METHODS.len()];
+    // One choice more than the ApiKeys methods: Envoy's Check.
+    let choice = usize::from(call.method) % (METHODS.len() + 1);
+    let method = METHODS.get(choice).copied().unwrap_or("Check");
+    let path = match METHODS.get(choice) {
+        Some(method) => format!("/cloodot.apikeys.v1.ApiKeys/{method}"),
+        None => EXT_AUTHZ_CHECK_PATH.to_owned(),
+    };
     let mut body = Vec::with_capacity(5 + call.message.len());
     body.push(0);
     let len = call.frame_len.unwrap_or(call.message.len() as u32);
@@ -88,7 +107,7 @@ fuzz_target!(|call: Call| {
     body.extend_from_slice(&call.message);
     let mut request = http::Request::builder()
         .method("POST")
-        .uri(format!("/cloodot.apikeys.v1.ApiKeys/{method}"))
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (name, value) in [
@@ -120,14 +139,17 @@ fuzz_target!(|call: Call| {
             "RotateKey" => RotateKeyRequest::decode(call.message.as_slice()).is_ok(),
             "ListKeyEvents" => ListKeyEventsRequest::decode(call.message.as_slice()).is_ok(),
             "GetKeyUsage" => GetKeyUsageRequest::decode(call.message.as_slice()).is_ok(),
+            "Check" => CheckRequest::decode(call.message.as_slice()).is_ok(),
             _ => ValidateKeyRequest::decode(call.message.as_slice()).is_ok(),
         };
-    let mut server = harness.server.clone();
+    let (mut server, mut authz) = (harness.server.clone(), harness.authz.clone());
     harness.runtime.block_on(async move {
-        let response = server
-            .call(request)
-            .await
-            .expect("tonic answers every request");
+        let response = if method == "Check" {
+            authz.call(request).await
+        } else {
+            server.call(request).await
+        }
+        .expect("tonic answers every request");
         let (parts, body) = response.into_parts();
         let collected = body.collect().await;
         let status = parts
@@ -141,7 +163,9 @@ fuzz_target!(|call: Call| {
             })
             .expect("every answer carries a grpc-status");
         let code = tonic::Code::from_bytes(status.as_bytes());
-        if decodes {
+        if decodes && method == "Check" {
+            assert_eq!(code, tonic::Code::Ok, "Check answered {code:?}, not a decision");
+        } else if decodes {
             assert!(
                 !matches!(code, tonic::Code::Internal | tonic::Code::Unknown),
                 "{method} answered {code:?} to a well-formed request"
