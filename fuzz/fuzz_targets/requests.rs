@@ -164,7 +164,11 @@ fuzz_target!(|call: Call| {
             .expect("every answer carries a grpc-status");
         let code = tonic::Code::from_bytes(status.as_bytes());
         if decodes && method == "Check" {
-            assert_eq!(code, tonic::Code::Ok, "Check answered {code:?}, not a decision");
+            assert_eq!(
+                code,
+                tonic::Code::Ok,
+                "Check answered {code:?}, not a decision"
+            );
         } else if decodes {
             assert!(
                 !matches!(code, tonic::Code::Internal | tonic::Code::Unknown),
