@@ -8,9 +8,11 @@ use apikeys::grpc::proto::{
 };
 use chrono::{DateTime, TimeDelta, Utc};
 use prost_types::{Duration, FieldMask, Timestamp};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::helpers::{TestApp, as_actor, as_owner, assert_error, spawn_app, spawn_app_on};
+use crate::helpers::{
+    REFUSED_ACTORS, TestApp, as_actor, as_owner, as_role, assert_error, spawn_app, spawn_app_on,
+};
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> Timestamp {
     Timestamp {
@@ -326,23 +328,14 @@ async fn lifecycle_rpcs_need_an_owner_or_admin_and_well_formed_ids() {
         }),
         update_mask: None,
     };
-    for (actor, code, reason) in [
-        (Some("member"), Code::PermissionDenied, "ROLE_NOT_ALLOWED"),
-        (None, Code::Unauthenticated, "ACTOR_MISSING"),
-    ] {
-        fn with<T>(actor: Option<&str>, message: T) -> Request<T> {
-            match actor {
-                Some(role) => as_actor(message, "user_1", role),
-                None => Request::new(message),
-            }
-        }
+    for (actor, code, reason) in REFUSED_ACTORS {
         let c = &mut app.client;
         for status in [
-            c.get_key(with(actor, get())).await.unwrap_err(),
-            c.disable_key(with(actor, disable())).await.unwrap_err(),
-            c.enable_key(with(actor, enable())).await.unwrap_err(),
-            c.rotate_key(with(actor, rotate())).await.unwrap_err(),
-            c.update_key(with(actor, update())).await.unwrap_err(),
+            c.get_key(as_role(actor, get())).await.unwrap_err(),
+            c.disable_key(as_role(actor, disable())).await.unwrap_err(),
+            c.enable_key(as_role(actor, enable())).await.unwrap_err(),
+            c.rotate_key(as_role(actor, rotate())).await.unwrap_err(),
+            c.update_key(as_role(actor, update())).await.unwrap_err(),
         ] {
             assert_error(&status, code, reason);
         }

@@ -12,11 +12,12 @@ use apikeys::{
 };
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, Database};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::{
     helpers::{
-        TestApp, TestDb, as_actor, as_owner, assert_error, spawn_app, spawn_app_on, spawn_app_with,
+        REFUSED_ACTORS, TestApp, TestDb, as_actor, as_owner, as_role, assert_error, spawn_app,
+        spawn_app_on, spawn_app_with,
     },
     lifecycle::timestamp,
 };
@@ -532,22 +533,15 @@ async fn logs_need_an_owner_or_admin_and_stay_in_their_workspace() {
         ..Default::default()
     };
 
-    for (role, code, reason) in [
-        (Some("member"), Code::PermissionDenied, "ROLE_NOT_ALLOWED"),
-        (None, Code::Unauthenticated, "ACTOR_MISSING"),
-    ] {
-        fn with<T>(role: Option<&str>, message: T) -> Request<T> {
-            match role {
-                Some(role) => as_actor(message, "user_1", role),
-                None => Request::new(message),
-            }
-        }
+    for (role, code, reason) in REFUSED_ACTORS {
         let c = &mut app.client;
         for status in [
-            c.get_key_usage(with(role, usage("acme")))
+            c.get_key_usage(as_role(role, usage("acme")))
                 .await
                 .unwrap_err(),
-            c.list_key_events(with(role, events())).await.unwrap_err(),
+            c.list_key_events(as_role(role, events()))
+                .await
+                .unwrap_err(),
         ] {
             assert_error(&status, code, reason);
         }
