@@ -13,6 +13,7 @@ mod list_keys;
 mod logs;
 mod metrics;
 mod readme;
+mod reliability;
 mod replicas;
 mod scan;
 mod secrets;
