@@ -1,1 +1,700 @@
-//! TODO
+//! Model-based test: random sequences of CreateKey, ListKeys, GetKey, UpdateKey, DisableKey,
+//! EnableKey, RotateKey, DeleteKey and ValidateKey, by two actors, with the clock moving on
+//! between them, each answer checked field by field against an in-memory model of what the
+//! API promises (proto/…/api_keys.proto): keys as shown, errors with their reasons, validation
+//! results with the key's identity, last use, and at the end the audit trail event by event.
+//! Each case runs in a workspace of its own on one server; proptest shrinks a failing case
+//! to the shortest sequence that still fails.
+
+use std::{cell::Cell, collections::BTreeSet, fmt::Debug, time::Duration};
+
+use apikeys::{
+    clock::{Clock, ManualClock},
+    domain::{KeyId, Secret},
+    grpc::proto::{
+        ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
+        Expiration, GetKeyRequest, KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest,
+        ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
+        ValidateKeyResponse, ValidationResult,
+    },
+};
+use chrono::{DateTime, Months, TimeDelta, Utc};
+use proptest::{
+    prelude::*,
+    sample::Index,
+    test_runner::{Config, TestCaseError, TestRunner},
+};
+use prost_types::{FieldMask, Timestamp};
+use tonic::{Code, Response, Status};
+use tonic_types::StatusExt;
+
+use super::{Client, report, scale};
+use crate::helpers::{TestDb, as_actor, spawn_app_with};
+
+const NAMES: [&str; 4] = ["ci", "  Zapier – prod  ", "k", "billing sync"];
+const SCOPES: [&str; 4] = ["admin.all", "billing", "orders:read", "orders:write"];
+/// (id, role) of the two people managing keys.
+const ACTORS: [(&str, &str); 2] = [("user_owner", "owner"), ("user_admin", "admin")];
+const SECOND_US: i64 = 1_000_000;
+const DAY_US: i64 = 86_400 * SECOND_US;
+/// ValidateKey notes a key's last use at most once a second.
+const LAST_USED_RESOLUTION_US: i64 = SECOND_US;
+
+#[derive(Debug, Clone, Copy)]
+enum Mask {
+    /// No mask: the fields that are set.
+    Absent,
+    Name,
+    Scopes,
+    All,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        name: usize,
+        expiration: Expiration,
+        scopes: Vec<usize>,
+    },
+    List {
+        page_size: i32,
+    },
+    Get(Index),
+    Update {
+        key: Index,
+        name: Option<usize>,
+        scopes: Option<Vec<usize>>,
+        mask: Mask,
+    },
+    Disable(Index),
+    Enable(Index),
+    Rotate {
+        key: Index,
+        grace_seconds: Option<i64>,
+    },
+    Delete(Index),
+    Validate {
+        key: Index,
+        required: Vec<usize>,
+    },
+    /// The clock moves on by this many hours.
+    Advance(i64),
+}
+
+fn scope_picks() -> impl Strategy<Value = Vec<usize>> {
+    proptest::collection::vec(0..SCOPES.len(), 0..4)
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let expiration = prop_oneof![
+        Just(Expiration::Never),
+        Just(Expiration::Expiration30Days),
+        Just(Expiration::Expiration90Days),
+        Just(Expiration::Expiration1Year),
+    ];
+    let mask = prop_oneof![
+        Just(Mask::Absent),
+        Just(Mask::Name),
+        Just(Mask::Scopes),
+        Just(Mask::All)
+    ];
+    // Absent is "stops at once", as is 0; eight days is more than the seven allowed.
+    let grace = prop_oneof![
+        Just(None),
+        Just(Some(0)),
+        Just(Some(3_600)),
+        Just(Some(8 * 86_400))
+    ];
+    prop_oneof![
+        4 => (0..NAMES.len(), expiration, scope_picks()).prop_map(|(name, expiration, scopes)| {
+            Op::Create { name, expiration, scopes }
+        }),
+        1 => (1..4i32).prop_map(|page_size| Op::List { page_size }),
+        1 => any::<Index>().prop_map(Op::Get),
+        2 => (
+            any::<Index>(),
+            proptest::option::of(0..NAMES.len()),
+            proptest::option::of(scope_picks()),
+            mask,
+        )
+            .prop_map(|(key, name, scopes, mask)| Op::Update { key, name, scopes, mask }),
+        2 => any::<Index>().prop_map(Op::Disable),
+        2 => any::<Index>().prop_map(Op::Enable),
+        2 => (any::<Index>(), grace).prop_map(|(key, grace_seconds)| Op::Rotate { key, grace_seconds }),
+        2 => any::<Index>().prop_map(Op::Delete),
+        5 => (any::<Index>(), proptest::collection::vec(0..SCOPES.len(), 0..3))
+            .prop_map(|(key, required)| Op::Validate { key, required }),
+        1 => prop_oneof![Just(1i64), Just(24 * 31), Just(24 * 400)].prop_map(Op::Advance),
+    ]
+}
+
+/// A key as the model knows it.
+#[derive(Debug, Clone)]
+struct Key {
+    id: String,
+    secret: String,
+    name: String,
+    scopes: BTreeSet<String>,
+    create_us: i64,
+    expire_us: Option<i64>,
+    disabled: bool,
+    deleted: bool,
+    rotated: bool,
+    created_by: String,
+    last_used_us: Option<i64>,
+}
+
+impl Key {
+    fn expired(&self, now: i64) -> bool {
+        self.expire_us.is_some_and(|at| at <= now)
+    }
+
+    /// The key as ApiKey shows it at `now`.
+    fn shown(&self, workspace: &str, now: i64) -> ApiKey {
+        let status = if self.expired(now) {
+            KeyStatus::Expired
+        } else if self.disabled {
+            KeyStatus::Disabled
+        } else {
+            KeyStatus::Active
+        };
+        ApiKey {
+            id: self.id.clone(),
+            workspace_id: workspace.into(),
+            name: self.name.clone(),
+            masked_key: format!("clo_********{}", &self.secret[self.secret.len() - 4..]),
+            create_time: Some(timestamp(self.create_us)),
+            expire_time: self.expire_us.map(timestamp),
+            status: status.into(),
+            last_used_time: self.last_used_us.map(timestamp),
+            created_by: self.created_by.clone(),
+            scopes: self.scopes.iter().cloned().collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Event {
+    key_id: String,
+    kind: KeyEventType,
+    actor: usize,
+    at_us: i64,
+    new_key_id: String,
+    changed_fields: Vec<String>,
+}
+
+/// What one case's workspace should hold.
+#[derive(Debug)]
+struct Model {
+    workspace: String,
+    keys: Vec<Key>,
+    /// Oldest first.
+    events: Vec<Event>,
+}
+
+fn timestamp(us: i64) -> Timestamp {
+    Timestamp {
+        seconds: us.div_euclid(SECOND_US),
+        nanos: (us.rem_euclid(SECOND_US) * 1_000) as i32,
+    }
+}
+
+fn expiry(expiration: Expiration, now: i64) -> Option<i64> {
+    match expiration {
+        Expiration::Expiration30Days => Some(now + 30 * DAY_US),
+        Expiration::Expiration90Days => Some(now + 90 * DAY_US),
+        Expiration::Expiration1Year => DateTime::<Utc>::from_timestamp_micros(now)
+            .and_then(|at| at.checked_add_months(Months::new(12)))
+            .map(|at| at.timestamp_micros()),
+        _ => None,
+    }
+}
+
+fn scopes(picks: &[usize]) -> Vec<String> {
+    picks.iter().map(|&i| SCOPES[i].to_owned()).collect()
+}
+
+/// An answer as the model predicts it: the message, or the code and reason of the error.
+type Outcome<T> = Result<T, (Code, String)>;
+
+fn outcome<T>(answer: Result<Response<T>, Status>) -> Outcome<T> {
+    answer.map(Response::into_inner).map_err(|status| {
+        let reason = status
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .unwrap_or_default();
+        (status.code(), reason)
+    })
+}
+
+fn refused<T>(code: Code, reason: &str) -> Outcome<T> {
+    Err((code, reason.to_owned()))
+}
+
+/// A request from one of the two actors.
+fn by<T>(actor: usize, message: T) -> tonic::Request<T> {
+    as_actor(message, ACTORS[actor].0, ACTORS[actor].1)
+}
+
+fn same<T: PartialEq + Debug>(what: &str, got: T, want: T) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}:\n   got {got:?}\n  want {want:?}"))
+    }
+}
+
+impl Model {
+    /// The key an index picks: one of the case's keys, or (one pick in n + 1) a key that was
+    /// never issued.
+    fn pick(&self, index: &Index) -> Option<usize> {
+        let which = index.index(self.keys.len() + 1);
+        (which < self.keys.len()).then_some(which)
+    }
+
+    fn id(&self, key: Option<usize>) -> String {
+        key.map_or_else(
+            || KeyId::generate().as_str().to_owned(),
+            |k| self.keys[k].id.clone(),
+        )
+    }
+
+    fn event(&mut self, key_id: &str, kind: KeyEventType, actor: usize, at_us: i64) {
+        self.events.push(Event {
+            key_id: key_id.to_owned(),
+            kind,
+            actor,
+            at_us,
+            new_key_id: String::new(),
+            changed_fields: Vec::new(),
+        });
+    }
+
+    /// Runs `op` against the server and checks its answer.
+    async fn step(
+        &mut self,
+        client: &mut Client,
+        clock: &ManualClock,
+        op: &Op,
+        actor: usize,
+    ) -> Result<(), String> {
+        let now = clock.now().timestamp_micros();
+        let ws = self.workspace.clone();
+        let actor_id = ACTORS[actor].0;
+        match op {
+            Op::Create {
+                name,
+                expiration,
+                scopes: picks,
+            } => {
+                let request = CreateKeyRequest {
+                    workspace_id: ws.clone(),
+                    name: NAMES[*name].into(),
+                    expiration: (*expiration).into(),
+                    scopes: scopes(picks),
+                    ..Default::default()
+                };
+                let created = outcome(client.create_key(by(actor, request)).await)
+                    .map_err(|e| format!("CreateKey refused: {e:?}"))?;
+                let got = created.key.ok_or("CreateKey returned no key")?;
+                let key = Key {
+                    id: got.id.clone(),
+                    secret: created.secret,
+                    name: NAMES[*name].trim().to_owned(),
+                    scopes: scopes(picks).into_iter().collect(),
+                    create_us: now,
+                    expire_us: expiry(*expiration, now),
+                    disabled: false,
+                    deleted: false,
+                    rotated: false,
+                    created_by: actor_id.to_owned(),
+                    last_used_us: None,
+                };
+                same("CreateKey", got, key.shown(&ws, now))?;
+                self.event(&key.id, KeyEventType::Created, actor, now);
+                self.keys.push(key);
+            }
+            Op::List { page_size } => {
+                let mut got = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let request = ListKeysRequest {
+                        workspace_id: ws.clone(),
+                        page_size: *page_size,
+                        page_token,
+                    };
+                    let page = outcome(client.list_keys(by(actor, request)).await)
+                        .map_err(|e| format!("ListKeys refused: {e:?}"))?;
+                    same(
+                        "ListKeys page size",
+                        page.keys.len() <= *page_size as usize,
+                        true,
+                    )?;
+                    got.extend(page.keys);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
+                let mut live: Vec<&Key> = self.keys.iter().filter(|k| !k.deleted).collect();
+                // Newest first, by create_time then id.
+                live.sort_by(|a, b| (b.create_us, &b.id).cmp(&(a.create_us, &a.id)));
+                let want: Vec<ApiKey> = live.iter().map(|k| k.shown(&ws, now)).collect();
+                same("ListKeys", got, want)?;
+            }
+            Op::Get(index) => {
+                let key = self.pick(index);
+                let request = GetKeyRequest {
+                    workspace_id: ws.clone(),
+                    key_id: self.id(key),
+                };
+                let want = match key.map(|k| &self.keys[k]) {
+                    Some(k) if !k.deleted => Ok(k.shown(&ws, now)),
+                    _ => refused(Code::NotFound, "KEY_NOT_FOUND"),
+                };
+                same(
+                    "GetKey",
+                    outcome(client.get_key(by(actor, request)).await),
+                    want,
+                )?;
+            }
+            Op::Update {
+                key,
+                name,
+                scopes: picks,
+                mask,
+            } => {
+                let key = self.pick(key);
+                let new_name = name.map(|n| NAMES[n]).unwrap_or_default();
+                let new_scopes = picks.as_deref().map(scopes).unwrap_or_default();
+                let (set_name, set_scopes, paths) = match mask {
+                    Mask::Absent => (!new_name.is_empty(), !new_scopes.is_empty(), None),
+                    Mask::Name => (true, false, Some(vec!["name".to_owned()])),
+                    Mask::Scopes => (false, true, Some(vec!["scopes".to_owned()])),
+                    Mask::All => (true, true, Some(vec!["*".to_owned()])),
+                };
+                let request = UpdateKeyRequest {
+                    key: Some(ApiKey {
+                        workspace_id: ws.clone(),
+                        id: self.id(key),
+                        name: new_name.to_owned(),
+                        scopes: new_scopes.clone(),
+                        ..Default::default()
+                    }),
+                    update_mask: paths.map(|paths| FieldMask { paths }),
+                };
+                let got = outcome(client.update_key(by(actor, request)).await);
+                let want = if set_name && new_name.is_empty() {
+                    refused(Code::InvalidArgument, "NAME_EMPTY")
+                } else if let Some(k) = key {
+                    let k = &mut self.keys[k];
+                    if k.deleted {
+                        refused(Code::FailedPrecondition, "KEY_DELETED")
+                    } else {
+                        let mut changed = Vec::new();
+                        if set_name && k.name != new_name.trim() {
+                            k.name = new_name.trim().to_owned();
+                            changed.push("name".to_owned());
+                        }
+                        let new_scopes: BTreeSet<String> = new_scopes.into_iter().collect();
+                        if set_scopes && k.scopes != new_scopes {
+                            k.scopes = new_scopes;
+                            changed.push("scopes".to_owned());
+                        }
+                        let (shown, id) = (k.shown(&ws, now), k.id.clone());
+                        if !changed.is_empty() {
+                            self.event(&id, KeyEventType::Updated, actor, now);
+                            self.events.last_mut().unwrap().changed_fields = changed;
+                        }
+                        Ok(shown)
+                    }
+                } else {
+                    refused(Code::NotFound, "KEY_NOT_FOUND")
+                };
+                same("UpdateKey", got, want)?;
+            }
+            Op::Disable(index) | Op::Enable(index) => {
+                let disable = matches!(op, Op::Disable(_));
+                let key = self.pick(index);
+                let (workspace_id, key_id) = (ws.clone(), self.id(key));
+                let got = if disable {
+                    let request = DisableKeyRequest {
+                        workspace_id,
+                        key_id,
+                    };
+                    outcome(client.disable_key(by(actor, request)).await)
+                } else {
+                    let request = EnableKeyRequest {
+                        workspace_id,
+                        key_id,
+                    };
+                    outcome(client.enable_key(by(actor, request)).await)
+                };
+                let want = match key {
+                    None => refused(Code::NotFound, "KEY_NOT_FOUND"),
+                    Some(k) if self.keys[k].deleted => {
+                        refused(Code::FailedPrecondition, "KEY_DELETED")
+                    }
+                    Some(k) if !disable && self.keys[k].expired(now) => {
+                        refused(Code::FailedPrecondition, "KEY_EXPIRED")
+                    }
+                    Some(k) => {
+                        if self.keys[k].disabled != disable {
+                            self.keys[k].disabled = disable;
+                            let kind = if disable {
+                                KeyEventType::Disabled
+                            } else {
+                                KeyEventType::Enabled
+                            };
+                            let id = self.keys[k].id.clone();
+                            self.event(&id, kind, actor, now);
+                        }
+                        Ok(self.keys[k].shown(&ws, now))
+                    }
+                };
+                same(if disable { "DisableKey" } else { "EnableKey" }, got, want)?;
+            }
+            Op::Rotate { key, grace_seconds } => {
+                let key = self.pick(key);
+                let request = RotateKeyRequest {
+                    workspace_id: ws.clone(),
+                    key_id: self.id(key),
+                    grace_period: grace_seconds
+                        .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                };
+                let got = outcome(client.rotate_key(by(actor, request)).await);
+                let grace_us = grace_seconds.unwrap_or(0) * SECOND_US;
+                let state = key.map(|k| &self.keys[k]);
+                let refusal = if grace_us > 7 * DAY_US {
+                    Some((Code::InvalidArgument, "GRACE_PERIOD_INVALID"))
+                } else {
+                    match state {
+                        None => Some((Code::NotFound, "KEY_NOT_FOUND")),
+                        Some(k) if k.deleted => Some((Code::FailedPrecondition, "KEY_DELETED")),
+                        Some(k) if k.expired(now) => {
+                            Some((Code::FailedPrecondition, "KEY_EXPIRED"))
+                        }
+                        Some(k) if k.disabled => Some((Code::FailedPrecondition, "KEY_DISABLED")),
+                        Some(k) if k.rotated => Some((Code::FailedPrecondition, "KEY_ROTATED")),
+                        Some(_) => None,
+                    }
+                };
+                match (refusal, key) {
+                    (Some((code, reason)), _) => {
+                        same("RotateKey", got.map(|_| ()), refused(code, reason))?
+                    }
+                    (None, Some(k)) => {
+                        let rotated = got.map_err(|e| format!("RotateKey refused: {e:?}"))?;
+                        let got_new = rotated.key.ok_or("RotateKey returned no key")?;
+                        let old = &mut self.keys[k];
+                        let grace_end = now + grace_us;
+                        let lifetime = old.expire_us.map(|at| at - old.create_us);
+                        old.expire_us =
+                            Some(old.expire_us.map_or(grace_end, |at| at.min(grace_end)));
+                        old.rotated = true;
+                        let new = Key {
+                            id: got_new.id.clone(),
+                            secret: rotated.secret,
+                            name: old.name.clone(),
+                            scopes: old.scopes.clone(),
+                            create_us: now,
+                            expire_us: lifetime.map(|lifetime| now + lifetime),
+                            disabled: false,
+                            deleted: false,
+                            rotated: false,
+                            created_by: actor_id.to_owned(),
+                            last_used_us: None,
+                        };
+                        same(
+                            "RotateKey old key",
+                            rotated.old_key,
+                            Some(old.shown(&ws, now)),
+                        )?;
+                        same("RotateKey new key", got_new, new.shown(&ws, now))?;
+                        let old_id = old.id.clone();
+                        self.event(&old_id, KeyEventType::Rotated, actor, now);
+                        self.events.last_mut().unwrap().new_key_id = new.id.clone();
+                        self.keys.push(new);
+                    }
+                    (None, None) => unreachable!("an unknown key is refused"),
+                }
+            }
+            Op::Delete(index) => {
+                let key = self.pick(index);
+                let request = DeleteKeyRequest {
+                    workspace_id: ws.clone(),
+                    key_id: self.id(key),
+                };
+                let got = outcome(client.delete_key(by(actor, request)).await).map(|_| ());
+                let want = match key {
+                    Some(k) if !self.keys[k].deleted => {
+                        self.keys[k].deleted = true;
+                        let id = self.keys[k].id.clone();
+                        self.event(&id, KeyEventType::Deleted, actor, now);
+                        Ok(())
+                    }
+                    _ => refused(Code::NotFound, "KEY_NOT_FOUND"),
+                };
+                same("DeleteKey", got, want)?;
+            }
+            Op::Validate { key, required } => {
+                let key = self.pick(key);
+                let secret = key.map_or_else(
+                    || Secret::generate().expose().to_owned(),
+                    |k| self.keys[k].secret.clone(),
+                );
+                let request = ValidateKeyRequest {
+                    key: secret,
+                    required_scopes: scopes(required),
+                    ..Default::default()
+                };
+                let got = outcome(client.validate_key(request).await)
+                    .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
+                let want = match key {
+                    None => ValidateKeyResponse {
+                        result: ValidationResult::NotFound.into(),
+                        ..Default::default()
+                    },
+                    Some(k) => {
+                        let k = &mut self.keys[k];
+                        let result = if k.deleted {
+                            ValidationResult::Deleted
+                        } else if k.expired(now) {
+                            ValidationResult::Expired
+                        } else if k.disabled {
+                            ValidationResult::Disabled
+                        } else if !required.iter().all(|&s| k.scopes.contains(SCOPES[s])) {
+                            ValidationResult::InsufficientScope
+                        } else {
+                            ValidationResult::Valid
+                        };
+                        if result == ValidationResult::Valid
+                            && k.last_used_us
+                                .is_none_or(|at| at + LAST_USED_RESOLUTION_US <= now)
+                        {
+                            k.last_used_us = Some(now);
+                        }
+                        ValidateKeyResponse {
+                            valid: result == ValidationResult::Valid,
+                            result: result.into(),
+                            key_id: k.id.clone(),
+                            workspace_id: ws.clone(),
+                            expire_time: k.expire_us.map(timestamp),
+                            scopes: k.scopes.iter().cloned().collect(),
+                            name: k.name.clone(),
+                        }
+                    }
+                };
+                same("ValidateKey", got, want)?;
+            }
+            Op::Advance(hours) => clock.advance(TimeDelta::hours(*hours)),
+        }
+        Ok(())
+    }
+
+    /// The workspace's audit trail is the model's, event for event, newest first.
+    async fn check_events(&self, client: &mut Client) -> Result<(), String> {
+        let mut got = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = ListKeyEventsRequest {
+                workspace_id: self.workspace.clone(),
+                page_size: 7,
+                page_token,
+                ..Default::default()
+            };
+            let page = outcome(client.list_key_events(by(0, request)).await)
+                .map_err(|e| format!("ListKeyEvents refused: {e:?}"))?;
+            got.extend(page.events);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        // Event ids are the server's; the rest is the model's.
+        let want: Vec<KeyEvent> = self
+            .events
+            .iter()
+            .rev()
+            .zip(&got)
+            .map(|(event, got)| KeyEvent {
+                id: got.id.clone(),
+                workspace_id: self.workspace.clone(),
+                key_id: event.key_id.clone(),
+                r#type: event.kind.into(),
+                actor_id: ACTORS[event.actor].0.into(),
+                actor_role: ACTORS[event.actor].1.into(),
+                create_time: Some(timestamp(event.at_us)),
+                new_key_id: event.new_key_id.clone(),
+                changed_fields: event.changed_fields.clone(),
+            })
+            .collect();
+        same("ListKeyEvents length", got.len(), self.events.len())?;
+        same("ListKeyEvents", got, want)
+    }
+}
+
+#[test]
+fn every_key_rpc_answers_as_the_model_says() {
+    let cases = scale(1_000, 10_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let clock = ManualClock::new(Utc::now());
+    let app = runtime.block_on(async {
+        spawn_app_with(TestDb::new().await, clock.clone(), |settings| {
+            // The clock jumps years ahead: keep every event for the final comparison.
+            settings.prune_interval = Duration::from_secs(3_650 * 86_400);
+        })
+        .await
+    });
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let (case, ops_run) = (Cell::new(0u32), Cell::new(0usize));
+    let started = std::time::Instant::now();
+    let sequences = proptest::collection::vec((op(), 0..ACTORS.len()), 1..40);
+    let start = clock.now();
+    let result = runner.run(&sequences, |ops| {
+        // Every case starts at the same instant (the clock would otherwise run past year
+        // 9999, the end of protobuf's timestamps, within a long run).
+        clock.advance(start - clock.now());
+        case.set(case.get() + 1);
+        ops_run.set(ops_run.get() + ops.len());
+        let mut model = Model {
+            workspace: format!("model-{}", case.get()),
+            keys: Vec::new(),
+            events: Vec::new(),
+        };
+        let mut client = app.client.clone();
+        runtime.block_on(async {
+            for (n, (op, actor)) in ops.iter().enumerate() {
+                model
+                    .step(&mut client, &clock, op, *actor)
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("step {n}, {op:?}: {e}")))?;
+            }
+            model
+                .check_events(&mut client)
+                .await
+                .map_err(TestCaseError::fail)
+        })
+    });
+    let elapsed = started.elapsed();
+    runtime.block_on(app.stop());
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+    report(
+        "model-based",
+        format_args!(
+            "{cases} cases passed, {} sequences run with shrinking, {} operations, in {elapsed:.0?}",
+            case.get(),
+            ops_run.get()
+        ),
+    );
+}
