@@ -201,7 +201,12 @@ async fn writer(mut client: Client, writes: Arc<Mutex<Vec<Write>>>, stop: Arc<At
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let sent = Instant::now();
-        let (create, outcome) = match mine.pop().filter(|_| n % 2 == 0) {
+        let victim = if n.is_multiple_of(2) {
+            mine.pop()
+        } else {
+            None
+        };
+        let (create, outcome) = match victim {
             Some((id, secret)) => {
                 let request = DeleteKeyRequest {
                     workspace_id: "outage".into(),
