@@ -586,7 +586,7 @@ impl Store {
     /// Adds each key's hour to what is stored, in one transaction: counts are summed and the
     /// client-IP sketches merged, so every replica and every flush adds its own share.
     pub async fn record_usage(&self, hours: &[KeyHour]) -> Result<(), StoreError> {
-        const PER_STATEMENT: usize = 200;
+        const PER_STATEMENT: usize = 128;
         let backend = self.backend();
         let mut hours: Vec<&KeyHour> = hours.iter().collect();
         // One lock order for every replica: concurrent flushes wait, never deadlock.
@@ -594,7 +594,7 @@ impl Store {
             (&a.key_id, a.usage.start_time_us).cmp(&(&b.key_id, b.usage.start_time_us))
         });
         let txn = self.db.begin().await?;
-        for chunk in hours.chunks(PER_STATEMENT) {
+        for chunk in binary_chunks(&hours, PER_STATEMENT) {
             let mut placeholders = Placeholders::new(backend);
             let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 9);
             let mut rows = Vec::with_capacity(chunk.len());
@@ -653,7 +653,7 @@ impl Store {
                     merged_rows.push((key_id, start, merged.to_bytes()));
                 }
             }
-            if !merged_rows.is_empty() {
+            for merged_rows in binary_chunks(&merged_rows, PER_STATEMENT) {
                 // One statement for the chunk's changed sketches.
                 let mut placeholders = Placeholders::new(backend);
                 let mut values: Vec<sea_orm::Value> = Vec::with_capacity(merged_rows.len() * 5);
@@ -669,9 +669,9 @@ impl Store {
                         " WHEN key_id = {k} AND start_time_us = {t} THEN {b}"
                     ));
                     keys.push(format!("({k}, {t})"));
-                    values.push(key_id.into());
-                    values.push(start.into());
-                    values.push(bytes.into());
+                    values.push(key_id.clone().into());
+                    values.push((*start).into());
+                    values.push(bytes.clone().into());
                 }
                 let sql = format!(
                     "UPDATE api_key_usage SET client_ips = CASE{cases} ELSE client_ips END \
@@ -809,14 +809,14 @@ impl Store {
         &self,
         uses: &[(String, i64, Option<String>)],
     ) -> Result<(), StoreError> {
-        const PER_STATEMENT: usize = 400;
+        const PER_STATEMENT: usize = 256;
         let backend = self.backend();
         // SQLite's two-argument max() is a scalar; PostgreSQL spells it GREATEST.
         let (greatest, cast) = match backend {
             DatabaseBackend::Postgres => ("GREATEST", "::bigint"),
             _ => ("MAX", ""),
         };
-        for chunk in uses.chunks(PER_STATEMENT) {
+        for chunk in binary_chunks(uses, PER_STATEMENT) {
             let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 7);
             let mut placeholders = Placeholders::new(backend);
             let mut times = String::new();
@@ -921,6 +921,24 @@ impl Store {
 
 /// Numbered statement parameters (`$1` for PostgreSQL, `?1` for SQLite), so one can be used
 /// twice.
+/// `items` in chunks of power-of-two lengths up to `max` (a power of two): whole chunks of
+/// `max`, then the rest's binary digits. Batched statements then come in a few shapes
+/// (`log2(max) + 1` per statement), which the driver's per-connection cache of prepared
+/// statements keeps for good, instead of one shape per batch length, each prepared, cached
+/// and evicted in turn: memory that grew for as long as the soak test ran.
+fn binary_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    debug_assert!(max.is_power_of_two());
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(max.min(1 << rest.len().ilog2()));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 struct Placeholders {
     backend: DatabaseBackend,
     n: usize,
@@ -973,5 +991,29 @@ fn decode_ips(bytes: Option<&[u8]>, key_id: &str) -> DistinctIps {
             tracing::warn!(key_id, error = %err, "stored client-IP sketch unreadable; counting from empty");
             DistinctIps::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binary_chunks;
+
+    #[test]
+    fn batches_are_cut_into_few_shapes_in_order() {
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 0..1_000usize {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = binary_chunks(&items, 128).collect();
+            assert_eq!(chunks.concat(), items, "every item once, in order");
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= 128)
+            );
+            // Whole chunks of 128, then at most one chunk of each smaller power of two.
+            assert!(chunks.len() <= n / 128 + 7, "{n}: {} chunks", chunks.len());
+            shapes.extend(chunks.iter().map(|c| c.len()));
+        }
+        assert_eq!(shapes.len(), 8, "{shapes:?}");
     }
 }
