@@ -1,7 +1,7 @@
 //! The `apikeys` binary as an operator runs it: migrate, serve, SIGTERM.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -51,8 +51,20 @@ pub(crate) fn start_command(
     let mut child = Process(command.spawn().expect("start apikeys"));
     let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    // With the log scan on, the binary's logs are searched for secrets too.
+    let mut scanned = crate::scan::scan_file("logs").map(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open the log file of the log scan")
+    });
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(file) = &mut scanned {
+                // One write per line, so lines of other writers never split it.
+                let _ = file.write_all(format!("{line}\n").as_bytes());
+            }
             let _ = tx.send(line);
         }
     });
