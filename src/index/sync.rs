@@ -232,7 +232,7 @@ impl Syncer {
             // out an outage for a connection started long ago: read again at once, so a
             // replica that recovers is fresh from now, not stale again a moment after
             // reporting SERVING (found by the outage test of the reliability suite).
-            if synced.is_ok() && self.staleness() > self.settings.poll_interval {
+            if synced.is_ok() && self.staleness() > self.settings.staleness_bound / 2 {
                 synced = self.catch_up().await;
             }
             match synced {
@@ -258,10 +258,9 @@ impl Syncer {
         health: HealthReporter,
         mut stop: watch::Receiver<bool>,
     ) {
-        let every = self
-            .settings
-            .poll_interval
-            .min(self.settings.staleness_bound / 4);
+        let every = (self.settings.poll_interval)
+            .min(self.settings.staleness_bound / 4)
+            .max(Duration::from_millis(10));
         let mut fresh = true;
         loop {
             tokio::select! {

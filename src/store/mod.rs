@@ -816,7 +816,12 @@ impl Store {
             DatabaseBackend::Postgres => ("GREATEST", "::bigint"),
             _ => ("MAX", ""),
         };
-        for chunk in binary_chunks(uses, PER_STATEMENT) {
+        // One transaction for the batch (one commit, not one per chunk), its rows in one
+        // order for every replica, so concurrent flushes wait rather than deadlock.
+        let mut uses: Vec<&(String, i64, Option<String>)> = uses.iter().collect();
+        uses.sort_by(|a, b| a.0.cmp(&b.0));
+        let txn = self.db.begin().await?;
+        for chunk in binary_chunks(&uses, PER_STATEMENT) {
             let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 7);
             let mut placeholders = Placeholders::new(backend);
             let mut times = String::new();
@@ -856,10 +861,10 @@ impl Store {
                  WHERE id IN ({})",
                 ids.join(", ")
             );
-            self.db
-                .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
                 .await?;
         }
+        txn.commit().await?;
         Ok(())
     }
 
@@ -919,8 +924,6 @@ impl Store {
     }
 }
 
-/// Numbered statement parameters (`$1` for PostgreSQL, `?1` for SQLite), so one can be used
-/// twice.
 /// `items` in chunks of power-of-two lengths up to `max` (a power of two): whole chunks of
 /// `max`, then the rest's binary digits. Batched statements then come in a few shapes
 /// (`log2(max) + 1` per statement), which the driver's per-connection cache of prepared
@@ -939,6 +942,8 @@ fn binary_chunks<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// Numbered statement parameters (`$1` for PostgreSQL, `?1` for SQLite), so one can be used
+/// twice.
 struct Placeholders {
     backend: DatabaseBackend,
     n: usize,

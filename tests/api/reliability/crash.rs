@@ -222,6 +222,11 @@ async fn check(client: &mut Client, ledger: &Mutex<Ledger>, checked: &mut Checke
         !deleted_ids.iter().any(|id| listed.contains(*id)),
         "a deleted key is listed"
     );
+    // Creates that committed unanswered stay: listed in every later check.
+    assert!(
+        checked.orphans.iter().all(|id| listed.contains(id)),
+        "a key created unanswered is gone"
+    );
     checked
         .orphans
         .extend(listed.iter().filter(|id| !live_ids.contains(id)).cloned());

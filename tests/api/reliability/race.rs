@@ -44,11 +44,15 @@ impl Revocation {
     }
 }
 
-/// A change: its kind, the replica that made it, and when it was acknowledged.
-type Revoked = (Revocation, usize, Instant);
+/// A change: its kind, the replica that made it, when it was sent and acknowledged.
+type Revoked = (Revocation, usize, Instant, Instant);
 
-/// One answer: key, replica, when the request was sent, the result.
-type Answer = (usize, usize, Instant, ValidationResult);
+/// One answer: key, replica, when the request was sent and answered, the result.
+type Answer = (usize, usize, Instant, Instant, ValidationResult);
+
+/// How far behind the key being changed the validators look: 100 changes, 1.5–3 s, well
+/// past the bound.
+const LOOK_BACK: usize = 100;
 
 async fn revoke(client: &mut Client, id: &str, how: Revocation) -> Option<String> {
     let (workspace_id, key_id) = ("race".to_owned(), id.to_owned());
@@ -122,7 +126,8 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
 
     let revoked: Arc<Vec<OnceLock<Revoked>>> =
         Arc::new((0..count).map(|_| OnceLock::new()).collect());
-    // The validators probe the keys around the one being revoked.
+    // The validators probe the keys around the one being revoked, and half the time one
+    // changed up to LOOK_BACK changes ago.
     let current = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let replicas: [&TestApp; 2] = [&a, &b];
@@ -136,17 +141,18 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
                 let mut answers: Vec<Answer> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let at = current.load(Ordering::Relaxed);
-                    let key = rng.usize(at.saturating_sub(3)..(at + 2).min(secrets.len()));
+                    let back = if rng.bool() { 3 } else { LOOK_BACK };
+                    let key = rng.usize(at.saturating_sub(back)..(at + 2).min(secrets.len()));
                     let sent = Instant::now();
                     let result = validate(&mut client, &secrets[key]).await;
-                    answers.push((key, replica, sent, result));
+                    answers.push((key, replica, sent, Instant::now(), result));
                 }
                 answers
             }));
         }
     }
 
-    let mut successors = 0;
+    let mut successors = Vec::new();
     let mut rng = fastrand::Rng::with_seed(7);
     let kinds = [Revocation::Delete, Revocation::Disable, Revocation::Rotate];
     for (key, (row, _)) in keys.iter().enumerate() {
@@ -154,15 +160,18 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
         tokio::time::sleep(Duration::from_millis(rng.u64(5..25))).await;
         let (how, replica) = (kinds[key % 3], key % 2);
         let mut client = replicas[replica].client.clone();
+        let sent = Instant::now();
         let successor = revoke(&mut client, &row.id, how).await;
-        revoked[key].set((how, replica, Instant::now())).unwrap();
+        revoked[key]
+            .set((how, replica, sent, Instant::now()))
+            .unwrap();
         if let Some(successor) = successor {
             // The new key works at once where it was issued.
             assert_eq!(
                 validate(&mut client, &successor).await,
                 ValidationResult::Valid
             );
-            successors += 1;
+            successors.push(successor);
         }
     }
     current.store(count, Ordering::Relaxed);
@@ -178,15 +187,15 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
     let (mut same_replica, mut past_bound, mut after_ack) = (Vec::new(), Vec::new(), 0);
     let mut windows = vec![Duration::ZERO; count];
     let mut wrong = Vec::new();
-    for &(key, replica, sent, result) in &answers {
-        let Some(&(how, by, acked)) = revoked[key].get() else {
+    for &(key, replica, sent, answered, result) in &answers {
+        let &(how, by, changing, acked) = revoked[key].get().expect("every key is changed");
+        if answered < changing {
             assert_eq!(
                 result,
                 ValidationResult::Valid,
                 "key {key} before its change"
             );
-            continue;
-        };
+        }
         let Some(since) = sent.checked_duration_since(acked) else {
             continue;
         };
@@ -211,6 +220,24 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
         "VALID from the other replica past the bound: {past_bound:?}"
     );
     assert!(wrong.is_empty(), "wrong answers after a change: {wrong:?}");
+    // Past the bound, every key on both replicas answers its change, every successor VALID.
+    for app in replicas {
+        let mut client = app.client.clone();
+        for (key, secret) in secrets.iter().enumerate() {
+            let (how, ..) = *revoked[key].get().unwrap();
+            assert_eq!(
+                validate(&mut client, secret).await,
+                how.result(),
+                "key {key}"
+            );
+        }
+        for successor in &successors {
+            assert_eq!(
+                validate(&mut client, successor).await,
+                ValidationResult::Valid
+            );
+        }
+    }
     assert!(
         after_ack > count,
         "too few answers after the changes to tell"
@@ -223,7 +250,7 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
              under {} validators on 2 replicas; {} answers, {after_ack} of them after a change was acknowledged; \
              VALID after the acknowledgement: 0 on the acknowledging replica, 0 past the {BOUND:?} bound on the other; \
              the other replica still said VALID after the acknowledgement for {} keys, for at most {:.1?}; \
-             {successors} successors valid at once",
+             {} successors valid at once; past the bound every key on both replicas answers its change",
             count.div_ceil(3),
             (count + 1) / 3,
             count / 3,
@@ -231,6 +258,7 @@ async fn no_valid_answer_once_a_revocation_is_acknowledged_plus_the_bound() {
             answers.len(),
             windows.iter().filter(|w| !w.is_zero()).count(),
             windows[count - 1],
+            successors.len(),
         ),
     );
 }
