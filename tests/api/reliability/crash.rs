@@ -264,63 +264,65 @@ async fn check(client: &mut Client, ledger: &Mutex<Ledger>, checked: &mut Checke
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_sigkill_at_random_moments() {
-    let kills = scale(50, 100);
-    let seed = fastrand::u64(..);
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let db = TestDb::new().await;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let mut checked = Checked::default();
-    let mut starts = Vec::new();
-    let began = Instant::now();
-    for round in 0..=kills {
-        let started = Instant::now();
-        let (mut server, addr, _logs) = start_command(server(&db));
-        starts.push(started.elapsed());
-        let mut client = connect(&addr).await;
-        check(&mut client, &ledger, &mut checked).await;
-        if round == kills {
-            break;
+#[test]
+fn acknowledged_writes_survive_sigkill_at_random_moments() {
+    super::quietly(async {
+        let kills = scale(50, 100);
+        let seed = fastrand::u64(..);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let db = TestDb::new().await;
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let mut checked = Checked::default();
+        let mut starts = Vec::new();
+        let began = Instant::now();
+        for round in 0..=kills {
+            let started = Instant::now();
+            let (mut server, addr, _logs) = start_command(server(&db));
+            starts.push(started.elapsed());
+            let mut client = connect(&addr).await;
+            check(&mut client, &ledger, &mut checked).await;
+            if round == kills {
+                break;
+            }
+            let killed = Arc::new(AtomicBool::new(false));
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|_| {
+                    let (client, ledger, killed) = (client.clone(), ledger.clone(), killed.clone());
+                    tokio::spawn(load(client, ledger, killed, rng.u64(..)))
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(rng.u64(100..1500))).await;
+            killed.store(true, Ordering::SeqCst);
+            server.0.kill().expect("SIGKILL apikeys");
+            server.0.wait().expect("reap apikeys");
+            for worker in workers {
+                worker.await.expect("load task");
+            }
+            let violations = std::mem::take(&mut lock(&ledger).violations);
+            assert!(violations.is_empty(), "round {round}: {violations:#?}");
         }
-        let killed = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|_| {
-                let (client, ledger, killed) = (client.clone(), ledger.clone(), killed.clone());
-                tokio::spawn(load(client, ledger, killed, rng.u64(..)))
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(rng.u64(100..1500))).await;
-        killed.store(true, Ordering::SeqCst);
-        server.0.kill().expect("SIGKILL apikeys");
-        server.0.wait().expect("reap apikeys");
-        for worker in workers {
-            worker.await.expect("load task");
-        }
-        let violations = std::mem::take(&mut lock(&ledger).violations);
-        assert!(violations.is_empty(), "round {round}: {violations:#?}");
-    }
-    let ledger = lock(&ledger);
-    starts.sort();
-    report(
-        "crash consistency",
-        format_args!(
-            "{kills} SIGKILLs survived in {:.0?} (seed {seed}); acknowledged: {} creates, {} deletes; \
+        let ledger = lock(&ledger);
+        starts.sort();
+        report(
+            "crash consistency",
+            format_args!(
+                "{kills} SIGKILLs survived in {:.0?} (seed {seed}); acknowledged: {} creates, {} deletes; \
              {} validations under load; {} acknowledged writes checked after restarts, all as acknowledged; \
              unanswered: {} creates ({} had committed), {} deletes ({} had committed); \
              restart to serving: median {:.0?}, max {:.0?}",
-            began.elapsed(),
-            ledger.acked_creates,
-            ledger.acked_deletes,
-            ledger.validations,
-            checked.acked_writes,
-            ledger.unanswered_creates,
-            checked.orphans.len(),
-            checked.deletes_done + checked.deletes_not_done,
-            checked.deletes_done,
-            starts[starts.len() / 2],
-            starts[starts.len() - 1],
-        ),
-    );
-    assert!(ledger.acked_creates > kills as u64, "the load barely ran");
+                began.elapsed(),
+                ledger.acked_creates,
+                ledger.acked_deletes,
+                ledger.validations,
+                checked.acked_writes,
+                ledger.unanswered_creates,
+                checked.orphans.len(),
+                checked.deletes_done + checked.deletes_not_done,
+                checked.deletes_done,
+                starts[starts.len() / 2],
+                starts[starts.len() - 1],
+            ),
+        );
+        assert!(ledger.acked_creates > kills as u64, "the load barely ran");
+    })
 }

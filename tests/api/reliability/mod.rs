@@ -33,6 +33,30 @@ use crate::{
 
 pub(crate) const FULL_ENV: &str = "APIKEYS_RELIABILITY";
 
+/// Runs a test on a runtime whose threads log nothing. At RUST_LOG=trace (as CI runs the
+/// suite for its log scan) these tests' bulk traffic, HTTP/2 frames and all, made 6.5 GB of
+/// the run's logs; what they check is state, not logging, which the rest of the suite covers
+/// call by call. The binary's own logs still go to the scan (binary.rs).
+pub(crate) fn quietly<F: std::future::Future>(test: F) -> F::Output {
+    let _quiet = silence();
+    quiet_runtime().block_on(test)
+}
+
+/// This thread logs nothing until the guard is dropped.
+pub(crate) fn silence() -> tracing::dispatcher::DefaultGuard {
+    tracing::dispatcher::set_default(&tracing::Dispatch::none())
+}
+
+/// A runtime whose threads log nothing (they end with it).
+pub(crate) fn quiet_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| std::mem::forget(silence()))
+        .build()
+        .expect("a runtime")
+}
+
 /// `short` in a plain `cargo test`, `full` with `APIKEYS_RELIABILITY=full`.
 pub(crate) fn scale<T>(short: T, full: T) -> T {
     if std::env::var(FULL_ENV).is_ok_and(|v| v == "full") {

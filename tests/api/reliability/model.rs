@@ -637,11 +637,9 @@ impl Model {
 #[test]
 fn every_key_rpc_answers_as_the_model_says() {
     let cases = scale(1_000, 10_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // Quiet: see `quietly`.
+    let _quiet = super::silence();
+    let runtime = super::quiet_runtime();
     let clock = ManualClock::new(Utc::now());
     let app = runtime.block_on(async {
         spawn_app_with(TestDb::new().await, clock.clone(), |settings| {

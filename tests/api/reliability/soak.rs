@@ -281,169 +281,171 @@ async fn manager(
     calls
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn minutes_of_mixed_load_fail_nothing_and_leak_nothing() {
-    let length = scale(Duration::from_secs(60), Duration::from_secs(600));
-    let warm_up = length / 5;
-    let db = TestDb::new().await;
-    let (server, addr, _logs) = start_command(server(&db));
-    let pid = server.0.id();
-    let mut client = connect(&addr).await;
-    let observer = match backend() {
-        "postgresql" => Some(Database::connect(db.url.as_str()).await.unwrap()),
-        _ => None,
-    };
-    let sqlite_file = db
-        .sqlite_dir()
-        .map(|dir| dir.join("apikeys.db").display().to_string());
-
-    let mut keys = Vec::new();
-    let mut secrets = Vec::new();
-    for i in 0..POPULATION {
-        let request = CreateKeyRequest {
-            workspace_id: WORKSPACE.into(),
-            name: format!("soak {i}"),
-            expiration: Expiration::Never.into(),
-            scopes: if i % 2 == 0 {
-                vec!["orders:read".into()]
-            } else {
-                Vec::new()
-            },
-            ..Default::default()
+#[test]
+fn minutes_of_mixed_load_fail_nothing_and_leak_nothing() {
+    super::quietly(async {
+        let length = scale(Duration::from_secs(60), Duration::from_secs(600));
+        let warm_up = length / 5;
+        let db = TestDb::new().await;
+        let (server, addr, _logs) = start_command(server(&db));
+        let pid = server.0.id();
+        let mut client = connect(&addr).await;
+        let observer = match backend() {
+            "postgresql" => Some(Database::connect(db.url.as_str()).await.unwrap()),
+            _ => None,
         };
-        let created = client
-            .create_key(as_owner(request))
-            .await
-            .unwrap()
-            .into_inner();
-        keys.push(created.key.unwrap());
-        secrets.push(created.secret);
-    }
-    let secrets = Arc::new(Mutex::new(secrets));
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Failures::default());
-    let validators: Vec<_> = (0..4)
-        .map(|seed| {
-            let (client, secrets) = (client.clone(), secrets.clone());
-            let (stop, failures) = (stop.clone(), failures.clone());
-            tokio::spawn(validator(client, secrets, stop, failures, seed))
-        })
-        .collect();
-    let manager = tokio::spawn(manager(
-        client.clone(),
-        secrets.clone(),
-        keys,
-        stop.clone(),
-        failures.clone(),
-    ));
+        let sqlite_file = db
+            .sqlite_dir()
+            .map(|dir| dir.join("apikeys.db").display().to_string());
 
-    let started = Instant::now();
-    let mut samples = Vec::new();
-    while started.elapsed() < length {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let db_connections = match &observer {
-            Some(observer) => {
-                let row = observer
-                    .query_one_raw(Statement::from_string(
-                        observer.get_database_backend(),
-                        "SELECT count(*) AS n FROM pg_stat_activity \
+        let mut keys = Vec::new();
+        let mut secrets = Vec::new();
+        for i in 0..POPULATION {
+            let request = CreateKeyRequest {
+                workspace_id: WORKSPACE.into(),
+                name: format!("soak {i}"),
+                expiration: Expiration::Never.into(),
+                scopes: if i % 2 == 0 {
+                    vec!["orders:read".into()]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            };
+            let created = client
+                .create_key(as_owner(request))
+                .await
+                .unwrap()
+                .into_inner();
+            keys.push(created.key.unwrap());
+            secrets.push(created.secret);
+        }
+        let secrets = Arc::new(Mutex::new(secrets));
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Failures::default());
+        let validators: Vec<_> = (0..4)
+            .map(|seed| {
+                let (client, secrets) = (client.clone(), secrets.clone());
+                let (stop, failures) = (stop.clone(), failures.clone());
+                tokio::spawn(validator(client, secrets, stop, failures, seed))
+            })
+            .collect();
+        let manager = tokio::spawn(manager(
+            client.clone(),
+            secrets.clone(),
+            keys,
+            stop.clone(),
+            failures.clone(),
+        ));
+
+        let started = Instant::now();
+        let mut samples = Vec::new();
+        while started.elapsed() < length {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let db_connections = match &observer {
+                Some(observer) => {
+                    let row = observer
+                        .query_one_raw(Statement::from_string(
+                            observer.get_database_backend(),
+                            "SELECT count(*) AS n FROM pg_stat_activity \
                          WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                    ))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                row.try_get::<i64>("", "n").unwrap()
-            }
-            None => open_on(pid, sqlite_file.as_deref().unwrap()),
-        };
-        samples.push(Sample {
-            at: started.elapsed(),
-            rss_kib: rss_kib(pid),
-            open_files: open_files(pid),
-            db_connections,
-        });
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut validations = 0;
-    for validator in validators {
-        validations += validator.await.unwrap();
-    }
-    let management = manager.await.unwrap();
-    drop(client);
-    let status = terminate(server).await;
-    assert!(status.success(), "apikeys exited {status:?} after the soak");
+                        ))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    row.try_get::<i64>("", "n").unwrap()
+                }
+                None => open_on(pid, sqlite_file.as_deref().unwrap()),
+            };
+            samples.push(Sample {
+                at: started.elapsed(),
+                rss_kib: rss_kib(pid),
+                open_files: open_files(pid),
+                db_connections,
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut validations = 0;
+        for validator in validators {
+            validations += validator.await.unwrap();
+        }
+        let management = manager.await.unwrap();
+        drop(client);
+        let status = terminate(server).await;
+        assert!(status.success(), "apikeys exited {status:?} after the soak");
 
-    let failures = failures.0.lock().unwrap_or_else(PoisonError::into_inner);
-    assert!(
-        failures.is_empty(),
-        "{} failed calls, the first: {:#?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
-    let settled: Vec<&Sample> = samples.iter().filter(|s| s.at >= warm_up).collect();
-    // RSS at the end of the warm-up and at the end: medians of five samples, not one.
-    let median = |window: &[&Sample]| {
-        let mut rss: Vec<u64> = window.iter().map(|s| s.rss_kib).collect();
-        rss.sort_unstable();
-        rss[rss.len() / 2]
-    };
-    let (first, last) = (median(&settled[..5]), median(&settled[settled.len() - 5..]));
-    let peak = settled.iter().map(|s| s.rss_kib).max().unwrap();
-    let growth = (last as f64 - first as f64) / first as f64;
-    assert!(
-        growth < 0.10,
-        "RSS grew {:.1} % after the warm-up: {first} KiB → {last} KiB",
-        growth * 100.0
-    );
-    let files: Vec<usize> = settled.iter().map(|s| s.open_files).collect();
-    let (min_files, max_files) = (*files.iter().min().unwrap(), *files.iter().max().unwrap());
-    // Descriptors: the listener, the database connections (SQLite: a file and its WAL and
-    // shared memory per connection), the client's connection; none may pile up.
-    assert!(
-        max_files - min_files <= 3 * MAX_CONNECTIONS as usize,
-        "open files went from {min_files} to {max_files}"
-    );
-    // Connections: within the pool's bound, and no more in the second half of the run than
-    // in the first (a pool that leaked them would only grow).
-    let db_connections: Vec<i64> = settled.iter().map(|s| s.db_connections).collect();
-    let (early, late) = db_connections.split_at(db_connections.len() / 2);
-    let (min_db, max_db) = (
-        *db_connections.iter().min().unwrap(),
-        *db_connections.iter().max().unwrap(),
-    );
-    let per_connection = if observer.is_some() { 1 } else { 3 };
-    assert!(
-        max_db <= MAX_CONNECTIONS * per_connection,
-        "{max_db} connections to the database, more than the pool holds"
-    );
-    assert!(
-        late.iter().max() <= early.iter().max(),
-        "database connections grew: {early:?} then {late:?}"
-    );
-    let trend = samples
-        .iter()
-        .step_by((samples.len() / 10).max(1))
-        .map(|s| format!("{:.1}", s.rss_kib as f64 / 1024.0))
-        .collect::<Vec<_>>()
-        .join(" ");
-    report(
-        "soak",
-        format_args!(
-            "{length:?} of mixed load: {validations} validations ({:.0}/s) and {management} management calls, \
+        let failures = failures.0.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(
+            failures.is_empty(),
+            "{} failed calls, the first: {:#?}",
+            failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+        let settled: Vec<&Sample> = samples.iter().filter(|s| s.at >= warm_up).collect();
+        // RSS at the end of the warm-up and at the end: medians of five samples, not one.
+        let median = |window: &[&Sample]| {
+            let mut rss: Vec<u64> = window.iter().map(|s| s.rss_kib).collect();
+            rss.sort_unstable();
+            rss[rss.len() / 2]
+        };
+        let (first, last) = (median(&settled[..5]), median(&settled[settled.len() - 5..]));
+        let peak = settled.iter().map(|s| s.rss_kib).max().unwrap();
+        let growth = (last as f64 - first as f64) / first as f64;
+        assert!(
+            growth < 0.10,
+            "RSS grew {:.1} % after the warm-up: {first} KiB → {last} KiB",
+            growth * 100.0
+        );
+        let files: Vec<usize> = settled.iter().map(|s| s.open_files).collect();
+        let (min_files, max_files) = (*files.iter().min().unwrap(), *files.iter().max().unwrap());
+        // Descriptors: the listener, the database connections (SQLite: a file and its WAL and
+        // shared memory per connection), the client's connection; none may pile up.
+        assert!(
+            max_files - min_files <= 3 * MAX_CONNECTIONS as usize,
+            "open files went from {min_files} to {max_files}"
+        );
+        // Connections: within the pool's bound, and no more in the second half of the run than
+        // in the first (a pool that leaked them would only grow).
+        let db_connections: Vec<i64> = settled.iter().map(|s| s.db_connections).collect();
+        let (early, late) = db_connections.split_at(db_connections.len() / 2);
+        let (min_db, max_db) = (
+            *db_connections.iter().min().unwrap(),
+            *db_connections.iter().max().unwrap(),
+        );
+        let per_connection = if observer.is_some() { 1 } else { 3 };
+        assert!(
+            max_db <= MAX_CONNECTIONS * per_connection,
+            "{max_db} connections to the database, more than the pool holds"
+        );
+        assert!(
+            late.iter().max() <= early.iter().max(),
+            "database connections grew: {early:?} then {late:?}"
+        );
+        let trend = samples
+            .iter()
+            .step_by((samples.len() / 10).max(1))
+            .map(|s| format!("{:.1}", s.rss_kib as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" ");
+        report(
+            "soak",
+            format_args!(
+                "{length:?} of mixed load: {validations} validations ({:.0}/s) and {management} management calls, \
              0 failed; RSS {} KiB after the {warm_up:?} warm-up, {} KiB at the end ({:+.1} %, peak {peak} KiB); \
              RSS in MiB by tenths of the run: {trend}; open files {min_files}–{max_files}; \
              database connections {}; SIGTERM: exit 0",
-            validations as f64 / length.as_secs_f64(),
-            first,
-            last,
-            growth * 100.0,
-            if observer.is_some() {
-                format!("{min_db}–{max_db} (PostgreSQL's count; a pool of 10 and the listener)")
-            } else {
-                format!(
-                    "{min_db}–{max_db} descriptors on the database's files (the file, its WAL and shared memory per connection)"
-                )
-            },
-        ),
-    );
+                validations as f64 / length.as_secs_f64(),
+                first,
+                last,
+                growth * 100.0,
+                if observer.is_some() {
+                    format!("{min_db}–{max_db} (PostgreSQL's count; a pool of 10 and the listener)")
+                } else {
+                    format!(
+                        "{min_db}–{max_db} descriptors on the database's files (the file, its WAL and shared memory per connection)"
+                    )
+                },
+            ),
+        );
+    })
 }
