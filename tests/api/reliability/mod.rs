@@ -34,9 +34,9 @@ use crate::{
 pub(crate) const FULL_ENV: &str = "APIKEYS_RELIABILITY";
 
 /// Runs a test on a runtime whose threads log nothing. At RUST_LOG=trace (as CI runs the
-/// suite for its log scan) these tests' bulk traffic, HTTP/2 frames and all, made 6.5 GB of
-/// the run's logs; what they check is state, not logging, which the rest of the suite covers
-/// call by call. The binary's own logs still go to the scan (binary.rs).
+/// suite for its log scan) these tests' bulk traffic, HTTP/2 frames and all, made most of
+/// the run's 5.4 GB of logs; what they check is state, not logging, which the rest of the
+/// suite covers call by call. The binary's own logs still go to the scan (binary.rs).
 pub(crate) fn quietly<F: std::future::Future>(test: F) -> F::Output {
     let _quiet = silence();
     quiet_runtime().block_on(test)
