@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         // Reflection serves this set, so grpcurl needs no .proto files.
         .file_descriptor_set_path(out_dir.join("apikeys_descriptor.bin"))
+        // Undecodable requests are the caller's error, not INTERNAL (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::ProtoCodec")
         .compile_with_config(
             config,
             &[PathBuf::from("proto/cloodot/apikeys/v1/api_keys.proto")],

@@ -14,7 +14,12 @@
 //! mesh-gateway    gateway  san:gateway.edge.svc.cluster.local
 //! ```
 
-use std::{collections::HashMap, fmt, path::Path};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::Path,
+    sync::{Arc, atomic::AtomicUsize},
+};
 
 use crate::domain::base62;
 
@@ -53,11 +58,14 @@ impl fmt::Display for CallerRole {
     }
 }
 
-/// An authenticated caller, as the request path sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An authenticated caller, as the request path sees it (shared: a call's extensions hold a
+/// reference, not a copy).
+#[derive(Debug)]
 pub struct Caller {
     pub name: String,
     pub role: CallerRole,
+    /// Calls in flight from this caller, for its fair share of the server.
+    pub(crate) in_flight: AtomicUsize,
 }
 
 /// A caller's bearer token. Like an API key it never prints its value.
@@ -129,9 +137,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// Every caller of the callers file, by the hash of its token.
 #[derive(Clone, Default)]
 pub struct Callers {
-    by_hash: HashMap<[u8; 32], Caller>,
+    by_hash: HashMap<[u8; 32], Arc<Caller>>,
     /// Callers known by a DNS name in their client certificate.
-    by_san: Vec<(rustls::pki_types::ServerName<'static>, Caller)>,
+    by_san: Vec<(rustls::pki_types::ServerName<'static>, Arc<Caller>)>,
 }
 
 impl fmt::Debug for Callers {
@@ -156,6 +164,11 @@ pub enum CallersFileError {
         path: String,
         source: std::io::Error,
     },
+    /// Whoever may write the file may add a caller of their own.
+    #[error(
+        "the callers file {path} may be written by group or others (mode {mode:03o}), who could admit any caller: run `chmod go-w {path}`"
+    )]
+    WritableByOthers { path: String, mode: u32 },
     #[error("callers file line {line}: {reason}")]
     Line { line: usize, reason: String },
     #[error("the callers file lists no callers")]
@@ -164,16 +177,27 @@ pub enum CallersFileError {
 
 impl Callers {
     pub fn load(path: &Path) -> Result<Self, CallersFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CallersFileError::Read {
+        let read = |source| CallersFileError::Read {
             path: path.display().to_string(),
             source,
+        };
+        let bytes = crate::file_mode::read_trusted(path).map_err(|err| match err {
+            crate::file_mode::TrustedFileError::Io(source) => read(source),
+            crate::file_mode::TrustedFileError::WritableByOthers { mode } => {
+                CallersFileError::WritableByOthers {
+                    path: path.display().to_string(),
+                    mode,
+                }
+            }
         })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|err| read(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))?;
         Self::parse(&text)
     }
 
     pub fn parse(text: &str) -> Result<Self, CallersFileError> {
         let mut by_hash = HashMap::new();
-        let mut by_san: Vec<(rustls::pki_types::ServerName<'static>, Caller)> = Vec::new();
+        let mut by_san: Vec<(rustls::pki_types::ServerName<'static>, Arc<Caller>)> = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (at, raw) in text.lines().enumerate() {
             let line = at + 1;
@@ -195,10 +219,11 @@ impl Callers {
             if !names.insert(name.to_owned()) {
                 return Err(bad(format!("caller `{name}` is listed twice")));
             }
-            let caller = Caller {
+            let caller = Arc::new(Caller {
                 name: name.to_owned(),
                 role,
-            };
+                in_flight: AtomicUsize::new(0),
+            });
             if let Some(san) = credential.strip_prefix(SAN_PREFIX) {
                 let name = rustls::pki_types::ServerName::try_from(san.to_ascii_lowercase())
                     .map_err(|_| bad("the san: value is not a DNS name".to_owned()))?;
@@ -225,7 +250,7 @@ impl Callers {
     }
 
     /// The caller whose token this is, if any.
-    pub fn authenticate(&self, token: &str) -> Option<&Caller> {
+    pub fn authenticate(&self, token: &str) -> Option<&Arc<Caller>> {
         self.by_hash.get(blake3::hash(token.as_bytes()).as_bytes())
     }
 
@@ -234,7 +259,7 @@ impl Callers {
     pub fn authenticate_certificate(
         &self,
         certificate: &rustls::pki_types::CertificateDer<'_>,
-    ) -> Option<&Caller> {
+    ) -> Option<&Arc<Caller>> {
         let certificate = webpki::EndEntityCert::try_from(certificate).ok()?;
         self.by_san.iter().find_map(|(name, caller)| {
             certificate
@@ -343,6 +368,29 @@ mod tests {
         assert!(a.expose().starts_with(TOKEN_PREFIX));
         assert_eq!(a.expose().len(), TOKEN_PREFIX.len() + TOKEN_RANDOM_LEN);
         assert_eq!(format!("{a:?}"), "cct_****");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_callers_file_group_or_others_may_write_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callers");
+        let line = file_line("edge", CallerRole::Gateway, &CallerToken::generate());
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        for mode in [0o666, 0o664, 0o646] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+
+            let err = Callers::load(&path).unwrap_err().to_string();
+
+            let fix = format!("chmod go-w {}", path.display());
+            assert!(err.contains(&fix), "{err:?} should say {fix:?}");
+            assert!(err.contains(&format!("{mode:o}")), "{err:?}");
+        }
+        for mode in [0o600, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(Callers::load(&path).unwrap().len(), 1, "{mode:o}");
+        }
     }
 
     #[test]

@@ -120,8 +120,25 @@ pub struct Settings {
     )]
     pub max_in_flight: usize,
 
-    /// Management calls (everything but ValidateKey and health) each caller may make per
-    /// second, sustained; more are answered RESOURCE_EXHAUSTED with a retry delay.
+    /// Calls one caller (by its credentials; by client IP without a callers file) may have
+    /// in flight, so one caller cannot take the whole --max-in-flight; more are shed with
+    /// UNAVAILABLE (`CALLER_OVERLOADED`).
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_IN_FLIGHT_PER_CALLER",
+        default_value_t = 256,
+        global = true
+    )]
+    pub max_in_flight_per_caller: usize,
+
+    /// How long after its headers a call's request body may take to arrive; a call still
+    /// waiting is answered DEADLINE_EXCEEDED and frees its place in flight.
+    #[arg(long, env = "APIKEYS_REQUEST_BODY_TIMEOUT", default_value = "2s", value_parser = parse_duration, global = true)]
+    pub request_body_timeout: Duration,
+
+    /// Management calls (everything but ValidateKey and health) one caller may make per
+    /// second in one workspace, sustained; more are answered RESOURCE_EXHAUSTED with a
+    /// retry delay. Kept per workspace, so one busy tenant does not throttle the others.
     #[arg(
         long,
         env = "APIKEYS_MANAGEMENT_RATE",
@@ -130,7 +147,8 @@ pub struct Settings {
     )]
     pub management_rate: NonZeroU32,
 
-    /// Management calls a caller may make at once above its rate, after a quiet spell.
+    /// Management calls a caller may make at once in one workspace above its rate, after a
+    /// quiet spell.
     #[arg(
         long,
         env = "APIKEYS_MANAGEMENT_BURST",
@@ -138,6 +156,99 @@ pub struct Settings {
         global = true
     )]
     pub management_burst: NonZeroU32,
+
+    /// Management calls one caller may make per second across all workspaces: the ceiling
+    /// above the per-workspace rate, for an admin backend that serves every tenant.
+    #[arg(
+        long,
+        env = "APIKEYS_MANAGEMENT_CALLER_RATE",
+        default_value = "5000",
+        global = true
+    )]
+    pub management_caller_rate: NonZeroU32,
+
+    /// Management calls one caller may make at once across all workspaces above its ceiling.
+    #[arg(
+        long,
+        env = "APIKEYS_MANAGEMENT_CALLER_BURST",
+        default_value = "10000",
+        global = true
+    )]
+    pub management_caller_burst: NonZeroU32,
+
+    /// Open gRPC connections in all; more are closed as soon as they are accepted. Lowered
+    /// at start to fit the descriptor limit (`ulimit -n`, less 64).
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub max_connections: usize,
+
+    /// Open gRPC connections from one client IP (a gateway or backend needs a handful).
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 256,
+        global = true
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// How long a new connection may take to finish its TLS handshake and send the HTTP/2
+    /// preface (and the metrics listener a request's headers) before it is closed.
+    #[arg(long, env = "APIKEYS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub handshake_timeout: Duration,
+
+    /// A connection on which no call has started for this long, with no stream open, is
+    /// closed; clients reconnect when they next call.
+    #[arg(long, env = "APIKEYS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration, global = true)]
+    pub idle_timeout: Duration,
+
+    /// How often the server pings a connection's client (HTTP/2 PING) to find dead peers.
+    #[arg(long, env = "APIKEYS_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration, global = true)]
+    pub keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "APIKEYS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration, global = true)]
+    pub keepalive_timeout: Duration,
+
+    /// Streams (calls) one connection may have open at once (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); clients queue beyond it.
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256,
+        global = true
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Health watches (grpc.health.v1.Health/Watch streams) open on the server in all.
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_HEALTH_WATCHES",
+        default_value_t = 1024,
+        global = true
+    )]
+    pub max_health_watches: usize,
+
+    /// Health watches open on one connection (a client watches a name or two).
+    #[arg(
+        long,
+        env = "APIKEYS_MAX_HEALTH_WATCHES_PER_CONNECTION",
+        default_value_t = 16,
+        global = true
+    )]
+    pub max_health_watches_per_connection: usize,
+
+    /// Open connections to the metrics listener; a scraper needs one.
+    #[arg(
+        long,
+        env = "APIKEYS_METRICS_MAX_CONNECTIONS",
+        default_value_t = 64,
+        global = true
+    )]
+    pub metrics_max_connections: usize,
 
     /// PEM certificate chain to serve TLS with (needs --tls-key). Without it the port speaks
     /// plaintext HTTP/2: for loopback, or a mesh whose sidecar terminates TLS.
@@ -238,8 +349,22 @@ impl Settings {
             insecure_no_caller_auth: false,
             request_timeout: Duration::from_secs(10),
             max_in_flight: 1024,
+            max_in_flight_per_caller: 256,
+            request_body_timeout: Duration::from_secs(2),
             management_rate: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
             management_burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
+            management_caller_rate: NonZeroU32::new(5000).unwrap_or(NonZeroU32::MIN),
+            management_caller_burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 256,
+            max_health_watches: 1024,
+            max_health_watches_per_connection: 16,
+            metrics_max_connections: 64,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -251,6 +376,16 @@ impl Settings {
             flush_interval: Duration::from_secs(2),
             retention: Duration::from_secs(90 * 86_400),
             prune_interval: Duration::from_secs(3600),
+        }
+    }
+
+    /// How connections to the gRPC port are held in bounds.
+    pub fn connection_limits(&self) -> crate::net::ConnectionLimits {
+        crate::net::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 

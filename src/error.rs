@@ -18,7 +18,8 @@ pub enum ApiError {
     /// INVALID_ARGUMENT, reason from [`InvalidInput::reason`], `metadata.field` naming the field.
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
-    /// UNAUTHENTICATED (`ACTOR_MISSING`) or PERMISSION_DENIED (`ROLE_NOT_ALLOWED`).
+    /// UNAUTHENTICATED (`ACTOR_MISSING`), PERMISSION_DENIED (`ROLE_NOT_ALLOWED`), or
+    /// INVALID_ARGUMENT (`ACTOR_DUPLICATED`, `metadata.header` naming the header sent twice).
     #[error(transparent)]
     Actor(#[from] ActorError),
     /// NOT_FOUND (`KEY_NOT_FOUND`): no live key with that id in that workspace.
@@ -50,18 +51,42 @@ pub enum ApiError {
         role: crate::callers::CallerRole,
         rpc: String,
     },
-    /// RESOURCE_EXHAUSTED (`RATE_LIMITED`) with RetryInfo: this caller's management calls are
-    /// over its rate; retry after the delay given.
+    /// RESOURCE_EXHAUSTED (`RATE_LIMITED`) with RetryInfo: this caller's management calls, in
+    /// all or in this workspace, are over their rate; retry after the delay given.
     #[error("too many management calls from this caller; retry in {0:?}")]
     RateLimited(std::time::Duration),
     /// UNAVAILABLE (`OVERLOADED`): the server is at its limit of calls in flight; retry with
     /// backoff.
     #[error("the server has too many calls in flight; retry later")]
     Overloaded,
+    /// UNAUTHENTICATED (`CREDENTIALS_DUPLICATED`): two `authorization` values; which one
+    /// speaks for the caller would be a guess.
+    #[error("the call carries more than one authorization value; send exactly one")]
+    CredentialsDuplicated,
+    /// UNAVAILABLE (`CALLER_OVERLOADED`): this caller (or client IP) already has its share of
+    /// the server's calls in flight; retry with backoff.
+    #[error(
+        "this caller already has {limit} calls in flight, its share of the server; retry later"
+    )]
+    CallerOverloaded { limit: usize },
+    /// DEADLINE_EXCEEDED (`REQUEST_BODY_TIMEOUT`): the request's body did not arrive in time
+    /// after its headers.
+    #[error("the request body did not arrive within {0:?} of its headers")]
+    RequestBodyTimeout(std::time::Duration),
+    /// RESOURCE_EXHAUSTED (`HEALTH_WATCHES_EXHAUSTED`): too many health watches are open on
+    /// this connection or on the server; use health Check, or close a watch.
+    #[error(
+        "too many health watches are open on this connection or server; use Check or close one"
+    )]
+    HealthWatchesExhausted,
     /// OUT_OF_RANGE (`REQUEST_TOO_LARGE`), as tonic answers for any message over the
     /// server's limit.
     #[error("a {rpc} request is at most {limit} bytes")]
     RequestTooLarge { rpc: &'static str, limit: usize },
+    /// INVALID_ARGUMENT (`REQUEST_UNDECODABLE`): the request is not protobuf of the RPC's
+    /// request message (invalid UTF-8 in a string, a truncated field). Carries nothing of it.
+    #[error("the request message is not a valid protobuf encoding of this RPC's request")]
+    RequestUndecodable,
 }
 
 /// Why a key's state rules a change out.
@@ -113,6 +138,12 @@ impl From<ApiError> for Status {
                 "ROLE_NOT_ALLOWED",
                 err.to_string(),
                 HashMap::new(),
+            ),
+            ApiError::Actor(ActorError::Duplicated(header)) => (
+                Code::InvalidArgument,
+                "ACTOR_DUPLICATED",
+                err.to_string(),
+                HashMap::from([("header".to_owned(), (*header).to_owned())]),
             ),
             ApiError::KeyNotFound => (
                 Code::NotFound,
@@ -174,9 +205,39 @@ impl From<ApiError> for Status {
                 err.to_string(),
                 HashMap::new(),
             ),
+            ApiError::CredentialsDuplicated => (
+                Code::Unauthenticated,
+                "CREDENTIALS_DUPLICATED",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::CallerOverloaded { .. } => (
+                Code::Unavailable,
+                "CALLER_OVERLOADED",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::RequestBodyTimeout(_) => (
+                Code::DeadlineExceeded,
+                "REQUEST_BODY_TIMEOUT",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::HealthWatchesExhausted => (
+                Code::ResourceExhausted,
+                "HEALTH_WATCHES_EXHAUSTED",
+                err.to_string(),
+                HashMap::new(),
+            ),
             ApiError::RequestTooLarge { .. } => (
                 Code::OutOfRange,
                 "REQUEST_TOO_LARGE",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::RequestUndecodable => (
+                Code::InvalidArgument,
+                "REQUEST_UNDECODABLE",
                 err.to_string(),
                 HashMap::new(),
             ),

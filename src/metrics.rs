@@ -6,7 +6,7 @@
 use std::{
     convert::Infallible,
     sync::{Arc, atomic::AtomicU64},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -25,7 +25,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{grpc::proto::ValidationResult, index::Syncer, store::Store};
+use crate::{grpc::proto::ValidationResult, index::Syncer, net::Connections, store::Store};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -50,6 +50,8 @@ pub struct Metrics {
     sync_age: Gauge<f64, AtomicU64>,
     pool_connections: Gauge,
     pool_idle: Gauge,
+    /// The gRPC port's open connections, when registered.
+    connections: Option<(Arc<Connections>, Gauge)>,
 }
 
 impl Default for Metrics {
@@ -122,7 +124,25 @@ impl Metrics {
             sync_age,
             pool_connections,
             pool_idle,
+            connections: None,
         }
+    }
+
+    /// Registers the gRPC port's connection counts.
+    pub fn with_connections_of(mut self, connections: &Arc<Connections>) -> Self {
+        let open = Gauge::default();
+        self.registry.register(
+            "connections_open",
+            "Open connections to the gRPC port",
+            open.clone(),
+        );
+        self.registry.register(
+            "connections_closed_by_server",
+            "Connections the server closed or refused: over the cap (limit), over the cap per client IP (peer_limit), no handshake or preface in time (handshake_timeout), idle (idle)",
+            connections.refused.clone(),
+        );
+        self.connections = Some((connections.clone(), open));
+        self
     }
 
     /// Registers the counters of `syncer`'s flushes.
@@ -166,11 +186,25 @@ impl Metrics {
         let (connections, idle) = store.pool_use();
         self.pool_connections.set(i64::from(connections));
         self.pool_idle.set(idle as i64);
+        if let Some((connections, open)) = &self.connections {
+            open.set(connections.open() as i64);
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// How the metrics listener is held in bounds: it is plain HTTP/1, often reachable from the
+/// whole cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Open connections; more are closed at once.
+    pub max_connections: usize,
+    /// How long a request's headers may take to arrive; also the most any one connection is
+    /// kept open after its last request began.
+    pub header_timeout: Duration,
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` turns true.
@@ -179,14 +213,26 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     syncer: Arc<Syncer>,
     store: Store,
+    limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut backoff = crate::net::Backoff::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                backoff.failed(&err).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            // Over the cap: dropping the stream closes it.
             continue;
         };
         let (metrics, syncer, store) = (metrics.clone(), syncer.clone(), store.clone());
@@ -211,9 +257,12 @@ pub async fn serve(
             std::future::ready(Ok::<_, Infallible>(response))
         });
         tokio::spawn(async move {
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _place = place;
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = connection.await;
         });
     }
 }

@@ -4,7 +4,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -13,12 +13,13 @@ use crate::{
     config::Settings,
     grpc::{
         ApiKeysService,
-        guard::{Authenticate, Guard, InFlight, ManagementRate},
+        guard::{Authenticate, Guard, HealthWatches, InFlight, ManagementRate, Rate},
         observe::Observe,
         proto,
     },
     index::{KeyIndex, SyncSettings, Syncer},
     metrics::Metrics,
+    net::{Connections, Incoming},
     service::KeyService,
     store::{Store, StoreError},
     tls::ReloadableTls,
@@ -190,14 +191,24 @@ impl Application {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+        let connections =
+            Connections::new(self.settings.connection_limits().within_descriptor_limit());
         let metrics = self.metrics.map(|(listener, addr)| {
-            let metrics = Arc::new(Metrics::new().with_flushes_of(&self.syncer));
+            let metrics = Arc::new(
+                Metrics::new()
+                    .with_flushes_of(&self.syncer)
+                    .with_connections_of(&connections),
+            );
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
             let serving = tokio::spawn(crate::metrics::serve(
                 listener,
                 metrics.clone(),
                 self.syncer.clone(),
                 self.store.clone(),
+                crate::metrics::ListenerLimits {
+                    max_connections: self.settings.metrics_max_connections,
+                    header_timeout: self.settings.handshake_timeout,
+                },
                 sync_stopped.clone(),
             ));
             (metrics, AbortOnDrop(vec![serving]))
@@ -212,7 +223,18 @@ impl Application {
             },
             metrics.clone(),
         );
-        let api = ApiKeysService::new(keys).with_metrics(metrics.clone());
+        let limits = &self.settings;
+        let management_rate = ManagementRate::new(
+            Rate {
+                per_second: limits.management_caller_rate,
+                burst: limits.management_caller_burst,
+            },
+            Rate {
+                per_second: limits.management_rate,
+                burst: limits.management_burst,
+            },
+        );
+        let api = ApiKeysService::new(keys, management_rate.clone()).with_metrics(metrics.clone());
         let mut sync_tasks = self.syncer.spawn(health.clone(), sync_stopped.clone());
         sync_tasks.push(tokio::spawn(crate::retention::prune_loop(
             self.store.clone(),
@@ -245,18 +267,26 @@ impl Application {
             },
             "serving gRPC"
         );
-        let limits = &self.settings;
         let server = Server::builder()
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             // Outermost, so calls the guards turn away are counted and traced too.
             .layer(Observe(metrics))
-            .layer(Guard(InFlight::new(limits.max_in_flight)))
+            // Before the in-flight limit, which keeps each caller to its share.
             .layer(Guard(Authenticate::new(self.callers)))
-            .layer(Guard(ManagementRate::new(
-                limits.management_rate,
-                limits.management_burst,
+            .layer(Guard(InFlight::new(
+                limits.max_in_flight,
+                limits.max_in_flight_per_caller,
+                limits.request_body_timeout,
             )))
+            .layer(Guard(HealthWatches::new(
+                limits.max_health_watches,
+                limits.max_health_watches_per_connection,
+            )))
+            .layer(Guard(management_rate))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -265,25 +295,18 @@ impl Application {
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .add_service(
-                envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ext_authz)
+                crate::grpc::codec::ExtAuthzServer::new(ext_authz)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
-        // TLS connections are accepted (and handshaken) by tasks of their own, stopped with
+        // Connections are accepted (and TLS handshaken) by tasks of their own, stopped with
         // the server however it stops.
-        let (incoming, tls_tasks) = match &self.tls {
-            Some(tls) => {
-                let (incoming, accepting) = tls.incoming(self.listener);
-                let watching = tls.watch(self.settings.tls_reload_interval);
-                (
-                    Incoming::Tls(incoming),
-                    AbortOnDrop(vec![accepting, watching]),
-                )
-            }
-            None => (
-                Incoming::Plain(TcpIncoming::from(self.listener).with_nodelay(Some(true))),
-                AbortOnDrop(Vec::new()),
-            ),
-        };
+        let (incoming, accepting) =
+            crate::net::accept(self.listener, connections, self.tls.clone());
+        let mut tasks = vec![accepting];
+        if let Some(tls) = &self.tls {
+            tasks.push(tls.watch(self.settings.tls_reload_interval));
+        }
+        let tls_tasks = AbortOnDrop(tasks);
         let server = async move {
             match incoming {
                 Incoming::Plain(plain) => server.serve_with_incoming_shutdown(plain, signal).await,
@@ -314,11 +337,6 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-enum Incoming {
-    Plain(TcpIncoming),
-    Tls(crate::tls::TlsIncoming),
 }
 
 /// Tasks that must not outlive the server.

@@ -16,19 +16,8 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-    task::JoinHandle,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
-
-/// TLS connections whose handshake completed, as the server takes them.
-pub type TlsIncoming =
-    tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
-
-/// How long a client may take to complete its handshake before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 /// Where the server's certificate chain, its key and (for mutual TLS) the CA that signs
 /// client certificates are read from. PEM files.
@@ -97,7 +86,8 @@ impl ReloadableTls {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// An acceptor with the configuration in force now (src/net/ runs the handshakes).
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.read().config.clone())
     }
 
@@ -138,44 +128,6 @@ impl ReloadableTls {
             }
         })
     }
-
-    /// Accepts connections on `listener` and yields them once their handshake completes.
-    /// Handshakes run side by side, so a slow or silent client holds up no one else.
-    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> (TlsIncoming, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(64);
-        let tls = self.clone();
-        let accepting = tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %err, "accepting a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                if tx.is_closed() {
-                    return;
-                }
-                let acceptor = tls.acceptor();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        (tokio_stream::wrappers::ReceiverStream::new(rx), accepting)
-    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -185,8 +137,24 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// The private key is read only if no one but its owner may write it: whoever can replace it
+/// can impersonate this server.
+fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use crate::file_mode::{TrustedFileError, read_trusted};
+    read_trusted(path).map_err(|err| TlsError::Read {
+        path: path.display().to_string(),
+        reason: match err {
+            TrustedFileError::Io(err) => err.to_string(),
+            TrustedFileError::WritableByOthers { mode } => format!(
+                "group or others may write this private key (mode {mode:03o}): run `chmod go-w {}`",
+                path.display()
+            ),
+        },
+    })
+}
+
 fn read_all(files: &TlsFiles) -> Result<Vec<Vec<u8>>, TlsError> {
-    let mut contents = vec![read(&files.cert)?, read(&files.key)?];
+    let mut contents = vec![read(&files.cert)?, read_key(&files.key)?];
     if let Some(ca) = &files.client_ca {
         contents.push(read(ca)?);
     }

@@ -29,21 +29,25 @@ const ACTOR_ID_MAX_LEN: usize = 128;
 pub enum ActorError {
     /// No actor, or one we cannot read: the caller did not say who acts.
     #[error(
-        "x-actor-id and x-actor-role metadata are required (actor id: 1 to 128 printable characters)"
+        "x-actor-id and x-actor-role metadata are required (actor id: 1 to 128 visible characters)"
     )]
     Missing,
     /// Someone acts, but their role may not manage keys.
     #[error("only workspace owners and admins may manage API keys")]
     RoleNotAllowed,
+    /// The metadata header named was sent more than once. Taking either value would let a
+    /// client whose metadata a backend forwards, and then appends to, choose who acts.
+    #[error("{0} metadata must be sent once, not appended to")]
+    Duplicated(&'static str),
 }
 
 impl Actor {
     pub fn parse(id: Option<&str>, role: Option<&str>) -> Result<Self, ActorError> {
         let id = id.map(str::trim).unwrap_or_default();
         let role = role.map(str::trim).unwrap_or_default();
-        let readable_id = !id.is_empty()
+        // The id is shown in the audit trail: it must read as what it is.
+        let readable_id = super::legibility(id) == super::Legibility::Legible
             && id.chars().count() <= ACTOR_ID_MAX_LEN
-            && !id.chars().any(char::is_control)
             // The actor id is stored and logged; a pasted secret must not be.
             && !super::contains_key(id);
         if !readable_id || role.is_empty() {
@@ -110,6 +114,27 @@ mod tests {
         assert_eq!(
             Actor::parse(Some("a\u{7}b"), Some("owner")),
             Err(ActorError::Missing)
+        );
+    }
+
+    #[test]
+    fn an_actor_id_with_invisible_or_reordering_characters_is_unreadable() {
+        for id in [
+            "user\u{202E}1",
+            "\u{200B}",
+            "user\u{FEFF}",
+            "u\u{E0041}",
+            "u\u{2028}v",
+        ] {
+            assert_eq!(
+                Actor::parse(Some(id), Some("owner")),
+                Err(ActorError::Missing),
+                "{id:?}"
+            );
+        }
+        assert_eq!(
+            Actor::parse(Some("ünïcode@例え.jp"), Some("owner")).map(|a| a.id().to_owned()),
+            Ok("ünïcode@例え.jp".to_owned())
         );
     }
 }

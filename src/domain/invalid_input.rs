@@ -4,11 +4,13 @@
 pub enum InvalidInput {
     #[error("workspace_id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'")]
     WorkspaceIdInvalid,
-    #[error("name must not be empty")]
+    #[error("name must not be empty, blank or invisible")]
     NameEmpty,
     #[error("name must be at most 100 characters")]
     NameTooLong,
-    #[error("name must not contain control characters")]
+    #[error(
+        "name must not contain control, invisible or text-direction characters (a zero-width joiner only inside an emoji)"
+    )]
     NameInvalidCharacters,
     #[error("name must not contain an API key")]
     NameContainsKey,
@@ -38,7 +40,9 @@ pub enum InvalidInput {
     GracePeriodInvalid,
     #[error("page_size must not be negative")]
     PageSizeNegative,
-    #[error("page_token is not a token returned by this list for this workspace")]
+    #[error(
+        "page_token is not a token returned by this list for the same workspace_id (and key_id)"
+    )]
     PageTokenInvalid,
     #[error("client_ip must be an IPv4 or IPv6 address")]
     ClientIpInvalid,

@@ -1,8 +1,9 @@
 use std::fmt;
 
-use super::InvalidInput;
+use super::{InvalidInput, Legibility, legibility};
 
-/// A key's friendly label: 1–100 characters after trimming, no control characters.
+/// A key's friendly label: 1–100 characters after trimming, every one shown as written (see
+/// [`legibility`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyName(String);
 
@@ -11,14 +12,18 @@ const KEY_NAME_MAX_CHARS: usize = 100;
 impl KeyName {
     pub fn parse(input: &str) -> Result<Self, InvalidInput> {
         let trimmed = input.trim();
-        if trimmed.is_empty() {
+        // A name that shows nothing is empty to whoever reads the list, whatever it holds.
+        let legibility = legibility(trimmed);
+        if legibility == Legibility::Blank {
             return Err(InvalidInput::NameEmpty);
         }
         // Count characters, not bytes: "Intégration Zapier" is as long as it looks.
         if trimmed.chars().count() > KEY_NAME_MAX_CHARS {
             return Err(InvalidInput::NameTooLong);
         }
-        if trimmed.chars().any(char::is_control) {
+        // Names are shown to people deciding which key to delete: what they read must be
+        // what the name is.
+        if legibility == Legibility::Hidden {
             return Err(InvalidInput::NameInvalidCharacters);
         }
         // Names are shown in tables and logs; a pasted secret must not end up there.
@@ -76,6 +81,56 @@ mod tests {
         let key = super::super::Secret::generate();
         let name = format!("prod {}", key.expose());
         assert_eq!(KeyName::parse(&name), Err(InvalidInput::NameContainsKey));
+    }
+
+    #[test]
+    fn a_name_with_invisible_or_reordering_characters_is_rejected() {
+        for name in [
+            "prod\u{202E}gnp.exe",
+            "line\u{2028}separator",
+            "\u{FEFF}bom",
+            "tags\u{E0041}\u{E0042}",
+            "nonchar\u{FFFF}",
+            "zero\u{200B}width",
+            "a\u{200D}b",
+        ] {
+            assert_eq!(
+                KeyName::parse(name),
+                Err(InvalidInput::NameInvalidCharacters),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_that_shows_nothing_is_empty() {
+        for name in [
+            "\u{200B}",
+            " \u{2028} ",
+            "\u{FEFF}",
+            "\u{E0041}",
+            "\u{FFFF}",
+        ] {
+            assert_eq!(
+                KeyName::parse(name),
+                Err(InvalidInput::NameEmpty),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_in_any_script_and_with_emoji_are_accepted() {
+        for name in [
+            "مفتاح الإنتاج",
+            "生产环境 CI",
+            "उत्पादन कुंजी",
+            "Intégration Zapier",
+            "\u{1F469}\u{200D}\u{1F4BB} dev laptop",
+            "🇫🇷 prod ❤️",
+        ] {
+            assert_eq!(KeyName::parse(name).unwrap().as_str(), name);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod expiration;
 mod invalid_input;
 mod key_id;
 mod key_name;
+mod legibility;
 mod page_token;
 mod scopes;
 mod secret;
@@ -16,6 +17,7 @@ pub use expiration::{Expiration, Expiry};
 pub use invalid_input::InvalidInput;
 pub use key_id::KeyId;
 pub use key_name::KeyName;
+pub use legibility::{Legibility, legibility};
 pub use page_token::{EventCursor, PageCursor};
 pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{

@@ -47,8 +47,9 @@ impl PageCursor {
     }
 }
 
-/// Where a ListKeyEvents page ended: the last event's id. Opaque and bound to its workspace on
-/// the wire, like [`PageCursor`].
+/// Where a ListKeyEvents page ended: the last event's id. Opaque on the wire and bound to the
+/// filter it was issued for, the workspace and the key (or none): a token from one key's
+/// trail would otherwise page on through another's from the wrong place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventCursor {
     pub before: i64,
@@ -58,15 +59,19 @@ const EVENT_VERSION: u8 = 2;
 const EVENT_TOKEN_LEN: usize = 1 + TAG_LEN + 8;
 
 impl EventCursor {
-    pub fn encode(&self, workspace: &WorkspaceId) -> String {
+    pub fn encode(&self, workspace: &WorkspaceId, key: Option<&KeyId>) -> String {
         let mut bytes = Vec::with_capacity(EVENT_TOKEN_LEN);
         bytes.push(EVENT_VERSION);
-        bytes.extend_from_slice(&workspace_tag(workspace));
+        bytes.extend_from_slice(&filter_tag(workspace, key));
         bytes.extend_from_slice(&self.before.to_be_bytes());
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(token: &str, workspace: &WorkspaceId) -> Result<Self, InvalidInput> {
+    pub fn decode(
+        token: &str,
+        workspace: &WorkspaceId,
+        key: Option<&KeyId>,
+    ) -> Result<Self, InvalidInput> {
         let invalid = InvalidInput::PageTokenInvalid;
         if token.len() > 2 * EVENT_TOKEN_LEN {
             return Err(invalid);
@@ -74,7 +79,7 @@ impl EventCursor {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid)?;
         if bytes.len() != EVENT_TOKEN_LEN
             || bytes[0] != EVENT_VERSION
-            || bytes[1..=TAG_LEN] != workspace_tag(workspace)
+            || bytes[1..=TAG_LEN] != filter_tag(workspace, key)
         {
             return Err(invalid);
         }
@@ -86,9 +91,21 @@ impl EventCursor {
 }
 
 fn workspace_tag(workspace: &WorkspaceId) -> [u8; TAG_LEN] {
-    let hash = blake3::hash(workspace.as_str().as_bytes());
+    filter_tag(workspace, None)
+}
+
+/// A short hash of the filters a token was issued for. With no key it is the workspace's own
+/// tag, so tokens issued before keys were bound still page on.
+fn filter_tag(workspace: &WorkspaceId, key: Option<&KeyId>) -> [u8; TAG_LEN] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(workspace.as_str().as_bytes());
+    if let Some(key) = key {
+        // A workspace id holds no NUL, so no workspace's tag is also a workspace-and-key tag.
+        hasher.update(b"\0");
+        hasher.update(key.as_str().as_bytes());
+    }
     let mut tag = [0; TAG_LEN];
-    tag.copy_from_slice(&hash.as_bytes()[..TAG_LEN]);
+    tag.copy_from_slice(&hasher.finalize().as_bytes()[..TAG_LEN]);
     tag
 }
 
@@ -127,10 +144,31 @@ mod tests {
         ) {
             prop_assume!(workspace != other);
             let cursor = EventCursor { before };
-            let token = cursor.encode(&ws(&workspace));
-            prop_assert_eq!(EventCursor::decode(&token, &ws(&workspace)), Ok(cursor));
-            prop_assert!(EventCursor::decode(&token, &ws(&other)).is_err());
+            let token = cursor.encode(&ws(&workspace), None);
+            prop_assert_eq!(EventCursor::decode(&token, &ws(&workspace), None), Ok(cursor));
+            prop_assert!(EventCursor::decode(&token, &ws(&other), None).is_err());
             prop_assert!(PageCursor::decode(&token, &ws(&workspace)).is_err());
+        }
+
+        #[test]
+        fn event_cursors_decode_only_with_the_key_filter_they_were_issued_for(
+            before in any::<i64>(),
+            workspace in "[a-z0-9_-]{1,40}",
+        ) {
+            let (one, another) = (KeyId::generate(), KeyId::generate());
+            let cursor = EventCursor { before };
+            let workspace = ws(&workspace);
+            for issued in [None, Some(&one)] {
+                let token = cursor.encode(&workspace, issued);
+                for presented in [None, Some(&one), Some(&another)] {
+                    let expected = if presented == issued {
+                        Ok(cursor)
+                    } else {
+                        Err(InvalidInput::PageTokenInvalid)
+                    };
+                    prop_assert_eq!(EventCursor::decode(&token, &workspace, presented), expected);
+                }
+            }
         }
 
         #[test]
@@ -149,6 +187,24 @@ mod tests {
         };
         let token = cursor.encode(&ws("acme"));
         assert_eq!(PageCursor::decode(&token, &ws("acme")), Ok(cursor));
+    }
+
+    #[test]
+    fn an_event_token_for_the_whole_workspace_keeps_the_workspace_tag_of_earlier_releases() {
+        // As the release before key-bound tokens encoded it: version, blake3(workspace)[..8], id.
+        let mut bytes = vec![EVENT_VERSION];
+        bytes.extend_from_slice(&blake3::hash(b"acme").as_bytes()[..TAG_LEN]);
+        bytes.extend_from_slice(&42i64.to_be_bytes());
+        let earlier = URL_SAFE_NO_PAD.encode(bytes);
+
+        assert_eq!(
+            EventCursor::decode(&earlier, &ws("acme"), None),
+            Ok(EventCursor { before: 42 })
+        );
+        assert_eq!(
+            EventCursor { before: 42 }.encode(&ws("acme"), None),
+            earlier
+        );
     }
 
     #[test]

@@ -96,6 +96,31 @@ mod tests {
     }
 
     #[test]
+    fn a_scope_holding_a_well_formed_key_is_rejected() {
+        // A key whose random part and checksum happen to be all lower case and digits is
+        // also a well-formed scope; the first of the keys `clo_000…0n` that is.
+        let key = (0u64..)
+            .map(|n| {
+                let random = format!("{n:032}");
+                let checksum = super::super::base62::encode_fixed::<6>(u64::from(crc32fast::hash(
+                    random.as_bytes(),
+                )));
+                format!("clo_{random}{}", String::from_utf8_lossy(&checksum))
+            })
+            .find(|candidate| is_scope(candidate))
+            .unwrap();
+        assert!(
+            super::super::contains_key(&key),
+            "{key} is a well-formed key"
+        );
+
+        assert_eq!(
+            Scopes::parse(&["orders:read", key.as_str()]),
+            Err(InvalidInput::ScopeInvalid)
+        );
+    }
+
+    #[test]
     fn at_most_32_distinct_scopes() {
         let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
         assert_eq!(Scopes::parse(&many), Err(InvalidInput::TooManyScopes));

@@ -17,6 +17,7 @@ use crate::{
         WorkspaceId, column_scopes, masked_key,
     },
     error::ApiError,
+    grpc::guard::ManagementRate,
     index::KeyState,
     metrics::Metrics,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
@@ -37,15 +38,42 @@ pub const VALIDATE_MAX_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct ApiKeysService {
     keys: KeyService,
+    rate: ManagementRate,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl ApiKeysService {
-    pub fn new(keys: KeyService) -> Self {
+    /// The service, holding management calls to `rate` in each workspace.
+    pub fn new(keys: KeyService, rate: ManagementRate) -> Self {
         Self {
             keys,
+            rate,
             metrics: None,
         }
+    }
+
+    /// The workspace a management call names, once the call is counted against its
+    /// caller's rate there.
+    fn workspace<T>(&self, request: &Request<T>, id: &str) -> Result<WorkspaceId, ApiError> {
+        let workspace = WorkspaceId::parse(id)?;
+        tracing::Span::current().record("workspace_id", workspace.as_str());
+        self.rate
+            .check_workspace(request.extensions(), &workspace)?;
+        Ok(workspace)
+    }
+
+    /// A key named by its workspace and id, both checked, and the call counted as
+    /// [`Self::workspace`] does.
+    fn key_of<T>(
+        &self,
+        request: &Request<T>,
+        workspace_id: &str,
+        key_id: &str,
+    ) -> Result<(WorkspaceId, KeyId), ApiError> {
+        let workspace = self.workspace(request, workspace_id)?;
+        let id = KeyId::parse(key_id)?;
+        tracing::Span::current().record("key_id", id.as_str());
+        Ok((workspace, id))
     }
 
     /// Counts ValidateKey answers by result in `metrics`.
@@ -56,13 +84,12 @@ impl ApiKeysService {
     /// DisableKey and EnableKey.
     async fn set_disabled(
         &self,
-        metadata: &MetadataMap,
-        workspace_id: &str,
-        key_id: &str,
+        request: Request<(String, String)>,
         disabled: bool,
     ) -> Result<Response<ApiKey>, Status> {
-        let actor = actor(metadata)?;
-        let (workspace, id) = key_of(workspace_id, key_id)?;
+        let actor = actor(request.metadata())?;
+        let (workspace_id, key_id) = request.get_ref();
+        let (workspace, id) = self.key_of(&request, workspace_id, key_id)?;
         let row = self
             .keys
             .set_disabled(&actor, &workspace, &id, disabled)
@@ -79,8 +106,8 @@ impl ApiKeys for ApiKeysService {
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<CreateKeyResponse>, Status> {
         let actor = actor(request.metadata())?;
+        let workspace = self.workspace(&request, &request.get_ref().workspace_id)?;
         let request = request.into_inner();
-        let workspace = workspace(&request.workspace_id)?;
         let name = KeyName::parse(&request.name).map_err(ApiError::from)?;
         let expiry = expiry(request.expiration, request.expire_time).map_err(ApiError::from)?;
         let scopes = Scopes::parse(&request.scopes).map_err(ApiError::from)?;
@@ -102,8 +129,8 @@ impl ApiKeys for ApiKeysService {
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
         actor(request.metadata())?;
+        let workspace = self.workspace(&request, &request.get_ref().workspace_id)?;
         let request = request.into_inner();
-        let workspace = workspace(&request.workspace_id)?;
         let page_size = page_size(request.page_size)?;
         let after = match request.page_token.as_str() {
             "" => None,
@@ -129,8 +156,10 @@ impl ApiKeys for ApiKeysService {
         request: Request<DeleteKeyRequest>,
     ) -> Result<Response<DeleteKeyResponse>, Status> {
         let actor = actor(request.metadata())?;
-        let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let (workspace, id) = {
+            let key = request.get_ref();
+            self.key_of(&request, &key.workspace_id, &key.key_id)?
+        };
         self.keys.delete(&actor, &workspace, &id).await?;
         Ok(Response::new(DeleteKeyResponse {}))
     }
@@ -138,8 +167,10 @@ impl ApiKeys for ApiKeysService {
     #[tracing::instrument(name = "GetKey", skip_all, fields(workspace_id, key_id))]
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<ApiKey>, Status> {
         actor(request.metadata())?;
-        let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
+        let (workspace, id) = {
+            let key = request.get_ref();
+            self.key_of(&request, &key.workspace_id, &key.key_id)?
+        };
         let row = self.keys.get(&workspace, &id).await?;
         Ok(Response::new(api_key(row, self.keys.now())))
     }
@@ -150,9 +181,17 @@ impl ApiKeys for ApiKeysService {
         request: Request<UpdateKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
         let actor = actor(request.metadata())?;
+        let (workspace, id) = {
+            let key = request.get_ref().key.as_ref();
+            let field = |f: fn(&ApiKey) -> &str| key.map(f).unwrap_or_default();
+            self.key_of(
+                &request,
+                field(|key| &key.workspace_id),
+                field(|key| &key.id),
+            )?
+        };
         let request = request.into_inner();
         let key = request.key.unwrap_or_default();
-        let (workspace, id) = key_of(&key.workspace_id, &key.id)?;
         let paths = request
             .update_mask
             .map(|mask| mask.paths)
@@ -189,9 +228,8 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<DisableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        self.set_disabled(&metadata, &request.workspace_id, &request.key_id, true)
-            .await
+        let request = request.map(|r| (r.workspace_id, r.key_id));
+        self.set_disabled(request, true).await
     }
 
     #[tracing::instrument(name = "EnableKey", skip_all, fields(workspace_id, key_id))]
@@ -199,9 +237,8 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<EnableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        self.set_disabled(&metadata, &request.workspace_id, &request.key_id, false)
-            .await
+        let request = request.map(|r| (r.workspace_id, r.key_id));
+        self.set_disabled(request, false).await
     }
 
     #[tracing::instrument(name = "RotateKey", skip_all, fields(workspace_id, key_id, new_key_id))]
@@ -210,8 +247,11 @@ impl ApiKeys for ApiKeysService {
         request: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
         let actor = actor(request.metadata())?;
+        let (workspace, id) = {
+            let key = request.get_ref();
+            self.key_of(&request, &key.workspace_id, &key.key_id)?
+        };
         let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
         let grace = grace_period(request.grace_period).map_err(ApiError::from)?;
         let rotated = self.keys.rotate(&actor, &workspace, &id, grace).await?;
         tracing::Span::current().record("new_key_id", rotated.key.id.as_str());
@@ -270,8 +310,8 @@ impl ApiKeys for ApiKeysService {
         request: Request<ListKeyEventsRequest>,
     ) -> Result<Response<ListKeyEventsResponse>, Status> {
         actor(request.metadata())?;
+        let workspace = self.workspace(&request, &request.get_ref().workspace_id)?;
         let request = request.into_inner();
-        let workspace = workspace(&request.workspace_id)?;
         let key = match request.key_id.as_str() {
             "" => None,
             id => {
@@ -284,7 +324,7 @@ impl ApiKeys for ApiKeysService {
         let before = match request.page_token.as_str() {
             "" => None,
             token => Some(
-                EventCursor::decode(token, &workspace)
+                EventCursor::decode(token, &workspace, key.as_ref())
                     .map_err(ApiError::from)?
                     .before,
             ),
@@ -297,7 +337,7 @@ impl ApiKeys for ApiKeysService {
             events: page.events.into_iter().map(key_event).collect(),
             next_page_token: page
                 .next
-                .map(|before| EventCursor { before }.encode(&workspace))
+                .map(|before| EventCursor { before }.encode(&workspace, key.as_ref()))
                 .unwrap_or_default(),
         }))
     }
@@ -308,8 +348,11 @@ impl ApiKeys for ApiKeysService {
         request: Request<GetKeyUsageRequest>,
     ) -> Result<Response<GetKeyUsageResponse>, Status> {
         actor(request.metadata())?;
+        let (workspace, id) = {
+            let key = request.get_ref();
+            self.key_of(&request, &key.workspace_id, &key.key_id)?
+        };
         let request = request.into_inner();
-        let (workspace, id) = key_of(&request.workspace_id, &request.key_id)?;
         let (from_us, to_us) =
             usage_range(request.start_time, request.end_time).map_err(ApiError::from)?;
         let usage = self.keys.usage(&workspace, &id, from_us, to_us).await?;
@@ -413,25 +456,19 @@ fn key_event(row: EventRow) -> KeyEvent {
 }
 
 fn actor(metadata: &MetadataMap) -> Result<Actor, ApiError> {
-    let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
+    // One value or none: never the first of several (ActorError::Duplicated says why).
+    let header = |name: &'static str| {
+        let mut values = metadata.get_all(name).iter();
+        let first = values.next();
+        match values.next() {
+            Some(_) => Err(crate::domain::ActorError::Duplicated(name)),
+            None => Ok(first.and_then(|value| value.to_str().ok())),
+        }
+    };
     Ok(Actor::parse(
-        header(ACTOR_ID_HEADER),
-        header(ACTOR_ROLE_HEADER),
+        header(ACTOR_ID_HEADER)?,
+        header(ACTOR_ROLE_HEADER)?,
     )?)
-}
-
-fn workspace(id: &str) -> Result<WorkspaceId, ApiError> {
-    let workspace = WorkspaceId::parse(id)?;
-    tracing::Span::current().record("workspace_id", workspace.as_str());
-    Ok(workspace)
-}
-
-/// A key named by its workspace and id, both checked.
-fn key_of(workspace_id: &str, key_id: &str) -> Result<(WorkspaceId, KeyId), ApiError> {
-    let workspace = workspace(workspace_id)?;
-    let id = KeyId::parse(key_id)?;
-    tracing::Span::current().record("key_id", id.as_str());
-    Ok((workspace, id))
 }
 
 /// Exactly one of a preset and a custom time.

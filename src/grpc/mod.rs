@@ -1,6 +1,7 @@
 //! The gRPC edge: generated code, proto <-> domain conversion, and the ApiKeys service.
 
 mod api_keys;
+pub(crate) mod codec;
 pub mod ext_authz;
 pub mod guard;
 pub mod observe;

@@ -2,6 +2,7 @@
 
 mod entity;
 mod event;
+mod sqlite_file;
 mod sqlite_scan;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
@@ -289,6 +290,10 @@ pub struct Changed {
     pub changed: bool,
 }
 
+/// The PostgreSQL advisory lock every migration run holds (an arbitrary constant of ours:
+/// "apikeys" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0061_7069_6b65_7973;
+
 /// The PostgreSQL channel on which every write announces its revision.
 pub const CHANGES_CHANNEL: &str = "apikeys_changes";
 
@@ -308,6 +313,9 @@ pub struct Store {
 impl Store {
     /// Connects (creating a SQLite file if the URL says `mode=rwc`).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        // Before SQLite would create the database file readable by all (0644).
+        sqlite_file::prepare(url)
+            .map_err(|err| DbErr::Conn(RuntimeErr::Internal(err.to_string())))?;
         let mut options = ConnectOptions::new(url);
         options
             .connect_timeout(Duration::from_secs(5))
@@ -326,9 +334,28 @@ impl Store {
         })
     }
 
-    /// Brings the schema up to date. Safe to run on every start and from many replicas.
+    /// Brings the schema up to date. Safe to run on every start and from many replicas at
+    /// once: every migration runs in one transaction that first takes a lock only migrations
+    /// take (PostgreSQL: an advisory lock; SQLite: the write lock, `BEGIN IMMEDIATE`, which
+    /// waits out the busy timeout), so the first to arrive migrates and the others, once it
+    /// has committed, find nothing left to do. Without it two replicas both create the
+    /// migrations table and one fails on a duplicate catalog row.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        Migrator::up(&self.db, None).await?;
+        let options = sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+            ..Default::default()
+        };
+        let txn = self.db.begin_with_options(options).await?;
+        if self.backend() == DatabaseBackend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [MIGRATION_LOCK.into()],
+            ))
+            .await?;
+        }
+        Migrator::up(&txn, None).await?;
+        txn.commit().await?;
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tonic_health::pb::{
 
 use crate::helpers::{TestDb, as_owner};
 
-const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
 
 pub(crate) fn command(db: &TestDb) -> Command {
     let mut command = Command::new(BIN);
@@ -422,4 +422,81 @@ async fn json_logs_are_one_object_per_line() {
             .any(|e| e["message"] == "key index loaded" && e["keys"] == 0)
     );
     assert!(lines.iter().any(|e| e["message"] == "stopped"));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fresh_sqlite_database_and_its_wal_and_shm_are_owner_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new().await;
+    let Some(dir) = db.sqlite_dir().map(std::path::Path::to_path_buf) else {
+        return; // PostgreSQL keeps no files of ours.
+    };
+    // std cannot set a child's umask without unsafe code; a shell can, then becomes apikeys.
+    let template = command(&db);
+    let mut umasked = Command::new("sh");
+    umasked
+        .args(["-c", "umask 022 && exec \"$0\""])
+        .arg(template.get_program())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, value) in template.get_envs() {
+        if let Some(value) = value {
+            umasked.env(name, value);
+        }
+    }
+    let (child, addr, _logs) = start_command(umasked);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ApiKeysClient::new(crate::scan::Recording(channel))
+        .create_key(as_owner(apikeys::grpc::proto::CreateKeyRequest {
+            workspace_id: "acme".into(),
+            name: "private".into(),
+            expiration: Expiration::Never.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+
+    for file in ["apikeys.db", "apikeys.db-wal", "apikeys.db-shm"] {
+        let mode = std::fs::metadata(dir.join(file))
+            .unwrap_or_else(|err| panic!("{file}: {err}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file} has mode {mode:o}");
+    }
+    assert!(terminate(child).await.success());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_callers_file_others_may_write_stops_the_binary_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers");
+    let line = apikeys::callers::file_line(
+        "billing-admin",
+        apikeys::callers::CallerRole::Admin,
+        &crate::scan::caller_token(),
+    );
+    std::fs::write(&callers, format!("{line}\n")).unwrap();
+    std::fs::set_permissions(&callers, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let db = TestDb::new().await;
+
+    let mut child = Process(
+        command(&db)
+            .env("APIKEYS_CALLERS_FILE", &callers)
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait(&mut child, Duration::from_secs(30));
+
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let fix = format!("chmod go-w {}", callers.display());
+    assert!(stderr.contains(&fix), "{stderr} should say {fix:?}");
 }

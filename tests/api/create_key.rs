@@ -102,6 +102,15 @@ async fn invalid_input_is_rejected_with_a_reason() {
             "NAME_INVALID_CHARACTERS",
         ),
         (
+            request("acme", "prod\u{202E}gnp.exe", Expiration::Never),
+            "NAME_INVALID_CHARACTERS",
+        ),
+        (
+            request("acme", "hidden\u{E0041}\u{E0042}", Expiration::Never),
+            "NAME_INVALID_CHARACTERS",
+        ),
+        (request("acme", "\u{200B}", Expiration::Never), "NAME_EMPTY"),
+        (
             request("acme", &format!("prod {pasted}"), Expiration::Never),
             "NAME_CONTAINS_KEY",
         ),
@@ -212,4 +221,15 @@ async fn concurrent_creates_all_succeed_with_distinct_keys() {
     }
     let rows = app.store().await.all_rows().await.unwrap();
     assert_eq!(rows.len(), 40);
+}
+
+#[tokio::test]
+async fn a_name_in_any_script_or_with_emoji_is_kept_as_written() {
+    let mut app = spawn_app().await;
+    let name = "\u{1F469}\u{200D}\u{1F4BB} مفتاح 生产 उत्पादन 🇫🇷 ❤️";
+
+    let (key, _) = app.create_key("acme", name, Expiration::Never).await;
+
+    assert_eq!(key.name, name);
+    assert_eq!(app.list("acme").await[0].name, name);
 }

@@ -134,6 +134,8 @@ pub(crate) async fn spawn_app_with(
     // Tests create keys far faster than any person; the rate limit has tests of its own.
     settings.management_rate = std::num::NonZeroU32::MAX;
     settings.management_burst = std::num::NonZeroU32::MAX;
+    settings.management_caller_rate = std::num::NonZeroU32::MAX;
+    settings.management_caller_burst = std::num::NonZeroU32::MAX;
     adjust(&mut settings);
     let app = Application::build_with_clock(&settings, Arc::new(clock.clone()))
         .await

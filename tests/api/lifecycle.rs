@@ -1024,3 +1024,40 @@ async fn an_expire_time_that_is_no_timestamp_is_an_invalid_argument() {
     }
     assert!(app.store().await.all_rows().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn actor_metadata_sent_twice_is_refused_whichever_value_comes_first() {
+    use tonic_types::StatusExt;
+    let mut app = spawn_app().await;
+    // An admin backend that forwards its client's metadata and appends its own.
+    for (header, values) in [
+        ("x-actor-role", ["owner", "member"]),
+        ("x-actor-role", ["member", "owner"]),
+        ("x-actor-id", ["user_1", "user_2"]),
+    ] {
+        let mut request = as_actor(
+            CreateKeyRequest {
+                workspace_id: "acme".into(),
+                name: "forwarded".into(),
+                expiration: Expiration::Never.into(),
+                ..Default::default()
+            },
+            "user_1",
+            "owner",
+        );
+        request.metadata_mut().remove(header);
+        for value in values {
+            request
+                .metadata_mut()
+                .append(header, value.parse().unwrap());
+        }
+
+        let status = app.client.create_key(request).await.unwrap_err();
+
+        assert_error(&status, Code::InvalidArgument, "ACTOR_DUPLICATED");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["header"], header, "{status:?}");
+        assert!(status.message().contains(header), "{status:?}");
+    }
+    assert!(app.store().await.all_rows().await.unwrap().is_empty());
+}

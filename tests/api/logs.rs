@@ -645,3 +645,54 @@ async fn with_usage_recording_off_only_the_last_use_is_kept() {
     assert!(usage.buckets.is_empty());
     assert_eq!(usage.last_used_ip, "10.6.0.1");
 }
+
+#[tokio::test]
+async fn an_events_page_token_pages_on_only_with_the_key_filter_it_was_issued_for() {
+    let mut app = spawn_app().await;
+    let (one, _) = app.create_key("acme", "one", Expiration::Never).await;
+    let (another, _) = app.create_key("acme", "another", Expiration::Never).await;
+    for id in [&one.id, &another.id] {
+        app.client
+            .disable_key(as_owner(DisableKeyRequest {
+                workspace_id: "acme".into(),
+                key_id: id.clone(),
+            }))
+            .await
+            .unwrap();
+    }
+    let first_page = |key_id: &str| ListKeyEventsRequest {
+        workspace_id: "acme".into(),
+        key_id: key_id.into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let (_, of_one) = app.try_events(first_page(&one.id)).await.unwrap();
+    let (_, of_all) = app.try_events(first_page("")).await.unwrap();
+    assert!(
+        !of_one.is_empty() && !of_all.is_empty(),
+        "more pages follow"
+    );
+
+    for (token, key_id) in [
+        (&of_one, another.id.as_str()),
+        (&of_one, ""),
+        (&of_all, one.id.as_str()),
+    ] {
+        let status = app
+            .try_events(ListKeyEventsRequest {
+                page_token: token.clone(),
+                ..first_page(key_id)
+            })
+            .await
+            .unwrap_err();
+        assert_error(&status, Code::InvalidArgument, "PAGE_TOKEN_INVALID");
+    }
+    let (rest, _) = app
+        .try_events(ListKeyEventsRequest {
+            page_token: of_one,
+            ..first_page(&one.id)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [(KeyEventType::Created, one.id.as_str())]);
+}

@@ -18,8 +18,13 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     (head.to_owned(), body.to_owned())
 }
 
+/// The metrics text, as Prometheus scrapes it.
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> String {
+    get(addr, "/metrics").await.1
+}
+
 /// The value of the sample `series` (name and labels exactly as exposed); 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |value| value.trim().parse().unwrap())

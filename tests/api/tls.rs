@@ -271,3 +271,26 @@ async fn a_broken_certificate_file_is_not_loaded_and_the_old_one_stays() {
         .expect("still serving the last good certificate");
     assert!(validate(&mut client).await.is_ok());
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_private_key_others_may_write_stops_the_start_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let (ca, tls) = (Ca::new("server ca"), TlsDir::new());
+    tls.write_server(&ca);
+    let key = tls.path("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let db = TestDb::new().await;
+    let mut settings =
+        apikeys::config::Settings::new("127.0.0.1:0".parse().unwrap(), db.url.clone());
+    settings.tls_cert = Some(tls.path("server.pem"));
+    settings.tls_key = Some(key.clone());
+
+    let err = apikeys::startup::Application::build(&settings)
+        .await
+        .unwrap_err()
+        .to_string();
+
+    let fix = format!("chmod go-w {}", key.display());
+    assert!(err.contains(&fix), "{err:?} should say {fix:?}");
+}

@@ -1,0 +1,151 @@
+//! The protobuf codec of every RPC of ours, and Envoy's `Authorization` service served with it.
+//!
+//! tonic-prost answers a request protobuf cannot decode (invalid UTF-8 in a `string`, a
+//! truncated varint, garbage) INTERNAL, as if the server were at fault; those bytes are the
+//! caller's, so here they are INVALID_ARGUMENT (`REQUEST_UNDECODABLE`).
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse,
+    authorization_server::{Authorization, SERVICE_NAME},
+};
+use prost::Message;
+use tonic::{
+    Request, Response, Status,
+    body::Body,
+    codec::{BufferSettings, DecodeBuf, Decoder},
+    codegen::BoxFuture,
+    server::{Grpc, NamedService, UnaryService},
+};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use crate::error::ApiError;
+
+/// [`ProstCodec`] with [`ProtoDecoder`]. build.rs generates the ApiKeys server and client with
+/// it: on the client side, an undecodable response is reported the same way.
+#[derive(Debug, Clone)]
+pub(crate) struct ProtoCodec<T, U>(ProstCodec<T, U>);
+
+impl<T, U> Default for ProtoCodec<T, U> {
+    fn default() -> Self {
+        Self(ProstCodec::default())
+    }
+}
+
+impl<T, U> tonic::codec::Codec for ProtoCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProtoDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProtoDecoder(self.0.decoder())
+    }
+}
+
+/// [`ProstDecoder`], whose one error, prost's `DecodeError`, becomes
+/// [`ApiError::RequestUndecodable`].
+#[derive(Debug, Clone)]
+pub(crate) struct ProtoDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for ProtoDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // The status prost's error became is dropped: its text may quote a value read from
+        // the request (an invalid tag number).
+        self.0
+            .decode(buf)
+            .map_err(|_| ApiError::RequestUndecodable.into())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Envoy's `envoy.service.auth.v3.Authorization` with [`ProtoCodec`]: envoy-types' generated
+/// `AuthorizationServer` hard-codes tonic-prost's codec. Like it, it accepts and sends no
+/// compression.
+#[derive(Debug)]
+pub(crate) struct ExtAuthzServer<T> {
+    inner: Arc<T>,
+    max_decoding_message_size: Option<usize>,
+}
+
+impl<T> ExtAuthzServer<T> {
+    pub(crate) fn new(inner: T) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            max_decoding_message_size: None,
+        }
+    }
+
+    #[must_use]
+    pub(crate) fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_decoding_message_size = Some(limit);
+        self
+    }
+}
+
+// Derived, it would require `T: Clone`.
+impl<T> Clone for ExtAuthzServer<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            max_decoding_message_size: self.max_decoding_message_size,
+        }
+    }
+}
+
+impl<T> NamedService for ExtAuthzServer<T> {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<T: Authorization> tower::Service<http::Request<Body>> for ExtAuthzServer<T> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != super::EXT_AUTHZ_CHECK_PATH {
+            // As tonic's router answers a method it does not know.
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let check = self.clone();
+        Box::pin(async move {
+            let mut grpc = Grpc::new(ProtoCodec::default())
+                .apply_max_message_size_config(check.max_decoding_message_size, None);
+            Ok(grpc.unary(check, request).await)
+        })
+    }
+}
+
+/// The one method, Check, for [`Grpc::unary`].
+impl<T: Authorization> UnaryService<CheckRequest> for ExtAuthzServer<T> {
+    type Response = CheckResponse;
+    type Future = BoxFuture<Response<CheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.check(request).await })
+    }
+}

@@ -1,0 +1,127 @@
+//! Sheds calls over the server's in-flight limit or over their caller's share of it, and
+//! gives up on request bodies that do not arrive.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, body::Body};
+
+use super::{Check, Party, Rpc, body::UnaryBody};
+use crate::{error::ApiError, net::ConnectionInfo};
+
+/// Sheds calls beyond a limit in flight across all connections, so a flood queues nowhere:
+/// the excess is answered UNAVAILABLE (`OVERLOADED`) at once and clients back off. One
+/// caller (or client IP, without a callers file) may hold at most `per_caller` of the
+/// limit (`CALLER_OVERLOADED`), so it cannot starve the others; and a call whose request
+/// body has not fully arrived within `body_timeout` is answered DEADLINE_EXCEEDED
+/// (`REQUEST_BODY_TIMEOUT`), freeing its place long before the request timeout.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    all: Arc<Semaphore>,
+    per_caller: usize,
+    body_timeout: Duration,
+}
+
+impl InFlight {
+    pub fn new(limit: usize, per_caller: usize, body_timeout: Duration) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(limit)),
+            per_caller,
+            body_timeout,
+        }
+    }
+}
+
+/// A call's place: one permit of the limit and one of its party's share.
+#[derive(Debug)]
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+    party: Option<Party>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(party) = &self.party {
+            party.in_flight().fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Check for InFlight {
+    type Hold = Option<Place>;
+
+    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
+        let extensions = request.extensions();
+        if let Some(connection) = extensions.get::<ConnectionInfo>() {
+            connection.call_started();
+        }
+        if matches!(Rpc::of(request.uri().path()), Rpc::Health | Rpc::Other) {
+            // Health must answer however loaded the server is; reflection is a long-lived
+            // stream of tiny lookups (grpcurl's), bounded by the streams per connection.
+            return Ok(None);
+        }
+        let party = Party::of(extensions);
+        if let Some(party) = &party {
+            let held = party.in_flight().fetch_add(1, Ordering::Relaxed);
+            if held >= self.per_caller {
+                party.in_flight().fetch_sub(1, Ordering::Relaxed);
+                return Err(ApiError::CallerOverloaded {
+                    limit: self.per_caller,
+                }
+                .into());
+            }
+        }
+        let place = match self.all.clone().try_acquire_owned() {
+            Ok(permit) => Place {
+                _permit: permit,
+                party,
+            },
+            Err(_) => {
+                if let Some(party) = &party {
+                    party.in_flight().fetch_sub(1, Ordering::Relaxed);
+                }
+                return Err(ApiError::Overloaded.into());
+            }
+        };
+        let body = std::mem::take(request.body_mut());
+        *request.body_mut() = Body::new(UnaryBody::new(body, self.body_timeout));
+        Ok(Some(place))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_caller_cannot_hold_more_than_its_share() {
+        let guard = InFlight::new(10, 2, Duration::from_secs(1));
+        let token = crate::callers::CallerToken::generate();
+        let line = format!(
+            "gw gateway blake3:{}\n",
+            blake3::hash(token.expose().as_bytes()).to_hex()
+        );
+        let callers = crate::callers::Callers::parse(&line).unwrap();
+        let caller = callers.authenticate(token.expose()).unwrap().clone();
+        let request = || {
+            let mut request = http::Request::builder()
+                .uri("/cloodot.apikeys.v1.ApiKeys/ValidateKey")
+                .body(Body::empty())
+                .unwrap();
+            request.extensions_mut().insert(caller.clone());
+            request
+        };
+        let first = guard.check(&mut request()).unwrap();
+        let _second = guard.check(&mut request()).unwrap();
+        let refused = guard.check(&mut request()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        drop(first);
+        assert!(
+            guard.check(&mut request()).is_ok(),
+            "an answered call frees its place"
+        );
+    }
+}

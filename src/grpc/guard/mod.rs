@@ -1,0 +1,181 @@
+//! Checks every call passes before it reaches a service, as tower layers with one job each,
+//! outermost first: [`Authenticate`] admits only known callers in a role that may make the
+//! call; [`InFlight`] sheds calls over the server's limit or over the caller's fair share of
+//! it, and gives up on request bodies that do not arrive; [`HealthWatches`] caps open health
+//! watches; [`ManagementRate`] holds each caller, and each caller in each workspace, to a
+//! rate of management calls. Health is exempt from all but the watch cap: Kubernetes probes
+//! carry no credentials and must see an overloaded server as alive.
+
+mod authenticate;
+mod body;
+mod in_flight;
+mod rate;
+mod watches;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+
+pub use authenticate::Authenticate;
+pub use in_flight::InFlight;
+pub use rate::{ManagementRate, Rate};
+pub use watches::HealthWatches;
+
+use crate::{callers::Caller, net::ConnectionInfo};
+
+const API_PREFIX: &str = "/cloodot.apikeys.v1.ApiKeys/";
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+const HEALTH_WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
+
+/// What a call is, from its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rpc<'a> {
+    Health,
+    Validate,
+    /// Any other ApiKeys method: CreateKey, ListKeys, DeleteKey, and whatever is added later.
+    Management(&'a str),
+    /// Reflection, or a path no service serves (answered UNIMPLEMENTED).
+    Other,
+}
+
+impl<'a> Rpc<'a> {
+    fn of(path: &'a str) -> Self {
+        if path.starts_with(HEALTH_PREFIX) {
+            Self::Health
+        } else if path == super::EXT_AUTHZ_CHECK_PATH {
+            // Envoy's ValidateKey: a gateway's call, never rate-limited.
+            Self::Validate
+        } else if let Some(method) = path.strip_prefix(API_PREFIX) {
+            if method == "ValidateKey" {
+                Self::Validate
+            } else {
+                Self::Management(method)
+            }
+        } else {
+            Self::Other
+        }
+    }
+}
+
+/// Who a call counts against for fair shares and rate limits: the caller its credentials
+/// name, or without a callers file, the client IP it comes from.
+#[derive(Debug, Clone)]
+enum Party {
+    Caller(Arc<Caller>),
+    Peer(Arc<crate::net::Peer>),
+}
+
+impl Party {
+    /// The party of a call that passed [`Authenticate`]; `None` only for a connection the
+    /// server did not accept itself (in-process tests of a layer).
+    fn of(extensions: &http::Extensions) -> Option<Self> {
+        match extensions.get::<Arc<Caller>>() {
+            Some(caller) => Some(Self::Caller(caller.clone())),
+            None => extensions
+                .get::<ConnectionInfo>()
+                .map(|connection| Self::Peer(connection.peer().clone())),
+        }
+    }
+
+    fn in_flight(&self) -> &std::sync::atomic::AtomicUsize {
+        match self {
+            Self::Caller(caller) => &caller.in_flight,
+            Self::Peer(peer) => &peer.in_flight,
+        }
+    }
+}
+
+/// One check on a call: `Err` answers the call with that status; `Ok` lets it through,
+/// holding the value until the service has answered.
+pub trait Check: Clone + Send + Sync + 'static {
+    type Hold: Send + 'static;
+    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status>;
+
+    /// What becomes of the hold once the service has answered: by default it is released;
+    /// a check on streams keeps it in the response body until the stream ends.
+    fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        drop(hold);
+        response
+    }
+}
+
+/// The layer of a [`Check`].
+#[derive(Debug, Clone)]
+pub struct Guard<C>(pub C);
+
+impl<C: Clone, S> Layer<S> for Guard<C> {
+    type Service = Guarded<C, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded {
+            check: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Guarded<C, S> {
+    check: C,
+    inner: S,
+}
+
+impl<C, S> Service<http::Request<Body>> for Guarded<C, S>
+where
+    C: Check,
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        match self.check.check(&mut request) {
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Ok(hold) => {
+                let response = self.inner.call(request);
+                Box::pin(async move { response.await.map(|response| C::answered(hold, response)) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_told_apart_by_path() {
+        assert_eq!(Rpc::of("/grpc.health.v1.Health/Check"), Rpc::Health);
+        assert_eq!(Rpc::of(HEALTH_WATCH_PATH), Rpc::Health);
+        assert_eq!(
+            Rpc::of("/cloodot.apikeys.v1.ApiKeys/ValidateKey"),
+            Rpc::Validate
+        );
+        assert_eq!(
+            Rpc::of("/cloodot.apikeys.v1.ApiKeys/DeleteKey"),
+            Rpc::Management("DeleteKey")
+        );
+        assert_eq!(
+            Rpc::of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Rpc::Other
+        );
+        assert_eq!(
+            Rpc::of("/grpc.health.v1.HealthX/Check"),
+            Rpc::Other,
+            "only the health service itself is exempt"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Caps open health watches, per connection and in all.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tonic::{Status, body::Body};
+
+use super::{Check, HEALTH_WATCH_PATH};
+use crate::{error::ApiError, net::ConnectionInfo};
+
+/// A health watch is a stream that lasts as long as the client likes, and it needs no
+/// credentials: without a cap, a few connections could hold tens of thousands and the
+/// memory behind them. Over either cap a watch is answered RESOURCE_EXHAUSTED
+/// (`HEALTH_WATCHES_EXHAUSTED`); health Check, which probes use, is never capped.
+#[derive(Debug, Clone)]
+pub struct HealthWatches {
+    open: Arc<AtomicUsize>,
+    max: usize,
+    per_connection: usize,
+}
+
+impl HealthWatches {
+    pub fn new(max: usize, per_connection: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+            per_connection,
+        }
+    }
+}
+
+/// One open watch, counted until its stream ends.
+#[derive(Debug)]
+pub struct Watch {
+    open: Arc<AtomicUsize>,
+    connection: ConnectionInfo,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.connection.watches().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes one of `limit` places counted by `count`, if one is free.
+fn take(count: &AtomicUsize, limit: usize) -> bool {
+    count
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+impl Check for HealthWatches {
+    type Hold = Option<Watch>;
+
+    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
+        if request.uri().path() != HEALTH_WATCH_PATH {
+            return Ok(None);
+        }
+        let Some(connection) = request.extensions().get::<ConnectionInfo>() else {
+            return Ok(None);
+        };
+        if !take(connection.watches(), self.per_connection) {
+            return Err(ApiError::HealthWatchesExhausted.into());
+        }
+        if !take(&self.open, self.max) {
+            connection.watches().fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::HealthWatchesExhausted.into());
+        }
+        Ok(Some(Watch {
+            open: self.open.clone(),
+            connection: connection.clone(),
+        }))
+    }
+
+    fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        match hold {
+            Some(watch) => response.map(|body| {
+                Body::new(Holding {
+                    body,
+                    _watch: watch,
+                })
+            }),
+            None => response,
+        }
+    }
+}
+
+/// A response body that keeps its watch counted until the stream ends or is dropped.
+struct Holding {
+    body: Body,
+    _watch: Watch,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_taken_only_below_the_limit() {
+        let count = AtomicUsize::new(0);
+        assert!(take(&count, 2));
+        assert!(take(&count, 2));
+        assert!(!take(&count, 2));
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+}
