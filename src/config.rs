@@ -177,7 +177,7 @@ pub struct Settings {
     pub management_caller_burst: NonZeroU32,
 
     /// Open gRPC connections in all; more are closed as soon as they are accepted. Lowered
-    /// at start to fit the descriptor limit (`ulimit -n`, less 64).
+    /// at start to fit the descriptor limit (`ulimit -n`, less 64 and --metrics-max-connections).
     #[arg(
         long,
         env = "APIKEYS_MAX_CONNECTIONS",

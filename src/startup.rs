@@ -191,8 +191,13 @@ impl Application {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
-        let connections =
-            Connections::new(self.settings.connection_limits().within_descriptor_limit());
+        let connections = Connections::new(
+            self.settings.connection_limits().within_descriptor_limit(
+                self.metrics
+                    .as_ref()
+                    .map_or(0, |_| self.settings.metrics_max_connections),
+            ),
+        );
         let metrics = self.metrics.map(|(listener, addr)| {
             let metrics = Arc::new(
                 Metrics::new()

@@ -35,7 +35,7 @@ pub use conn::{Conn, ConnectionInfo};
 use crate::tls::ReloadableTls;
 
 /// File descriptors kept back from the connection cap for the database pool, the listeners,
-/// the SQLite files and the logs.
+/// the SQLite files and the logs (the metrics listener's connections come on top).
 const RESERVED_DESCRIPTORS: u64 = 64;
 
 /// How connections are held in bounds.
@@ -53,12 +53,14 @@ pub struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// The limits with `max_connections` lowered, if need be, to what the process's
-    /// descriptor limit allows, so the cap (not `EMFILE`) is what turns connections away.
-    pub fn within_descriptor_limit(self) -> Self {
+    /// descriptor limit allows once `others` (other listeners' connections) and our own
+    /// reserve are kept back, so the cap (not `EMFILE`) is what turns connections away.
+    pub fn within_descriptor_limit(self, others: usize) -> Self {
         match descriptor_limit() {
             Some(limit) => {
-                let usable = if limit > 2 * RESERVED_DESCRIPTORS {
-                    limit - RESERVED_DESCRIPTORS
+                let reserved = RESERVED_DESCRIPTORS + others as u64;
+                let usable = if limit > 2 * reserved {
+                    limit - reserved
                 } else {
                     limit / 2
                 };
@@ -478,7 +480,7 @@ mod tests {
 
     #[test]
     fn the_connection_cap_stays_below_the_descriptor_limit() {
-        let capped = limits(usize::MAX, 10).within_descriptor_limit();
+        let capped = limits(usize::MAX, 10).within_descriptor_limit(64);
         if let Some(limit) = descriptor_limit() {
             assert!((capped.max_connections as u64) < limit);
         }

@@ -426,6 +426,8 @@ async fn an_idle_connection_is_closed_but_one_with_a_watch_is_not() {
         "apikeys_connections_closed_by_server_total{reason=\"idle\"}",
     );
     assert_eq!(idle, 1.0, "one idle connection closed:\n{metrics}");
+    let open = crate::metrics::sample(&metrics, "apikeys_connections_open");
+    assert_eq!(open, 1.0, "the watch's connection is open:\n{metrics}");
     // The watch's connection stays open: no error, no end of stream.
     let next = tokio::time::timeout(Duration::from_millis(100), watch.message()).await;
     assert!(next.is_err(), "the watch is still open: {next:?}");
@@ -527,4 +529,31 @@ async fn the_health_check_is_answered_however_many_calls_a_caller_holds() {
         .await
         .expect("health is exempt from fair shares");
     attack.abort_all();
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_disconnected() {
+    let app = spawn_app_with(
+        TestDb::new().await,
+        apikeys::clock::ManualClock::new(chrono::Utc::now()),
+        |settings| {
+            settings.keepalive_interval = Duration::from_millis(200);
+            settings.keepalive_timeout = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    // The HTTP/2 preface and an empty SETTINGS frame: a connected client, which then goes
+    // silent (a peer whose host died), answering neither the server's SETTINGS nor its PINGs.
+    tokio::io::AsyncWriteExt::write_all(
+        &mut socket,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .await
+    .unwrap();
+
+    assert!(
+        closed_within(&mut socket, Duration::from_secs(3)).await,
+        "the server gives up on a peer that answers no ping"
+    );
 }
