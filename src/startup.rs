@@ -262,16 +262,6 @@ impl Application {
             }
         };
 
-        tracing::info!(
-            addr = %self.addr,
-            backend = ?self.store.backend(),
-            tls = match &self.tls {
-                Some(tls) if tls.is_mutual() => "mutual",
-                Some(_) => "on",
-                None => "off",
-            },
-            "serving gRPC"
-        );
         let server = Server::builder()
             .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
@@ -312,6 +302,18 @@ impl Application {
             tasks.push(tls.watch(self.settings.tls_reload_interval));
         }
         let tls_tasks = AbortOnDrop(tasks);
+        // Only now: tests and operators take this line to mean connections are accepted and
+        // SIGHUP reloads.
+        tracing::info!(
+            addr = %self.addr,
+            backend = ?self.store.backend(),
+            tls = match &self.tls {
+                Some(tls) if tls.is_mutual() => "mutual",
+                Some(_) => "on",
+                None => "off",
+            },
+            "serving gRPC"
+        );
         let server = async move {
             match incoming {
                 Incoming::Plain(plain) => server.serve_with_incoming_shutdown(plain, signal).await,

@@ -95,10 +95,12 @@ impl ReloadableTls {
     /// until the task is aborted.
     pub fn watch(self: &Arc<Self>, poll: Duration) -> JoinHandle<()> {
         let tls = self.clone();
+        // Installed before this returns, so a SIGHUP sent once the server says it serves is
+        // never met by the default action (which ends the process).
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut ticks = tokio::time::interval(poll);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
