@@ -200,7 +200,9 @@ impl Metrics {
 /// whole cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
-    /// Open connections; more are closed at once.
+    /// Open connections; more are closed at once. One client IP may hold an eighth of them
+    /// (at least one), so a client that keeps reopening slow sockets cannot keep the scraper
+    /// out.
     pub max_connections: usize,
     /// How long a request's headers may take to arrive; also the most any one connection is
     /// kept open after its last request began.
@@ -216,23 +218,28 @@ pub async fn serve(
     limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let open = crate::net::Connections::new(crate::net::ConnectionLimits {
+        max_connections: limits.max_connections,
+        max_connections_per_ip: (limits.max_connections / 8).max(1),
+        handshake_timeout: limits.header_timeout,
+        idle_timeout: limits.header_timeout,
+    });
     let mut backoff = crate::net::Backoff::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 backoff.failed(&err).await;
                 continue;
             }
         };
         backoff.reset();
-        let Ok(place) = open.clone().try_acquire_owned() else {
-            // Over the cap: dropping the stream closes it.
+        let Ok(place) = open.admit(peer.ip()) else {
+            // Over a cap: dropping the stream closes it.
             continue;
         };
         let (metrics, syncer, store) = (metrics.clone(), syncer.clone(), store.clone());

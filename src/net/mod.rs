@@ -207,7 +207,7 @@ impl Connections {
     }
 
     /// A place for a connection from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let mut open = self.lock();
         if open.total >= self.limits.max_connections {
             return Err(Refusal::Limit);
@@ -234,7 +234,7 @@ impl Connections {
 
 /// A connection's place in [`Connections`], given back when the connection is dropped.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     connections: Arc<Connections>,
     peer: Arc<Peer>,
 }

@@ -103,66 +103,70 @@ async fn list(
         .map(drop)
 }
 
-#[tokio::test]
-async fn one_busy_workspace_is_held_to_its_rate_while_fifty_others_at_2000_calls_are_not() {
-    // The defaults, as an admin backend without a callers file meets them.
-    let defaults = apikeys::config::Settings::new("127.0.0.1:0".parse().unwrap(), "");
-    let app = spawn_app_with(
-        TestDb::new().await,
-        apikeys::clock::ManualClock::new(chrono::Utc::now()),
-        |settings| {
-            settings.management_rate = defaults.management_rate;
-            settings.management_burst = defaults.management_burst;
-        },
-    )
-    .await;
-    let client = apikeys::grpc::proto::api_keys_client::ApiKeysClient::new(channel(app.addr));
-    // The busy tenant's calls on a connection of their own, so they arrive alongside.
-    let busy = apikeys::grpc::proto::api_keys_client::ApiKeysClient::new(channel(app.addr));
+// Thousands of calls: logged, they would swell the log scan by hundreds of megabytes at
+// trace; what they check is the answers.
+#[test]
+fn one_busy_workspace_is_held_to_its_rate_while_fifty_others_at_2000_calls_are_not() {
+    crate::reliability::quietly(async {
+        // The defaults, as an admin backend without a callers file meets them.
+        let defaults = apikeys::config::Settings::new("127.0.0.1:0".parse().unwrap(), "");
+        let app = spawn_app_with(
+            TestDb::new().await,
+            apikeys::clock::ManualClock::new(chrono::Utc::now()),
+            |settings| {
+                settings.management_rate = defaults.management_rate;
+                settings.management_burst = defaults.management_burst;
+            },
+        )
+        .await;
+        let client = apikeys::grpc::proto::api_keys_client::ApiKeysClient::new(channel(app.addr));
+        // The busy tenant's calls on a connection of their own, so they arrive alongside.
+        let busy = apikeys::grpc::proto::api_keys_client::ApiKeysClient::new(channel(app.addr));
 
-    // Each backend connection keeps at most 100 calls in flight, as a pool of workers would
-    // (well within one caller's fair share of the server).
-    let (quiet_workers, busy_workers) = (
-        std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
-        std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
-    );
-    let mut quiet_calls = JoinSet::new();
-    for workspace in 0..50 {
-        for _ in 0..40 {
-            let (mut client, workers) = (client.clone(), quiet_workers.clone());
-            quiet_calls.spawn(async move {
+        // Each backend connection keeps at most 100 calls in flight, as a pool of workers would
+        // (well within one caller's fair share of the server).
+        let (quiet_workers, busy_workers) = (
+            std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
+            std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
+        );
+        let mut quiet_calls = JoinSet::new();
+        for workspace in 0..50 {
+            for _ in 0..40 {
+                let (mut client, workers) = (client.clone(), quiet_workers.clone());
+                quiet_calls.spawn(async move {
+                    let _worker = workers.acquire().await.unwrap();
+                    list(&mut client, &format!("tenant-{workspace}")).await
+                });
+            }
+        }
+        let mut busy_calls = JoinSet::new();
+        for _ in 0..2_000 {
+            let (mut client, workers) = (busy.clone(), busy_workers.clone());
+            busy_calls.spawn(async move {
                 let _worker = workers.acquire().await.unwrap();
-                list(&mut client, &format!("tenant-{workspace}")).await
+                list(&mut client, "busy-tenant").await
             });
         }
-    }
-    let mut busy_calls = JoinSet::new();
-    for _ in 0..2_000 {
-        let (mut client, workers) = (busy.clone(), busy_workers.clone());
-        busy_calls.spawn(async move {
-            let _worker = workers.acquire().await.unwrap();
-            list(&mut client, "busy-tenant").await
-        });
-    }
 
-    let quiet = quiet_calls.join_all().await;
-    let busy = busy_calls.join_all().await;
-    let refused: Vec<&Status> = quiet.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        refused.is_empty(),
-        "quiet tenants refused: {:?}",
-        refused.first()
-    );
-    let limited: Vec<&Status> = busy.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        limited.len() >= 1_000,
-        "only {} of the busy tenant's 2,000 calls were refused",
-        limited.len()
-    );
-    for status in limited {
-        assert_error(status, Code::ResourceExhausted, "RATE_LIMITED");
-        assert!(status.get_details_retry_info().is_some(), "RetryInfo");
-    }
+        let quiet = quiet_calls.join_all().await;
+        let busy = busy_calls.join_all().await;
+        let refused: Vec<&Status> = quiet.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            refused.is_empty(),
+            "quiet tenants refused: {:?}",
+            refused.first()
+        );
+        let limited: Vec<&Status> = busy.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            limited.len() >= 1_000,
+            "only {} of the busy tenant's 2,000 calls were refused",
+            limited.len()
+        );
+        for status in limited {
+            assert_error(status, Code::ResourceExhausted, "RATE_LIMITED");
+            assert!(status.get_details_retry_info().is_some(), "RetryInfo");
+        }
+    })
 }
 
 /// A ValidateKey call whose body never comes: headers only, as an attacker holds a place.
@@ -187,86 +191,90 @@ async fn half_open_validate(channel: Channel, token: String) -> (Result<(), Stat
     (outcome, started.elapsed())
 }
 
-#[tokio::test]
-async fn a_caller_holding_half_open_calls_takes_only_its_share_and_others_are_served() {
-    let mut guarded = spawn_guarded(|settings| {
-        settings.max_in_flight = 64;
-        settings.max_in_flight_per_caller = 16;
-        settings.request_body_timeout = Duration::from_secs(1);
-    })
-    .await;
-    // The attacker: the gateway's token, 300 calls over two connections of its own.
-    let gateway = guarded.gateway.expose().to_owned();
-    let connections = [channel(guarded.app.addr), channel(guarded.app.addr)];
-    let mut attack = JoinSet::new();
-    for n in 0..300 {
-        attack.spawn(half_open_validate(
-            connections[n % 2].clone(),
-            gateway.clone(),
-        ));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+// Thousands of calls: logged, they would swell the log scan by hundreds of megabytes at
+// trace; what they check is the answers.
+#[test]
+fn a_caller_holding_half_open_calls_takes_only_its_share_and_others_are_served() {
+    crate::reliability::quietly(async {
+        let mut guarded = spawn_guarded(|settings| {
+            settings.max_in_flight = 64;
+            settings.max_in_flight_per_caller = 16;
+            settings.request_body_timeout = Duration::from_secs(1);
+        })
+        .await;
+        // The attacker: the gateway's token, 300 calls over two connections of its own.
+        let gateway = guarded.gateway.expose().to_owned();
+        let connections = [channel(guarded.app.addr), channel(guarded.app.addr)];
+        let mut attack = JoinSet::new();
+        for n in 0..300 {
+            attack.spawn(half_open_validate(
+                connections[n % 2].clone(),
+                gateway.clone(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Another caller (the admin backend) meanwhile: ValidateKey and ListKeys all answered.
-    let admin = format!("Bearer {}", guarded.admin.expose());
-    let honest_started = Instant::now();
-    for n in 0..50 {
-        let mut request = Request::new(ValidateKeyRequest {
-            key: format!("clo_{n}"),
-            ..Default::default()
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", admin.parse().unwrap());
-        guarded
-            .app
-            .client
-            .validate_key(request)
-            .await
-            .expect("honest ValidateKey");
-        let mut request = as_owner(ListKeysRequest {
-            workspace_id: "acme".into(),
-            ..Default::default()
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", admin.parse().unwrap());
-        guarded
-            .app
-            .client
-            .list_keys(request)
-            .await
-            .expect("honest ListKeys");
-    }
-    let honest_took = honest_started.elapsed();
+        // Another caller (the admin backend) meanwhile: ValidateKey and ListKeys all answered.
+        let admin = format!("Bearer {}", guarded.admin.expose());
+        let honest_started = Instant::now();
+        for n in 0..50 {
+            let mut request = Request::new(ValidateKeyRequest {
+                key: format!("clo_{n}"),
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", admin.parse().unwrap());
+            guarded
+                .app
+                .client
+                .validate_key(request)
+                .await
+                .expect("honest ValidateKey");
+            let mut request = as_owner(ListKeysRequest {
+                workspace_id: "acme".into(),
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", admin.parse().unwrap());
+            guarded
+                .app
+                .client
+                .list_keys(request)
+                .await
+                .expect("honest ListKeys");
+        }
+        let honest_took = honest_started.elapsed();
 
-    let attack = attack.join_all().await;
-    let (mut shed, mut timed_out) = (0, 0);
-    for (outcome, took) in &attack {
-        let status = outcome
-            .as_ref()
-            .expect_err("an attacker's call cannot succeed");
-        match status.code() {
-            Code::Unavailable => {
-                assert_error(status, Code::Unavailable, "CALLER_OVERLOADED");
-                shed += 1;
-            }
-            _ => {
-                assert_error(status, Code::DeadlineExceeded, "REQUEST_BODY_TIMEOUT");
-                assert!(
-                    *took < Duration::from_secs(5),
-                    "held {took:?}: freed long before the request timeout"
-                );
-                timed_out += 1;
+        let attack = attack.join_all().await;
+        let (mut shed, mut timed_out) = (0, 0);
+        for (outcome, took) in &attack {
+            let status = outcome
+                .as_ref()
+                .expect_err("an attacker's call cannot succeed");
+            match status.code() {
+                Code::Unavailable => {
+                    assert_error(status, Code::Unavailable, "CALLER_OVERLOADED");
+                    shed += 1;
+                }
+                _ => {
+                    assert_error(status, Code::DeadlineExceeded, "REQUEST_BODY_TIMEOUT");
+                    assert!(
+                        *took < Duration::from_secs(5),
+                        "held {took:?}: freed long before the request timeout"
+                    );
+                    timed_out += 1;
+                }
             }
         }
-    }
-    assert!(timed_out >= 16, "the share was held: {timed_out}");
-    assert!(shed > 0, "beyond its share the attacker was shed");
-    assert!(
-        honest_took < Duration::from_secs(5),
-        "honest calls took {honest_took:?}"
-    );
+        assert!(timed_out >= 16, "the share was held: {timed_out}");
+        assert!(shed > 0, "beyond its share the attacker was shed");
+        assert!(
+            honest_took < Duration::from_secs(5),
+            "honest calls took {honest_took:?}"
+        );
+    })
 }
 
 #[tokio::test]
@@ -556,4 +564,37 @@ async fn a_client_that_stops_answering_pings_is_disconnected() {
         closed_within(&mut socket, Duration::from_secs(3)).await,
         "the server gives up on a peer that answers no ping"
     );
+}
+
+#[tokio::test]
+async fn a_client_holding_slow_sockets_cannot_keep_the_scraper_from_the_metrics() {
+    let app = spawn_app_with(
+        TestDb::new().await,
+        apikeys::clock::ManualClock::new(chrono::Utc::now()),
+        |settings| {
+            settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+            settings.metrics_max_connections = 16;
+        },
+    )
+    .await;
+    let metrics = app.metrics_addr.unwrap();
+    // From another loopback address: more half-sent requests than the listener's whole cap.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(metrics).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost:")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+
+    let text = crate::metrics::scrape(metrics).await;
+
+    assert!(
+        text.contains("apikeys_index_keys"),
+        "the scraper was served:\n{text}"
+    );
+    drop(slow);
 }
