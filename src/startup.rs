@@ -182,7 +182,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartupError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = HealthReporter::new();
+        let health_service = crate::grpc::codec::HealthServer::new(&health);
         set_health(&health, ServingStatus::Serving).await;
         health
             .set_service_status(LIVENESS_NAME, ServingStatus::Serving)

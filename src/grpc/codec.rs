@@ -1,4 +1,5 @@
-//! The protobuf codec of every RPC of ours, and Envoy's `Authorization` service served with it.
+//! The protobuf codec of every RPC of ours, and Envoy's `Authorization` and gRPC health served
+//! with it.
 //!
 //! tonic-prost answers a request protobuf cannot decode (invalid UTF-8 in a `string`, a
 //! truncated varint, garbage) INTERNAL, as if the server were at fault; those bytes are the
@@ -20,7 +21,14 @@ use tonic::{
     body::Body,
     codec::{BufferSettings, DecodeBuf, Decoder},
     codegen::BoxFuture,
-    server::{Grpc, NamedService, UnaryService},
+    server::{Grpc, NamedService, ServerStreamingService, UnaryService},
+};
+use tonic_health::{
+    pb::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_server::{Health, SERVICE_NAME as HEALTH_SERVICE_NAME},
+    },
+    server::{HealthReporter, HealthService, WatchStream},
 };
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
@@ -147,5 +155,88 @@ impl<T: Authorization> UnaryService<CheckRequest> for ExtAuthzServer<T> {
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move { inner.check(request).await })
+    }
+}
+
+/// gRPC health (`grpc.health.v1.Health`: Check and Watch) with [`ProtoCodec`], answering from
+/// a [`HealthReporter`]'s statuses as tonic-health's own server does. Health needs no
+/// credentials, so its undecodable requests above all must not count as the server's fault.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthServer {
+    inner: Arc<HealthService>,
+    max_decoding_message_size: Option<usize>,
+}
+
+const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+const HEALTH_WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
+
+impl HealthServer {
+    pub(crate) fn new(reporter: &HealthReporter) -> Self {
+        Self {
+            inner: Arc::new(HealthService::from_health_reporter(reporter.clone())),
+            max_decoding_message_size: None,
+        }
+    }
+
+    #[must_use]
+    pub(crate) fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_decoding_message_size = Some(limit);
+        self
+    }
+}
+
+impl NamedService for HealthServer {
+    const NAME: &'static str = HEALTH_SERVICE_NAME;
+}
+
+impl tower::Service<http::Request<Body>> for HealthServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let (inner, limit) = (self.inner.clone(), self.max_decoding_message_size);
+        match request.uri().path() {
+            HEALTH_CHECK_PATH => Box::pin(async move {
+                let mut grpc =
+                    Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
+                Ok(grpc.unary(HealthCheck(inner), request).await)
+            }),
+            HEALTH_WATCH_PATH => Box::pin(async move {
+                let mut grpc =
+                    Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
+                Ok(grpc.server_streaming(HealthWatch(inner), request).await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
+        }
+    }
+}
+
+struct HealthCheck(Arc<HealthService>);
+
+impl UnaryService<HealthCheckRequest> for HealthCheck {
+    type Response = HealthCheckResponse;
+    type Future = BoxFuture<Response<HealthCheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<HealthCheckRequest>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.check(request).await })
+    }
+}
+
+struct HealthWatch(Arc<HealthService>);
+
+impl ServerStreamingService<HealthCheckRequest> for HealthWatch {
+    type Response = HealthCheckResponse;
+    type ResponseStream = WatchStream;
+    type Future = BoxFuture<Response<WatchStream>, Status>;
+
+    fn call(&mut self, request: Request<HealthCheckRequest>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.watch(request).await })
     }
 }

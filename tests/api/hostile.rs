@@ -129,6 +129,7 @@ fn one_busy_workspace_is_held_to_its_rate_while_fifty_others_at_2000_calls_are_n
             std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
             std::sync::Arc::new(tokio::sync::Semaphore::new(100)),
         );
+        let started = Instant::now();
         let mut quiet_calls = JoinSet::new();
         for workspace in 0..50 {
             for _ in 0..40 {
@@ -150,6 +151,7 @@ fn one_busy_workspace_is_held_to_its_rate_while_fifty_others_at_2000_calls_are_n
 
         let quiet = quiet_calls.join_all().await;
         let busy = busy_calls.join_all().await;
+        let took = started.elapsed();
         let refused: Vec<&Status> = quiet.iter().filter_map(|r| r.as_ref().err()).collect();
         assert!(
             refused.is_empty(),
@@ -157,10 +159,13 @@ fn one_busy_workspace_is_held_to_its_rate_while_fifty_others_at_2000_calls_are_n
             refused.first()
         );
         let limited: Vec<&Status> = busy.iter().filter_map(|r| r.as_ref().err()).collect();
+        // Held to its rate however long the run took on a loaded machine: the burst (200)
+        // and 100 calls a second, with a little slack for the clock.
+        let answered = busy.len() - limited.len();
+        let allowed = 200.0 + 100.0 * (took.as_secs_f64() + 0.5);
         assert!(
-            limited.len() >= 1_000,
-            "only {} of the busy tenant's 2,000 calls were refused",
-            limited.len()
+            !limited.is_empty() && (answered as f64) <= allowed,
+            "the busy tenant had {answered} of 2,000 calls answered in {took:?} (its rate allows {allowed:.0})"
         );
         for status in limited {
             assert_error(status, Code::ResourceExhausted, "RATE_LIMITED");

@@ -16,6 +16,8 @@ use crate::helpers::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_a
 const VALIDATE_KEY: &str = "/cloodot.apikeys.v1.ApiKeys/ValidateKey";
 const CREATE_KEY: &str = "/cloodot.apikeys.v1.ApiKeys/CreateKey";
 const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
 /// Field 1, length-delimited, holding bytes that are not UTF-8 (a `string` in our requests, a
 /// message in Envoy's).
@@ -84,7 +86,7 @@ async fn validates_normally(app: &mut TestApp) {
 async fn undecodable_requests_are_invalid_argument_on_every_rpc_and_the_server_carries_on() {
     let mut app = spawn_app().await;
 
-    for path in [VALIDATE_KEY, CREATE_KEY, CHECK] {
+    for path in [VALIDATE_KEY, CREATE_KEY, CHECK, HEALTH_CHECK, HEALTH_WATCH] {
         for body in [INVALID_UTF8, TRUNCATED_VARINT, GARBAGE] {
             let status = send(&app.channel, path, body).await.unwrap_err();
             assert_error(&status, Code::InvalidArgument, "REQUEST_UNDECODABLE");
@@ -200,7 +202,7 @@ async fn send_framed(channel: &Channel, path: &str, framed: &'static [u8]) -> (S
 #[tokio::test]
 async fn a_body_without_a_whole_message_is_the_callers_error_too() {
     let app = spawn_app().await;
-    for path in [VALIDATE_KEY, CHECK] {
+    for path in [VALIDATE_KEY, CHECK, HEALTH_CHECK] {
         for framed in [
             // No message at all.
             &b""[..],

@@ -35,6 +35,14 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Makes the unary request's body arrive in time and whole (see [`UnaryBody`]).
+    fn hold_body_to_time(&self, request: &mut http::Request<Body>) {
+        let body = std::mem::take(request.body_mut());
+        *request.body_mut() = Body::new(UnaryBody::new(body, self.body_timeout));
+    }
+}
+
 /// A call's place: one permit of the limit and one of its party's share.
 #[derive(Debug)]
 pub struct Place {
@@ -58,10 +66,16 @@ impl Check for InFlight {
         if let Some(connection) = extensions.get::<ConnectionInfo>() {
             connection.call_started();
         }
-        if matches!(Rpc::of(request.uri().path()), Rpc::Health | Rpc::Other) {
-            // Health must answer however loaded the server is; reflection is a long-lived
-            // stream of tiny lookups (grpcurl's), bounded by the streams per connection.
-            return Ok(None);
+        match Rpc::of(request.uri().path()) {
+            // Health must answer however loaded the server is; its requests are unary too.
+            Rpc::Health => {
+                self.hold_body_to_time(request);
+                return Ok(None);
+            }
+            // Reflection is a long-lived stream of tiny lookups (grpcurl's), bounded by the
+            // streams per connection.
+            Rpc::Other => return Ok(None),
+            Rpc::Validate | Rpc::Management(_) => {}
         }
         let party = Party::of(extensions);
         if let Some(party) = &party {
@@ -86,8 +100,7 @@ impl Check for InFlight {
                 return Err(ApiError::Overloaded.into());
             }
         };
-        let body = std::mem::take(request.body_mut());
-        *request.body_mut() = Body::new(UnaryBody::new(body, self.body_timeout));
+        self.hold_body_to_time(request);
         Ok(Some(place))
     }
 }
