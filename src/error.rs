@@ -87,6 +87,9 @@ pub enum ApiError {
     /// request message (invalid UTF-8 in a string, a truncated field). Carries nothing of it.
     #[error("the request message is not a valid protobuf encoding of this RPC's request")]
     RequestUndecodable,
+    /// INVALID_ARGUMENT (`REQUEST_MISSING`): a ValidateKeys request without its `request`.
+    #[error("a ValidateKeysRequest must carry a request to validate")]
+    RequestMissing,
 }
 
 /// Why a key's state rules a change out.
@@ -120,7 +123,21 @@ impl KeyStateConflict {
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
-        let (code, reason, message, metadata) = match &err {
+        err.status(None)
+    }
+}
+
+impl ApiError {
+    /// The status of this error on a ValidateKeys stream, where it ends the stream: as for a
+    /// unary call, with the `request_id` of the request at fault in the message and the
+    /// ErrorInfo's metadata.
+    pub fn in_stream(self, request_id: u64) -> Status {
+        self.status(Some(request_id))
+    }
+
+    fn status(self, request_id: Option<u64>) -> Status {
+        let err = self;
+        let (code, reason, mut message, mut metadata) = match &err {
             ApiError::InvalidInput(invalid) => (
                 Code::InvalidArgument,
                 invalid.reason(),
@@ -241,7 +258,17 @@ impl From<ApiError> for Status {
                 err.to_string(),
                 HashMap::new(),
             ),
+            ApiError::RequestMissing => (
+                Code::InvalidArgument,
+                "REQUEST_MISSING",
+                err.to_string(),
+                HashMap::from([("field".to_owned(), "request".to_owned())]),
+            ),
         };
+        if let Some(id) = request_id {
+            message = format!("request_id {id}: {message}");
+            metadata.insert("request_id".to_owned(), id.to_string());
+        }
         let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
         if let ApiError::RateLimited(delay) = err {
             details.set_retry_info(Some(delay));

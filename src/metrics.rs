@@ -38,12 +38,18 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// The methods whose successful calls are counted without a family lookup.
+const HOT_METHODS: [&str; 3] = ["ValidateKey", "ext_authz.Check", "ValidateKeys"];
+
 /// Every metric the service keeps.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     rpcs: Family<RpcLabels, Counter>,
     durations: Family<RpcLabels, Histogram>,
+    /// The series of the calls on every gateway request, answered OK, looked up once: a
+    /// family lookup hashes its labels under a lock, twice per call.
+    hot: [(&'static str, Counter, Histogram); 3],
     /// One counter per ValidationResult, at its number less one: an atomic add per call.
     validations: Vec<Counter>,
     index_keys: Gauge,
@@ -115,10 +121,19 @@ impl Metrics {
             "Open database connections not in use",
             pool_idle.clone(),
         );
+        let hot = HOT_METHODS.map(|method| {
+            let labels = RpcLabels { method, code: "OK" };
+            (
+                method,
+                rpcs.get_or_create(&labels).clone(),
+                durations.get_or_create(&labels).clone(),
+            )
+        });
         Self {
             registry,
             rpcs,
             durations,
+            hot,
             validations,
             index_keys,
             sync_age,
@@ -172,6 +187,13 @@ impl Metrics {
 
     /// Counts and times one call.
     pub(crate) fn rpc(&self, method: &'static str, code: &'static str, started: Instant) {
+        if code == "OK"
+            && let Some((_, calls, durations)) = self.hot.iter().find(|hot| hot.0 == method)
+        {
+            calls.inc();
+            durations.observe(started.elapsed().as_secs_f64());
+            return;
+        }
         let labels = RpcLabels { method, code };
         self.rpcs.get_or_create(&labels).inc();
         self.durations

@@ -271,18 +271,25 @@ impl Application {
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             // Outermost, so calls the guards turn away are counted and traced too.
             .layer(Observe(metrics))
-            // Before the in-flight limit, which keeps each caller to its share.
-            .layer(Guard(Authenticate::new(self.callers)))
-            .layer(Guard(InFlight::new(
-                limits.max_in_flight,
-                limits.max_in_flight_per_caller,
-                limits.request_body_timeout,
+            // One layer, the checks in this order: authentication before the in-flight
+            // limit, which keeps each caller to its share.
+            .layer(Guard((
+                (
+                    Authenticate::new(self.callers),
+                    InFlight::new(
+                        limits.max_in_flight,
+                        limits.max_in_flight_per_caller,
+                        limits.request_body_timeout,
+                    ),
+                ),
+                (
+                    HealthWatches::new(
+                        limits.max_health_watches,
+                        limits.max_health_watches_per_connection,
+                    ),
+                    management_rate,
+                ),
             )))
-            .layer(Guard(HealthWatches::new(
-                limits.max_health_watches,
-                limits.max_health_watches_per_connection,
-            )))
-            .layer(Guard(management_rate))
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))

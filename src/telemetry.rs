@@ -27,6 +27,18 @@ pub(crate) fn exporting() -> bool {
     EXPORTING.load(Ordering::Acquire)
 }
 
+/// The span of a call on the validation path (ValidateKey, Check): `make()`'s when spans are
+/// exported, else none. At the default `info` the log layer would keep every such span, its
+/// fields formatted, for every call, though no event in it is ever logged: per-call work only
+/// needed when someone looks.
+pub(crate) fn hot_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if exporting() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// What must be shut down before exit: the span exporter, flushing what it holds.
 #[derive(Debug, Default)]
 #[must_use = "dropping it without shutdown() loses the spans not yet exported"]

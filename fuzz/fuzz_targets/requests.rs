@@ -1,4 +1,4 @@
-//! Arbitrary bytes as the body of every ApiKeys RPC and of Envoy's ext_authz Check, with
+//! Arbitrary bytes as the body of every ApiKeys RPC (a ValidateKeys stream of one message) and of Envoy's ext_authz Check, with
 //! arbitrary actor metadata, through tonic's decoding and the real handlers over a real
 //! (SQLite) database and key index. No input may panic or hang, every request that decodes
 //! must be answered with something better than INTERNAL or UNKNOWN, and every Check that
@@ -16,7 +16,8 @@ use apikeys::{
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
             GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
-            UpdateKeyRequest, ValidateKeyRequest, api_keys_server::ApiKeysServer,
+            UpdateKeyRequest, ValidateKeyRequest, ValidateKeysRequest,
+            api_keys_server::ApiKeysServer,
         },
     },
     index::{KeyIndex, SyncSettings, Syncer},
@@ -33,7 +34,7 @@ use prost::Message;
 use tower::Service;
 
 /// Every ApiKeys method, as the server names them.
-const METHODS: [&str; 11] = apikeys::grpc::observe::API_METHODS;
+const METHODS: [&str; 12] = apikeys::grpc::observe::API_METHODS;
 
 #[derive(Debug, Arbitrary)]
 struct Call {
@@ -140,6 +141,7 @@ fuzz_target!(|call: Call| {
             "ListKeyEvents" => ListKeyEventsRequest::decode(call.message.as_slice()).is_ok(),
             "GetKeyUsage" => GetKeyUsageRequest::decode(call.message.as_slice()).is_ok(),
             "Check" => CheckRequest::decode(call.message.as_slice()).is_ok(),
+            "ValidateKeys" => ValidateKeysRequest::decode(call.message.as_slice()).is_ok(),
             _ => ValidateKeyRequest::decode(call.message.as_slice()).is_ok(),
         };
     let (mut server, mut authz) = (harness.server.clone(), harness.authz.clone());

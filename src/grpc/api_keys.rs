@@ -1,14 +1,16 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tracing::field::Empty;
 
 use super::proto::{
     self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
     DisableKeyRequest, EnableKeyRequest, GetKeyRequest, GetKeyUsageRequest, GetKeyUsageResponse,
     KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest, ListKeyEventsResponse,
     ListKeysRequest, ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest,
-    UsageBucket, ValidateKeyRequest, ValidateKeyResponse, ValidationResult,
+    UsageBucket, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
+    ValidateKeysResponse, ValidationResult,
     api_keys_server::ApiKeys,
 };
 use crate::{
@@ -22,6 +24,7 @@ use crate::{
     metrics::Metrics,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
     store::{EventKind, EventRow, KeyRow},
+    telemetry,
     usage::hour_start,
 };
 
@@ -74,6 +77,40 @@ impl ApiKeysService {
         let id = KeyId::parse(key_id)?;
         tracing::Span::current().record("key_id", id.as_str());
         Ok((workspace, id))
+    }
+
+    /// ValidateKey's answer to `request`, counted in metrics.
+    fn judge(&self, request: &ValidateKeyRequest) -> Result<ValidateKeyResponse, ApiError> {
+        if prost::Message::encoded_len(request) > VALIDATE_MAX_BYTES {
+            return Err(ApiError::RequestTooLarge {
+                rpc: "ValidateKey",
+                limit: VALIDATE_MAX_BYTES,
+            });
+        }
+        let client_ip = match request.client_ip.as_str() {
+            "" => None,
+            ip => Some(
+                ip.parse::<std::net::IpAddr>()
+                    .map_err(|_| InvalidInput::ClientIpInvalid)?,
+            ),
+        };
+        let outcome = self
+            .keys
+            .validate(&request.key, &request.required_scopes, client_ip)?;
+        let result = answered(outcome.result, self.metrics.as_deref());
+        let mut response = ValidateKeyResponse {
+            valid: result == ValidationResult::Valid,
+            result: result.into(),
+            ..Default::default()
+        };
+        if let Some(found) = outcome.key {
+            response.expire_time = found.expire_time_us.map(timestamp);
+            response.key_id = found.id;
+            response.workspace_id = found.workspace;
+            response.scopes = found.scopes;
+            response.name = found.name;
+        }
+        Ok(response)
     }
 
     /// Counts ValidateKey answers by result in `metrics`.
@@ -263,45 +300,39 @@ impl ApiKeys for ApiKeysService {
         }))
     }
 
-    #[tracing::instrument(name = "ValidateKey", skip_all, fields(result, key_id))]
     async fn validate_key(
         &self,
         request: Request<ValidateKeyRequest>,
     ) -> Result<Response<ValidateKeyResponse>, Status> {
-        if prost::Message::encoded_len(request.get_ref()) > VALIDATE_MAX_BYTES {
-            return Err(ApiError::RequestTooLarge {
-                rpc: "ValidateKey",
-                limit: VALIDATE_MAX_BYTES,
+        // The one call on every gateway request: its span exists only for a trace exporter
+        // (the log layer would keep one for every call at `info`, fields formatted, though
+        // no event in it is ever logged).
+        let span = telemetry::hot_span(|| {
+            tracing::info_span!("ValidateKey", result = Empty, key_id = Empty)
+        });
+        let _entered = span.enter();
+        let response = self.judge(request.get_ref())?;
+        if !span.is_none() {
+            span.record("result", response.result().as_str_name());
+            if !response.key_id.is_empty() {
+                span.record("key_id", response.key_id.as_str());
             }
-            .into());
-        }
-        let request = request.get_ref();
-        let client_ip = match request.client_ip.as_str() {
-            "" => None,
-            ip => Some(
-                ip.parse::<std::net::IpAddr>()
-                    .map_err(|_| ApiError::from(InvalidInput::ClientIpInvalid))?,
-            ),
-        };
-        let outcome = self
-            .keys
-            .validate(&request.key, &request.required_scopes, client_ip)?;
-        let result = answered(outcome.result, self.metrics.as_deref());
-        let span = tracing::Span::current();
-        let mut response = ValidateKeyResponse {
-            valid: result == ValidationResult::Valid,
-            result: result.into(),
-            ..Default::default()
-        };
-        if let Some(found) = outcome.key {
-            span.record("key_id", found.id.as_str());
-            response.expire_time = found.expire_time_us.map(timestamp);
-            response.key_id = found.id;
-            response.workspace_id = found.workspace;
-            response.scopes = found.scopes;
-            response.name = found.name;
         }
         Ok(Response::new(response))
+    }
+
+    type ValidateKeysStream = Validations;
+
+    #[tracing::instrument(name = "ValidateKeys", skip_all)]
+    async fn validate_keys(
+        &self,
+        request: Request<Streaming<ValidateKeysRequest>>,
+    ) -> Result<Response<Validations>, Status> {
+        Ok(Response::new(Validations {
+            service: self.clone(),
+            requests: request.into_inner(),
+            ended: false,
+        }))
     }
 
     #[tracing::instrument(name = "ListKeyEvents", skip_all, fields(workspace_id, key_id))]
@@ -381,6 +412,61 @@ impl ApiKeys for ApiKeysService {
 }
 
 /// A validation as the wire names it, counted in the metrics and recorded on the call's span.
+/// The answers of a ValidateKeys stream: each request judged when it is read, so a key
+/// deleted before then is never VALID. Polled only when the connection can take more
+/// answers, so a client that stops reading stops being read from (HTTP/2 flow control does
+/// the rest): nothing here buffers. The first error ends the stream.
+pub struct Validations {
+    service: ApiKeysService,
+    requests: Streaming<ValidateKeysRequest>,
+    ended: bool,
+}
+
+impl Validations {
+    fn answer(&self, request: ValidateKeysRequest) -> Result<ValidateKeysResponse, Status> {
+        let id = request.request_id;
+        let request = request
+            .request
+            .ok_or(ApiError::RequestMissing)
+            .map_err(|err| err.in_stream(id))?;
+        let response = self
+            .service
+            .judge(&request)
+            .map_err(|err| err.in_stream(id))?;
+        Ok(ValidateKeysResponse {
+            request_id: id,
+            response: Some(response),
+        })
+    }
+}
+
+impl tokio_stream::Stream for Validations {
+    type Item = Result<ValidateKeysResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let answer = match std::pin::Pin::new(&mut self.requests).poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(request)) => request.and_then(|request| self.answer(request)),
+        };
+        self.ended = answer.is_err();
+        Poll::Ready(Some(answer))
+    }
+}
+
+impl std::fmt::Debug for Validations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validations").finish_non_exhaustive()
+    }
+}
+
 pub(crate) fn answered(validation: Validation, metrics: Option<&Metrics>) -> ValidationResult {
     let result = match validation {
         Validation::Valid => ValidationResult::Valid,
@@ -394,7 +480,6 @@ pub(crate) fn answered(validation: Validation, metrics: Option<&Metrics>) -> Val
     if let Some(metrics) = metrics {
         metrics.validation(result);
     }
-    tracing::Span::current().record("result", result.as_str_name());
     result
 }
 

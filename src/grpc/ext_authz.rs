@@ -17,12 +17,16 @@ use envoy_types::{
 };
 use serde_json::json;
 use tonic::{Code, Request, Response, Status};
+use tracing::field::Empty;
+
+use super::proto::ValidationResult;
 
 use crate::{
     domain::InvalidInput,
     error::ApiError,
     metrics::Metrics,
     service::{KeyService, Validation},
+    telemetry,
 };
 
 /// Upstream request headers naming the key that was accepted.
@@ -148,14 +152,19 @@ fn client_ip(attributes: &AttributeContext) -> Option<IpAddr> {
 
 #[tonic::async_trait]
 impl Authorization for ExtAuthzService {
-    #[tracing::instrument(name = "Check", skip_all, fields(result, key_id))]
     async fn check(
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let attributes = request.into_inner().attributes.unwrap_or_default();
-        let http = HttpRequestView::of(&attributes);
-        let span = tracing::Span::current();
+        // Read in place: the request is large, and every move of it a copy.
+        let absent = AttributeContext::default();
+        let attributes = request.get_ref().attributes.as_ref().unwrap_or(&absent);
+        let http = HttpRequestView::of(attributes);
+        // As ValidateKey's: a span only for a trace exporter.
+        let span = telemetry::hot_span(|| {
+            tracing::info_span!("Check", result = Empty, key_id = Empty)
+        });
+        let _entered = span.enter();
         let Some((header, key)) = self.presented(&http) else {
             span.record("result", "MISSING");
             return Ok(Response::new(unauthenticated("missing_key", None)));
@@ -171,7 +180,7 @@ impl Authorization for ExtAuthzService {
                     .collect()
             })
             .unwrap_or_default();
-        let outcome = match self.keys.validate(key, &required, client_ip(&attributes)) {
+        let outcome = match self.keys.validate(key, &required, client_ip(attributes)) {
             Ok(outcome) => outcome,
             Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
                 tracing::error!(
@@ -197,13 +206,11 @@ impl Authorization for ExtAuthzService {
             }
         };
         let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
-        let reason = result
-            .as_str_name()
-            .trim_start_matches("VALIDATION_RESULT_")
-            .to_ascii_lowercase();
+        span.record("result", result.as_str_name());
+        let reason = reason_of(result);
         let Some(found) = outcome.key else {
             return Ok(Response::new(unauthenticated(
-                &reason,
+                reason,
                 Some("invalid_token"),
             )));
         };
@@ -243,7 +250,7 @@ impl Authorization for ExtAuthzService {
                     required.join(" ")
                 )),
             ),
-            _ => unauthenticated(&reason, Some("invalid_token")),
+            _ => unauthenticated(reason, Some("invalid_token")),
         };
         Ok(Response::new(response))
     }
@@ -270,6 +277,20 @@ fn set_header(key: &str, value: &str) -> HeaderValueOption {
 
 /// 401 with RFC 6750's challenge: bare when no key was presented, `error="invalid_token"`
 /// when the key is not accepted.
+/// A denial's `reason`: the result's name in lower case, without its prefix.
+fn reason_of(result: ValidationResult) -> &'static str {
+    match result {
+        ValidationResult::Unspecified => "unspecified",
+        ValidationResult::Valid => "valid",
+        ValidationResult::Malformed => "malformed",
+        ValidationResult::NotFound => "not_found",
+        ValidationResult::Expired => "expired",
+        ValidationResult::Disabled => "disabled",
+        ValidationResult::Deleted => "deleted",
+        ValidationResult::InsufficientScope => "insufficient_scope",
+    }
+}
+
 fn unauthenticated(reason: &str, error: Option<&str>) -> CheckResponse {
     let challenge = match error {
         Some(error) => format!("Bearer error=\"{error}\""),
@@ -301,5 +322,21 @@ fn denied(
             body: body.to_string(),
         })),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_reason_is_the_result_name_in_lower_case() {
+        for value in 0..=7 {
+            let result = ValidationResult::try_from(value).unwrap();
+            let name = result.as_str_name();
+            let expected = name.trim_start_matches("VALIDATION_RESULT_").to_ascii_lowercase();
+            assert_eq!(reason_of(result), expected, "{name}");
+        }
+        assert!(ValidationResult::try_from(8).is_err(), "a new result needs a reason");
     }
 }

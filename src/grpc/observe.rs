@@ -18,11 +18,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::{metrics::Metrics, telemetry};
 
 /// The ApiKeys methods: the only method names besides health, reflection and `unknown`.
-pub const API_METHODS: [&str; 11] = [
+pub const API_METHODS: [&str; 12] = [
     "CreateKey",
     "ListKeys",
     "DeleteKey",
     "ValidateKey",
+    "ValidateKeys",
     "GetKey",
     "UpdateKey",
     "DisableKey",

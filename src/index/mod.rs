@@ -337,8 +337,8 @@ impl KeyIndex {
         }
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
         id.push_str(ID_PREFIX);
-        // The id bytes came from a parsed, base62 id.
-        id.extend(record.id.iter().map(|&b| char::from(b)));
+        // The id bytes came from a parsed, base62 id: ASCII.
+        id.push_str(std::str::from_utf8(&record.id).unwrap_or_default());
         Some(Found {
             id,
             workspace: record.workspace.to_string(),

@@ -23,3 +23,4 @@ mod tls;
 mod traces;
 mod undecodable;
 mod validate_key;
+mod validate_keys;

@@ -1,4 +1,4 @@
-//! The request body of a unary call, held to arriving in time and whole.
+//! The request body of a call, held to arriving whole (and a unary call's, in time).
 
 use std::{
     pin::Pin,
@@ -21,9 +21,14 @@ const PREFIX_LEN: usize = 5;
 /// then: a body that arrives with its headers costs none), and must end on a whole gRPC
 /// message. tonic answers a body that ends early, or carries no message, INTERNAL; that is
 /// the caller's mistake, answered INVALID_ARGUMENT (`REQUEST_UNDECODABLE`) here.
+///
+/// A ValidateKeys stream's body ([`UnaryBody::stream`]) has no timeout (a gateway's stream
+/// may wait between requests as long as it likes) and may carry no message at all, but must
+/// still end on a message boundary.
 pub(super) struct UnaryBody {
     inner: Body,
-    timeout: Duration,
+    /// `None` for a stream.
+    timeout: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
     framing: Framing,
     ended: bool,
@@ -33,10 +38,26 @@ impl UnaryBody {
     pub(super) fn new(inner: Body, timeout: Duration) -> Self {
         Self {
             inner,
-            timeout,
+            timeout: Some(timeout),
             timer: None,
             framing: Framing::default(),
             ended: false,
+        }
+    }
+
+    /// A streaming call's body: whole messages, without a time limit.
+    pub(super) fn stream(inner: Body) -> Self {
+        Self {
+            timeout: None,
+            ..Self::new(inner, Duration::ZERO)
+        }
+    }
+
+    /// Whether the body read so far may end here.
+    fn may_end(&self) -> bool {
+        match self.timeout {
+            Some(_) => self.framing.whole(),
+            None => self.framing.at_boundary(),
         }
     }
 
@@ -59,7 +80,7 @@ impl http_body::Body for UnaryBody {
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) if !this.framing.whole() => this.fail(ApiError::RequestUndecodable),
+            Poll::Ready(None) if !this.may_end() => this.fail(ApiError::RequestUndecodable),
             Poll::Ready(None) => {
                 this.ended = true;
                 Poll::Ready(None)
@@ -70,14 +91,16 @@ impl http_body::Body for UnaryBody {
                 {
                     return this.fail(ApiError::RequestUndecodable);
                 }
-                if this.inner.is_end_stream() && !this.framing.whole() {
+                if this.inner.is_end_stream() && !this.may_end() {
                     return this.fail(ApiError::RequestUndecodable);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status))),
             Poll::Pending => {
-                let timeout = this.timeout;
+                let Some(timeout) = this.timeout else {
+                    return Poll::Pending;
+                };
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
@@ -146,7 +169,12 @@ impl Framing {
 
     /// Whether the body read so far is one or more whole messages.
     fn whole(&self) -> bool {
-        self.messages > 0 && self.prefix_read == 0 && self.message_left == 0
+        self.messages > 0 && self.at_boundary()
+    }
+
+    /// Whether the body read so far ends between messages (or before the first).
+    fn at_boundary(&self) -> bool {
+        self.prefix_read == 0 && self.message_left == 0
     }
 }
 
@@ -207,6 +235,17 @@ mod tests {
             };
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{cut:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_may_carry_no_message_but_must_end_between_messages() {
+        let mut empty = UnaryBody::stream(Body::empty());
+        assert!(empty.frame().await.is_none(), "an empty stream is whole");
+        let mut cut = UnaryBody::stream(Body::new(http_body_util::Full::new(Bytes::from_static(
+            b"\x00\x00\x00\x00\x02hi\x00\x00",
+        ))));
+        let status = cut.frame().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]

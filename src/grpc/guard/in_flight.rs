@@ -9,7 +9,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body};
 
-use super::{Check, Party, Rpc, body::UnaryBody};
+use super::{Check, Holding, Party, Rpc, body::UnaryBody};
 use crate::{error::ApiError, net::ConnectionInfo};
 
 /// Sheds calls beyond a limit in flight across all connections, so a flood queues nowhere:
@@ -43,11 +43,14 @@ impl InFlight {
     }
 }
 
-/// A call's place: one permit of the limit and one of its party's share.
+/// A call's place: one permit of the limit and one of its party's share. A unary call's is
+/// given back with its answer; a stream's is kept in the answer's body until the stream ends
+/// or is cancelled.
 #[derive(Debug)]
 pub struct Place {
     _permit: OwnedSemaphorePermit,
     party: Option<Party>,
+    streaming: bool,
 }
 
 impl Drop for Place {
@@ -61,12 +64,13 @@ impl Drop for Place {
 impl Check for InFlight {
     type Hold = Option<Place>;
 
-    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
+    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
         let extensions = request.extensions();
         if let Some(connection) = extensions.get::<ConnectionInfo>() {
             connection.call_started();
         }
-        match Rpc::of(request.uri().path()) {
+        let streaming = rpc == Rpc::ValidateStream;
+        match rpc {
             // Health must answer however loaded the server is; its requests are unary too.
             Rpc::Health => {
                 self.hold_body_to_time(request);
@@ -75,7 +79,7 @@ impl Check for InFlight {
             // Reflection is a long-lived stream of tiny lookups (grpcurl's), bounded by the
             // streams per connection.
             Rpc::Other => return Ok(None),
-            Rpc::Validate | Rpc::Management(_) => {}
+            Rpc::Validate | Rpc::ValidateStream | Rpc::Management(_) => {}
         }
         let party = Party::of(extensions);
         if let Some(party) = &party {
@@ -92,6 +96,7 @@ impl Check for InFlight {
             Ok(permit) => Place {
                 _permit: permit,
                 party,
+                streaming,
             },
             Err(_) => {
                 if let Some(party) = &party {
@@ -100,8 +105,23 @@ impl Check for InFlight {
                 return Err(ApiError::Overloaded.into());
             }
         };
-        self.hold_body_to_time(request);
+        if streaming {
+            // A long-lived stream: one place while it is open, its body without a timeout.
+            let body = std::mem::take(request.body_mut());
+            *request.body_mut() = Body::new(UnaryBody::stream(body));
+        } else {
+            self.hold_body_to_time(request);
+        }
         Ok(Some(place))
+    }
+
+    fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        match hold {
+            Some(place) if place.streaming => {
+                response.map(|body| Body::new(Holding::new(body, place)))
+            }
+            _ => response,
+        }
     }
 }
 
@@ -127,13 +147,13 @@ mod tests {
             request.extensions_mut().insert(caller.clone());
             request
         };
-        let first = guard.check(&mut request()).unwrap();
-        let _second = guard.check(&mut request()).unwrap();
-        let refused = guard.check(&mut request()).unwrap_err();
+        let first = guard.check(Rpc::Validate, &mut request()).unwrap();
+        let _second = guard.check(Rpc::Validate, &mut request()).unwrap();
+        let refused = guard.check(Rpc::Validate, &mut request()).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable);
         drop(first);
         assert!(
-            guard.check(&mut request()).is_ok(),
+            guard.check(Rpc::Validate, &mut request()).is_ok(),
             "an answered call frees its place"
         );
     }

@@ -35,9 +35,12 @@ const HEALTH_WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
 /// What a call is, from its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rpc<'a> {
+pub enum Rpc<'a> {
     Health,
+    /// ValidateKey, or Envoy's Check.
     Validate,
+    /// ValidateKeys: a gateway's long-lived stream of validations.
+    ValidateStream,
     /// Any other ApiKeys method: CreateKey, ListKeys, DeleteKey, and whatever is added later.
     Management(&'a str),
     /// Reflection, or a path no service serves (answered UNIMPLEMENTED).
@@ -54,6 +57,8 @@ impl<'a> Rpc<'a> {
         } else if let Some(method) = path.strip_prefix(API_PREFIX) {
             if method == "ValidateKey" {
                 Self::Validate
+            } else if method == "ValidateKeys" {
+                Self::ValidateStream
             } else {
                 Self::Management(method)
             }
@@ -95,13 +100,65 @@ impl Party {
 /// holding the value until the service has answered.
 pub trait Check: Clone + Send + Sync + 'static {
     type Hold: Send + 'static;
-    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status>;
+    /// `rpc` is what [`Rpc::of`] makes of the request's path, worked out once per call.
+    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>)
+    -> Result<Self::Hold, Status>;
 
     /// What becomes of the hold once the service has answered: by default it is released;
     /// a check on streams keeps it in the response body until the stream ends.
     fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
         drop(hold);
         response
+    }
+}
+
+/// Two checks as one, the first first: one layer, one boxed future per call however many
+/// checks are nested. The second's refusal releases what the first holds.
+impl<A: Check, B: Check> Check for (A, B) {
+    type Hold = (A::Hold, B::Hold);
+
+    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
+        let first = self.0.check(rpc, request)?;
+        let second = self.1.check(rpc, request)?;
+        Ok((first, second))
+    }
+
+    fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
+        let response = B::answered(hold.1, response);
+        A::answered(hold.0, response)
+    }
+}
+
+/// A response body that keeps a check's hold (a watch counted, a stream's place) until the
+/// stream ends or is dropped.
+struct Holding<H> {
+    body: Body,
+    _hold: H,
+}
+
+impl<H> Holding<H> {
+    fn new(body: Body, hold: H) -> Self {
+        Self { body, _hold: hold }
+    }
+}
+
+impl<H: Unpin> http_body::Body for Holding<H> {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -142,7 +199,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        match self.check.check(&mut request) {
+        // A handle on the path (a reference count), so the checks may change the request.
+        let path = request.uri().path_and_query().cloned();
+        let rpc = Rpc::of(path.as_ref().map_or("", |path| path.path()));
+        match self.check.check(rpc, &mut request) {
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
             Ok(hold) => {
                 let response = self.inner.call(request);
@@ -163,6 +223,10 @@ mod tests {
         assert_eq!(
             Rpc::of("/cloodot.apikeys.v1.ApiKeys/ValidateKey"),
             Rpc::Validate
+        );
+        assert_eq!(
+            Rpc::of("/cloodot.apikeys.v1.ApiKeys/ValidateKeys"),
+            Rpc::ValidateStream
         );
         assert_eq!(
             Rpc::of("/cloodot.apikeys.v1.ApiKeys/DeleteKey"),

@@ -87,8 +87,8 @@ where
 impl Check for ManagementRate {
     type Hold = ();
 
-    fn check(&self, request: &mut http::Request<Body>) -> Result<(), Status> {
-        if !matches!(Rpc::of(request.uri().path()), Rpc::Management(_)) {
+    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<(), Status> {
+        if !matches!(rpc, Rpc::Management(_)) {
             return Ok(());
         }
         Ok(limit(&self.caller, &RateKey::of(request.extensions()))?)

@@ -1,19 +1,13 @@
 //! Caps open health watches, per connection and in all.
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    task::{Context, Poll},
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
-use bytes::Bytes;
-use http_body::Frame;
 use tonic::{Status, body::Body};
 
-use super::{Check, HEALTH_WATCH_PATH};
+use super::{Check, HEALTH_WATCH_PATH, Holding, Rpc};
 use crate::{error::ApiError, net::ConnectionInfo};
 
 /// A health watch is a stream that lasts as long as the client likes, and it needs no
@@ -63,7 +57,7 @@ fn take(count: &AtomicUsize, limit: usize) -> bool {
 impl Check for HealthWatches {
     type Hold = Option<Watch>;
 
-    fn check(&self, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
+    fn check(&self, _: Rpc<'_>, request: &mut http::Request<Body>) -> Result<Self::Hold, Status> {
         if request.uri().path() != HEALTH_WATCH_PATH {
             return Ok(None);
         }
@@ -86,39 +80,10 @@ impl Check for HealthWatches {
     fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
         match hold {
             Some(watch) => response.map(|body| {
-                Body::new(Holding {
-                    body,
-                    _watch: watch,
-                })
+                Body::new(Holding::new(body, watch))
             }),
             None => response,
         }
-    }
-}
-
-/// A response body that keeps its watch counted until the stream ends or is dropped.
-struct Holding {
-    body: Body,
-    _watch: Watch,
-}
-
-impl http_body::Body for Holding {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 
