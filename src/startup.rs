@@ -13,7 +13,7 @@ use crate::{
     config::Settings,
     grpc::{
         ApiKeysService,
-        guard::{Authenticate, Guard, HealthWatches, InFlight, ManagementRate, Rate},
+        guard::{Authenticate, Deadline, Guard, HealthWatches, InFlight, ManagementRate, Rate},
         observe::Observe,
         proto,
     },
@@ -264,7 +264,6 @@ impl Application {
         };
 
         let server = Server::builder()
-            .timeout(limits.request_timeout)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_keepalive_interval(Some(limits.keepalive_interval))
@@ -275,7 +274,7 @@ impl Application {
             // limit, which keeps each caller to its share.
             .layer(Guard((
                 (
-                    Authenticate::new(self.callers),
+                    (Deadline(limits.request_timeout), Authenticate::new(self.callers)),
                     InFlight::new(
                         limits.max_in_flight,
                         limits.max_in_flight_per_caller,

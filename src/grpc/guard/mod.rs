@@ -104,6 +104,11 @@ pub trait Check: Clone + Send + Sync + 'static {
     fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>)
     -> Result<Self::Hold, Status>;
 
+    /// How long the service may take to answer the call, if this check bounds it.
+    fn deadline(&self, _rpc: Rpc<'_>) -> Option<std::time::Duration> {
+        None
+    }
+
     /// What becomes of the hold once the service has answered: by default it is released;
     /// a check on streams keeps it in the response body until the stream ends.
     fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
@@ -126,6 +131,33 @@ impl<A: Check, B: Check> Check for (A, B) {
     fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
         let response = B::answered(hold.1, response);
         A::answered(hold.0, response)
+    }
+
+    fn deadline(&self, rpc: Rpc<'_>) -> Option<std::time::Duration> {
+        self.0.deadline(rpc).or_else(|| self.1.deadline(rpc))
+    }
+}
+
+/// The server's request timeout, on the calls that can wait (tonic's would arm a timer for
+/// every call): a validation (ValidateKey, Check) is answered from memory without waiting
+/// for anything, so it gets no timer, and a ValidateKeys stream is long-lived by design.
+/// A call past it is answered CANCELLED, as tonic answers. Clients' own deadlines
+/// (`grpc-timeout`) are still honoured, by tonic, on every call.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub std::time::Duration);
+
+impl Check for Deadline {
+    type Hold = ();
+
+    fn check(&self, _: Rpc<'_>, _: &mut http::Request<Body>) -> Result<(), Status> {
+        Ok(())
+    }
+
+    fn deadline(&self, rpc: Rpc<'_>) -> Option<std::time::Duration> {
+        match rpc {
+            Rpc::Validate | Rpc::ValidateStream => None,
+            Rpc::Health | Rpc::Management(_) | Rpc::Other => Some(self.0),
+        }
     }
 }
 
@@ -202,11 +234,21 @@ where
         // A handle on the path (a reference count), so the checks may change the request.
         let path = request.uri().path_and_query().cloned();
         let rpc = Rpc::of(path.as_ref().map_or("", |path| path.path()));
+        let deadline = self.check.deadline(rpc);
         match self.check.check(rpc, &mut request) {
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
             Ok(hold) => {
                 let response = self.inner.call(request);
-                Box::pin(async move { response.await.map(|response| C::answered(hold, response)) })
+                Box::pin(async move {
+                    let response = match deadline {
+                        None => response.await,
+                        Some(deadline) => match tokio::time::timeout(deadline, response).await {
+                            Ok(response) => response,
+                            Err(_) => return Ok(Status::cancelled("Timeout expired").into_http()),
+                        },
+                    };
+                    response.map(|response| C::answered(hold, response))
+                })
             }
         }
     }
