@@ -106,7 +106,9 @@ pub struct Settings {
     #[arg(long, env = "APIKEYS_INSECURE_NO_CALLER_AUTH", global = true)]
     pub insecure_no_caller_auth: bool,
 
-    /// The longest any call may run; a client's shorter `grpc-timeout` wins.
+    /// The longest a call may run before it answers; a client's shorter `grpc-timeout` wins.
+    /// Not armed for ValidateKey and Check (answered from memory, they never wait) nor for
+    /// ValidateKeys streams.
     #[arg(long, env = "APIKEYS_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
     pub request_timeout: Duration,
 

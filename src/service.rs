@@ -455,7 +455,7 @@ impl KeyService {
         if !self.syncer.is_fresh() {
             return Err(ApiError::IndexStale(self.syncer.staleness()));
         }
-        let now = self.clock.now().timestamp_micros();
+        let now = self.clock.now_us();
         let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
         let Some(found) = self
             .index

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use apikeys::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
     GetKeyRequest, GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
-    UpdateKeyRequest, ValidateKeyRequest,
+    UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
 };
 use serde_json::{Map, Value, json};
 use tonic::Request;
@@ -65,12 +65,22 @@ fn examples() -> Vec<Example> {
             next_lang, "json",
             "every grpcurl example is followed by its output"
         );
-        examples.push(parse_command(
-            command,
-            serde_json::from_str(output).expect("README output is JSON"),
-        ));
+        examples.push(parse_command(command, json_messages(output)));
     }
     examples
+}
+
+/// One JSON message, or several one after another (a stream's, as grpcurl takes and prints
+/// them) as an array.
+fn json_messages(text: &str) -> Value {
+    let mut messages: Vec<Value> = serde_json::Deserializer::from_str(text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("README examples are JSON");
+    match messages.len() {
+        1 => messages.remove(0),
+        _ => Value::Array(messages),
+    }
 }
 
 /// Splits a shell command with single-quoted words, the only quoting the README uses.
@@ -106,7 +116,7 @@ fn parse_command(command: &str, expected: Value) -> Example {
                     .headers
                     .push((name.trim().to_owned(), value.trim().to_owned()));
             }
-            "-d" => example.body = serde_json::from_str(&words.next().unwrap()).unwrap(),
+            "-d" => example.body = json_messages(&words.next().unwrap()),
             other if other.contains('/') => example.method = other.to_owned(),
             _ => {} // the address
         }
@@ -178,6 +188,26 @@ fn api_key(key: &ApiKey) -> Value {
     ])
 }
 
+fn validate_request(body: &Value) -> ValidateKeyRequest {
+    ValidateKeyRequest {
+        key: text(body, "key"),
+        required_scopes: texts(body, "required_scopes"),
+        client_ip: text(body, "client_ip"),
+    }
+}
+
+fn validate_response(r: &ValidateKeyResponse) -> Value {
+    object(vec![
+        ("valid", Some(json!(r.valid))),
+        ("result", Some(json!(r.result().as_str_name()))),
+        ("keyId", Some(json!(r.key_id))),
+        ("workspaceId", Some(json!(r.workspace_id))),
+        ("expireTime", time(&r.expire_time)),
+        ("scopes", Some(json!(r.scopes))),
+        ("name", Some(json!(r.name))),
+    ])
+}
+
 fn assert_matches(expected: &Value, actual: &Value, path: &str) {
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) => {
@@ -234,6 +264,7 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
             "Check",
             "CreateKey",
             "ValidateKey",
+            "ValidateKeys",
             "ListKeys",
             "DeleteKey",
             "ValidateKey",
@@ -300,26 +331,38 @@ async fn the_readme_grpcurl_examples_do_what_the_readme_shows() {
             }
             "ValidateKey" => {
                 let r = client
-                    .validate_key(request(
-                        ValidateKeyRequest {
-                            key: text(&body, "key"),
-                            required_scopes: texts(&body, "required_scopes"),
-                            client_ip: text(&body, "client_ip"),
-                        },
-                        h,
-                    ))
+                    .validate_key(request(validate_request(&body), h))
                     .await
                     .unwrap();
-                let r = r.into_inner();
-                object(vec![
-                    ("valid", Some(json!(r.valid))),
-                    ("result", Some(json!(r.result().as_str_name()))),
-                    ("keyId", Some(json!(r.key_id))),
-                    ("workspaceId", Some(json!(r.workspace_id))),
-                    ("expireTime", time(&r.expire_time)),
-                    ("scopes", Some(json!(r.scopes))),
-                    ("name", Some(json!(r.name))),
-                ])
+                validate_response(r.get_ref())
+            }
+            "ValidateKeys" => {
+                // uint64 travels as a JSON string, as grpcurl writes and reads it.
+                let requests: Vec<ValidateKeysRequest> = body
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|message| ValidateKeysRequest {
+                        request_id: text(message, "request_id").parse().unwrap(),
+                        request: Some(validate_request(&message["request"])),
+                    })
+                    .collect();
+                let mut answers = client
+                    .validate_keys(request(tokio_stream::iter(requests), h))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut printed = Vec::new();
+                while let Some(answer) = answers.message().await.unwrap() {
+                    printed.push(object(vec![
+                        ("requestId", Some(json!(answer.request_id.to_string()))),
+                        (
+                            "response",
+                            Some(validate_response(&answer.response.unwrap_or_default())),
+                        ),
+                    ]));
+                }
+                Value::Array(printed)
             }
             "ListKeys" => {
                 let message = ListKeysRequest {

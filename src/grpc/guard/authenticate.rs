@@ -30,10 +30,15 @@ impl Check for Authenticate {
     type Hold = ();
 
     fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<(), Status> {
-        let headers = request.headers_mut();
-        let duplicated = headers.get_all(AUTHORIZATION).iter().nth(1).is_some();
-        // Taken out whatever happens, so no later layer or handler can log or echo it.
-        let presented = headers.remove(AUTHORIZATION);
+        // Taken out whatever happens, so no later layer or handler can log or echo it; one
+        // lookup finds the value and whether there is a second.
+        let (presented, duplicated) = match request.headers_mut().entry(AUTHORIZATION) {
+            http::header::Entry::Occupied(entry) => {
+                let mut values = entry.remove_entry_mult().1;
+                (values.next(), values.next().is_some())
+            }
+            http::header::Entry::Vacant(_) => (None, false),
+        };
         if rpc == Rpc::Health {
             return Ok(());
         }

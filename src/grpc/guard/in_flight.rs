@@ -2,11 +2,13 @@
 //! gives up on request bodies that do not arrive.
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body};
 
 use super::{Check, Holding, Party, Rpc, body::UnaryBody};
@@ -20,7 +22,9 @@ use crate::{error::ApiError, net::ConnectionInfo};
 /// (`REQUEST_BODY_TIMEOUT`), freeing its place long before the request timeout.
 #[derive(Debug, Clone)]
 pub struct InFlight {
-    all: Arc<Semaphore>,
+    /// Calls in flight on the whole server, of at most `limit`: one atomic add each way.
+    all: Arc<AtomicUsize>,
+    limit: usize,
     per_caller: usize,
     body_timeout: Duration,
 }
@@ -28,7 +32,8 @@ pub struct InFlight {
 impl InFlight {
     pub fn new(limit: usize, per_caller: usize, body_timeout: Duration) -> Self {
         Self {
-            all: Arc::new(Semaphore::new(limit)),
+            all: Arc::new(AtomicUsize::new(0)),
+            limit,
             per_caller,
             body_timeout,
         }
@@ -48,13 +53,14 @@ impl InFlight {
 /// or is cancelled.
 #[derive(Debug)]
 pub struct Place {
-    _permit: OwnedSemaphorePermit,
+    all: Arc<AtomicUsize>,
     party: Option<Party>,
     streaming: bool,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
+        self.all.fetch_sub(1, Ordering::Relaxed);
         if let Some(party) = &self.party {
             party.in_flight().fetch_sub(1, Ordering::Relaxed);
         }
@@ -92,18 +98,17 @@ impl Check for InFlight {
                 .into());
             }
         }
-        let place = match self.all.clone().try_acquire_owned() {
-            Ok(permit) => Place {
-                _permit: permit,
-                party,
-                streaming,
-            },
-            Err(_) => {
-                if let Some(party) = &party {
-                    party.in_flight().fetch_sub(1, Ordering::Relaxed);
-                }
-                return Err(ApiError::Overloaded.into());
+        if self.all.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.all.fetch_sub(1, Ordering::Relaxed);
+            if let Some(party) = &party {
+                party.in_flight().fetch_sub(1, Ordering::Relaxed);
             }
+            return Err(ApiError::Overloaded.into());
+        }
+        let place = Place {
+            all: self.all.clone(),
+            party,
+            streaming,
         };
         if streaming {
             // A long-lived stream: one place while it is open, its body without a timeout.
