@@ -239,12 +239,7 @@ fn validate_bodies(keys: &[String], required: &[&str], client_ip: bool) -> Vec<B
         .collect()
 }
 
-fn validate_request(
-    key: &str,
-    required: &[&str],
-    client_ip: bool,
-    i: usize,
-) -> ValidateKeyRequest {
+fn validate_request(key: &str, required: &[&str], client_ip: bool, i: usize) -> ValidateKeyRequest {
     ValidateKeyRequest {
         key: key.to_owned(),
         required_scopes: required.iter().map(|s| s.to_string()).collect(),
@@ -317,7 +312,8 @@ async fn run(options: Options) {
         &usage_off_url,
         &[("APIKEYS_RECORD_USAGE", "false")],
     );
-    let (admin_token, admin_line) = caller_token("bench-admin", apikeys::callers::CallerRole::Admin);
+    let (admin_token, admin_line) =
+        caller_token("bench-admin", apikeys::callers::CallerRole::Admin);
     let (gateway_token, gateway_line) =
         caller_token("bench-gateway", apikeys::callers::CallerRole::Gateway);
     let callers_file = dir.path().join("callers");
@@ -351,8 +347,13 @@ async fn run(options: Options) {
 
     let secrets = create_keys(&apikeys.addr, None, options.keys, &[]).await;
     // The same keys with two scopes each, validated with one of them required.
-    let scoped_secrets =
-        create_keys(&apikeys.addr, None, options.keys, &["bench:read", "bench:write"]).await;
+    let scoped_secrets = create_keys(
+        &apikeys.addr,
+        None,
+        options.keys,
+        &["bench:read", "bench:write"],
+    )
+    .await;
     let unknown: Vec<String> = (0..options.keys)
         .map(|_| apikeys::domain::Secret::generate().expose().to_owned())
         .collect();
@@ -360,8 +361,7 @@ async fn run(options: Options) {
         .map(|i| format!("clo_not-a-key-{i}"))
         .collect();
     let usage_off_secrets = create_keys(&usage_off.addr, None, options.keys, &[]).await;
-    let callers_secrets =
-        create_keys(&callers.addr, Some(&admin_token), options.keys, &[]).await;
+    let callers_secrets = create_keys(&callers.addr, Some(&admin_token), options.keys, &[]).await;
 
     let valid = Expect::Result(ValidationResult::Valid);
     let plain = |server| Target {
@@ -370,10 +370,22 @@ async fn run(options: Options) {
     };
     let mut plan = vec![
         plain(&echo)
-            .scenario(&options, "echo (bare tonic)", Shape::Unary, validate_bodies(&unknown, &[], true), valid)
+            .scenario(
+                &options,
+                "echo (bare tonic)",
+                Shape::Unary,
+                validate_bodies(&unknown, &[], true),
+                valid,
+            )
             .await,
         plain(&apikeys)
-            .scenario(&options, "ValidateKey hit", Shape::Unary, validate_bodies(&secrets, &[], false), valid)
+            .scenario(
+                &options,
+                "ValidateKey hit",
+                Shape::Unary,
+                validate_bodies(&secrets, &[], false),
+                valid,
+            )
             .await,
         plain(&apikeys)
             .scenario(
@@ -412,7 +424,13 @@ async fn run(options: Options) {
             )
             .await,
         plain(&apikeys)
-            .scenario(&options, "ext_authz Check hit", Shape::Unary, check_bodies(&secrets), Expect::Allowed(true))
+            .scenario(
+                &options,
+                "ext_authz Check hit",
+                Shape::Unary,
+                check_bodies(&secrets),
+                Expect::Allowed(true),
+            )
             .await,
         plain(&usage_off)
             .scenario(
@@ -436,10 +454,22 @@ async fn run(options: Options) {
         )
         .await,
         plain(&echo)
-            .scenario(&options, "stream echo (bare tonic)", Shape::Stream, stream_bodies(&unknown), valid)
+            .scenario(
+                &options,
+                "stream echo (bare tonic)",
+                Shape::Stream,
+                stream_bodies(&unknown),
+                valid,
+            )
             .await,
         plain(&apikeys)
-            .scenario(&options, "ValidateKeys stream hit", Shape::Stream, stream_bodies(&secrets), valid)
+            .scenario(
+                &options,
+                "ValidateKeys stream hit",
+                Shape::Stream,
+                stream_bodies(&secrets),
+                valid,
+            )
             .await,
     ];
     if let Some(server) = &db_backed {
@@ -484,7 +514,13 @@ async fn run(options: Options) {
         ] {
             plan.push(
                 plain(server)
-                    .scenario(&options, name, Shape::Unary, validate_bodies(keys, &[], true), expect)
+                    .scenario(
+                        &options,
+                        name,
+                        Shape::Unary,
+                        validate_bodies(keys, &[], true),
+                        expect,
+                    )
                     .await,
             );
         }
@@ -535,7 +571,15 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
         .position(|s| s.name == "stream echo (bare tonic)");
     println!(
         "{:<34} {:>9} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>6}",
-        "scenario", "req/s", "p50 µs", "p99 µs", "p999 µs", "× echo", "server", "generator", "/ core"
+        "scenario",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "× echo",
+        "server",
+        "generator",
+        "/ core"
     );
     for (scenario, results) in plan.iter().zip(rounds) {
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
@@ -603,7 +647,12 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
         ) else {
             continue;
         };
-        let ratio = median(rounds[a].iter().zip(&rounds[b]).map(|(x, y)| x.rate / y.rate));
+        let ratio = median(
+            rounds[a]
+                .iter()
+                .zip(&rounds[b])
+                .map(|(x, y)| x.rate / y.rate),
+        );
         println!("# {this} / {that}: {ratio:.2} (median of the rounds' ratios)");
     }
 }
@@ -616,7 +665,12 @@ fn cpu_time(pid: u32) -> Duration {
         .rsplit_once(") ")
         .map(|(_, rest)| rest.split(' ').collect())
         .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of stat(5), in clock ticks of 1/100 s on Linux.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
@@ -668,7 +722,11 @@ fn check_answer(scenario: &Scenario, message: &Bytes) {
                 (response.request_id as usize) < scenario.bodies.len(),
                 "{name}: an id never sent"
             );
-            assert_eq!(response.response.unwrap_or_default().result(), expected, "{name}");
+            assert_eq!(
+                response.response.unwrap_or_default().result(),
+                expected,
+                "{name}"
+            );
         }
         (Shape::Stream, Expect::Allowed(_)) => unreachable!("streams are ValidateKeys"),
     }
@@ -695,7 +753,7 @@ async fn unary_round(
             connections[n % connections.len()].clone(),
             &scenario.head,
             bodies[(n * 7) % bodies.len()].clone(),
-            n % SAMPLE_EVERY == 0,
+            n.is_multiple_of(SAMPLE_EVERY),
         )
     };
     let mut in_flight = FuturesUnordered::new();
@@ -736,7 +794,13 @@ async fn stream_round(
         .connections
         .iter()
         .map(|connection| {
-            stream_one(scenario, connection.clone(), options, (measure_from, end), each)
+            stream_one(
+                scenario,
+                connection.clone(),
+                options,
+                (measure_from, end),
+                each,
+            )
         })
         .collect();
     let mut count = 0;
@@ -828,7 +892,10 @@ async fn stream_one(
             continue;
         }
     }
-    assert_eq!(unanswered, 0, "{name}: the stream ended with requests unanswered");
+    assert_eq!(
+        unanswered, 0,
+        "{name}: the stream ended with requests unanswered"
+    );
     let trailers = stream
         .rx
         .trailers()
@@ -1065,7 +1132,10 @@ impl Server {
             .env("APIKEYS_MANAGEMENT_RATE", "1000000")
             .env("APIKEYS_MANAGEMENT_BURST", "1000000")
             // As in production: metrics on, logging at its default level (`info`).
-            .env("APIKEYS_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "APIKEYS_METRICS_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
             .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .spawn()
@@ -1465,11 +1535,23 @@ async fn run_callgrind(options: &Options, calls: usize) {
         token: None,
     };
     let echo_unary = target
-        .scenario(options, "echo (bare tonic)", Shape::Unary, validate_bodies(&unknown, &[], true), valid)
+        .scenario(
+            options,
+            "echo (bare tonic)",
+            Shape::Unary,
+            validate_bodies(&unknown, &[], true),
+            valid,
+        )
         .await;
     echo.count(&echo_unary, calls).await;
     let echo_stream = target
-        .scenario(options, "stream echo (bare tonic)", Shape::Stream, stream_bodies(&unknown), valid)
+        .scenario(
+            options,
+            "stream echo (bare tonic)",
+            Shape::Stream,
+            stream_bodies(&unknown),
+            valid,
+        )
         .await;
     echo.count(&echo_stream, calls).await;
     drop(echo);
@@ -1480,7 +1562,9 @@ async fn run_callgrind(options: &Options, calls: usize) {
     for (label, bin) in servers {
         let url = format!(
             "sqlite://{}?mode=rwc",
-            dir.path().join(format!("{}callgrind.db", label.trim())).display()
+            dir.path()
+                .join(format!("{}callgrind.db", label.trim()))
+                .display()
         );
         let server = Callgrind::start(dir.path(), label, bin.as_ref(), &[], Some(&url));
         let secrets = create_keys(&server.server.addr, None, keys, &[]).await;
@@ -1489,8 +1573,18 @@ async fn run_callgrind(options: &Options, calls: usize) {
             token: None,
         };
         let mut plan = vec![
-            ("ValidateKey hit", Shape::Unary, validate_bodies(&secrets, &[], false), valid),
-            ("ValidateKey hit, client_ip", Shape::Unary, validate_bodies(&secrets, &[], true), valid),
+            (
+                "ValidateKey hit",
+                Shape::Unary,
+                validate_bodies(&secrets, &[], false),
+                valid,
+            ),
+            (
+                "ValidateKey hit, client_ip",
+                Shape::Unary,
+                validate_bodies(&secrets, &[], true),
+                valid,
+            ),
             (
                 "ValidateKey unknown key",
                 Shape::Unary,
@@ -1503,10 +1597,20 @@ async fn run_callgrind(options: &Options, calls: usize) {
                 validate_bodies(&malformed, &[], true),
                 Expect::Result(ValidationResult::Malformed),
             ),
-            ("ext_authz Check hit", Shape::Unary, check_bodies(&secrets), Expect::Allowed(true)),
+            (
+                "ext_authz Check hit",
+                Shape::Unary,
+                check_bodies(&secrets),
+                Expect::Allowed(true),
+            ),
         ];
         if label.is_empty() {
-            plan.push(("ValidateKeys stream hit", Shape::Stream, stream_bodies(&secrets), valid));
+            plan.push((
+                "ValidateKeys stream hit",
+                Shape::Stream,
+                stream_bodies(&secrets),
+                valid,
+            ));
         }
         for (name, shape, bodies, expect) in plan {
             let scenario = target
@@ -1536,7 +1640,11 @@ impl Callgrind {
         let mut command = Command::new("valgrind");
         command
             // Each dump readable on its own by callgrind_annotate.
-            .args(["--tool=callgrind", "--compress-strings=no", "--compress-pos=no"])
+            .args([
+                "--tool=callgrind",
+                "--compress-strings=no",
+                "--compress-pos=no",
+            ])
             .arg(format!("--callgrind-out-file={}", out.display()))
             .arg(bin)
             .args(args)
@@ -1553,7 +1661,10 @@ impl Callgrind {
                     .env("APIKEYS_DATABASE_URL", url)
                     .env("APIKEYS_MANAGEMENT_RATE", "1000000")
                     .env("APIKEYS_MANAGEMENT_BURST", "1000000")
-                    .env("APIKEYS_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()))
+                    .env(
+                        "APIKEYS_METRICS_LISTEN",
+                        format!("127.0.0.1:{}", free_port()),
+                    )
                     // No usage flush within the counted calls: under valgrind they take 50
                     // times as long, so the flushes every 2 s would weigh 50 times as much per
                     // call as at full speed (the load rounds measure them: usage on / off).
@@ -1561,7 +1672,9 @@ impl Callgrind {
                     .env_remove("RUST_LOG");
             }
         }
-        let child = command.spawn().expect("valgrind (apt-get install valgrind)");
+        let child = command
+            .spawn()
+            .expect("valgrind (apt-get install valgrind)");
         Self {
             server: Server::ready(child, port),
             out,
@@ -1597,20 +1710,25 @@ impl Callgrind {
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
                 let name = path.file_name()?.to_str()?.to_owned();
-                name.starts_with(self.out.file_name()?.to_str()?).then_some(path)
+                name.starts_with(self.out.file_name()?.to_str()?)
+                    .then_some(path)
             })
             .map(|path| {
                 let text = std::fs::read_to_string(&path).unwrap();
                 // With APIKEYS_BENCH_CALLGRIND_DIR, the dumps are kept for callgrind_annotate.
                 match std::env::var_os("APIKEYS_BENCH_CALLGRIND_DIR") {
                     Some(keep) if !text.is_empty() && !text.contains("totals: 0\n") => {
-                        let name = format!("{}.callgrind", scenario.name.replace([' ', ',', '/'], "_"));
+                        let name =
+                            format!("{}.callgrind", scenario.name.replace([' ', ',', '/'], "_"));
                         std::fs::rename(&path, std::path::Path::new(&keep).join(name)).unwrap();
                     }
                     _ => std::fs::remove_file(&path).unwrap(),
                 }
                 text.lines()
-                    .find_map(|line| line.strip_prefix("summary: ").or(line.strip_prefix("totals: ")))
+                    .find_map(|line| {
+                        line.strip_prefix("summary: ")
+                            .or(line.strip_prefix("totals: "))
+                    })
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             })

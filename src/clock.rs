@@ -63,6 +63,9 @@ mod tests {
         let before = Utc::now().timestamp_micros();
         let now_us = SystemClock.now_us();
         let after = Utc::now().timestamp_micros();
-        assert!((before..=after).contains(&now_us), "{before} {now_us} {after}");
+        assert!(
+            (before..=after).contains(&now_us),
+            "{before} {now_us} {after}"
+        );
     }
 }

@@ -274,7 +274,10 @@ impl Application {
             // limit, which keeps each caller to its share.
             .layer(Guard((
                 (
-                    (Deadline(limits.request_timeout), Authenticate::new(self.callers)),
+                    (
+                        Deadline(limits.request_timeout),
+                        Authenticate::new(self.callers),
+                    ),
                     InFlight::new(
                         limits.max_in_flight,
                         limits.max_in_flight_per_caller,

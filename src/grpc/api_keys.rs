@@ -10,8 +10,7 @@ use super::proto::{
     KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest, ListKeyEventsResponse,
     ListKeysRequest, ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest,
     UsageBucket, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
-    ValidateKeysResponse, ValidationResult,
-    api_keys_server::ApiKeys,
+    ValidateKeysResponse, ValidationResult, api_keys_server::ApiKeys,
 };
 use crate::{
     domain::{

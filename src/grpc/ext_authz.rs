@@ -161,9 +161,8 @@ impl Authorization for ExtAuthzService {
         let attributes = request.get_ref().attributes.as_ref().unwrap_or(&absent);
         let http = HttpRequestView::of(attributes);
         // As ValidateKey's: a span only for a trace exporter.
-        let span = telemetry::hot_span(|| {
-            tracing::info_span!("Check", result = Empty, key_id = Empty)
-        });
+        let span =
+            telemetry::hot_span(|| tracing::info_span!("Check", result = Empty, key_id = Empty));
         let _entered = span.enter();
         let Some((header, key)) = self.presented(&http) else {
             span.record("result", "MISSING");
@@ -334,9 +333,14 @@ mod tests {
         for value in 0..=7 {
             let result = ValidationResult::try_from(value).unwrap();
             let name = result.as_str_name();
-            let expected = name.trim_start_matches("VALIDATION_RESULT_").to_ascii_lowercase();
+            let expected = name
+                .trim_start_matches("VALIDATION_RESULT_")
+                .to_ascii_lowercase();
             assert_eq!(reason_of(result), expected, "{name}");
         }
-        assert!(ValidationResult::try_from(8).is_err(), "a new result needs a reason");
+        assert!(
+            ValidationResult::try_from(8).is_err(),
+            "a new result needs a reason"
+        );
     }
 }

@@ -188,14 +188,21 @@ async fn a_bad_request_ends_the_stream_naming_its_id_after_the_answers_before_it
         stream.send(8, &secret, "").await;
 
         assert_eq!(stream.result_of(7).await, ValidationResult::Valid);
-        let status = stream.next().await.expect_err("the bad request ends the stream");
+        let status = stream
+            .next()
+            .await
+            .expect_err("the bad request ends the stream");
         let code = if reason == "REQUEST_TOO_LARGE" {
             Code::OutOfRange
         } else {
             Code::InvalidArgument
         };
         assert_error(&status, code, reason);
-        assert!(status.message().contains("request_id 42"), "{}", status.message());
+        assert!(
+            status.message().contains("request_id 42"),
+            "{}",
+            status.message()
+        );
         let info = status.get_error_details().error_info().cloned().unwrap();
         assert_eq!(info.metadata["request_id"], "42");
         assert!(
@@ -208,7 +215,10 @@ async fn a_bad_request_ends_the_stream_naming_its_id_after_the_answers_before_it
         assert!(ended.is_none(), "nothing after the error: {ended:?}");
     }
     // The server is none the worse.
-    assert_eq!(app.validate(&secret).await.result(), ValidationResult::Valid);
+    assert_eq!(
+        app.validate(&secret).await.result(),
+        ValidationResult::Valid
+    );
 }
 
 #[tokio::test]
@@ -280,9 +290,16 @@ async fn a_gateway_may_stream_and_every_answer_is_counted() {
         });
         request.metadata_mut().insert(
             "authorization",
-            format!("Bearer {}", guarded.admin.expose()).parse().unwrap(),
+            format!("Bearer {}", guarded.admin.expose())
+                .parse()
+                .unwrap(),
         );
-        app.client.create_key(request).await.unwrap().into_inner().secret
+        app.client
+            .create_key(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
     };
     let metrics = app.metrics_addr.unwrap();
     let valid = r#"apikeys_validations_total{result="VALIDATION_RESULT_VALID"}"#;

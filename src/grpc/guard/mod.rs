@@ -101,8 +101,7 @@ impl Party {
 pub trait Check: Clone + Send + Sync + 'static {
     type Hold: Send + 'static;
     /// `rpc` is what [`Rpc::of`] makes of the request's path, worked out once per call.
-    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>)
-    -> Result<Self::Hold, Status>;
+    fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<Self::Hold, Status>;
 
     /// How long the service may take to answer the call, if this check bounds it.
     fn deadline(&self, _rpc: Rpc<'_>) -> Option<std::time::Duration> {

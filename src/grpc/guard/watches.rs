@@ -79,9 +79,7 @@ impl Check for HealthWatches {
 
     fn answered(hold: Self::Hold, response: http::Response<Body>) -> http::Response<Body> {
         match hold {
-            Some(watch) => response.map(|body| {
-                Body::new(Holding::new(body, watch))
-            }),
+            Some(watch) => response.map(|body| Body::new(Holding::new(body, watch))),
             None => response,
         }
     }
