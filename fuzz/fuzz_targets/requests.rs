@@ -13,6 +13,7 @@ use apikeys::{
     clock::SystemClock,
     grpc::{
         ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzService, GatewaySettings,
+        guard::{ManagementRate, Rate},
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
             GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
@@ -53,6 +54,15 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// No rate limit: the fuzzer calls far faster than any admin backend.
+fn unlimited() -> ManagementRate {
+    let rate = Rate {
+        per_second: std::num::NonZeroU32::MAX,
+        burst: std::num::NonZeroU32::MAX,
+    };
+    ManagementRate::new(rate, rate)
+}
+
 fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
@@ -73,7 +83,7 @@ fn harness() -> &'static Harness {
             syncer.load().await.expect("the index");
             let keys = KeyService::new(store, Arc::new(SystemClock), syncer);
             (
-                ApiKeysServer::new(ApiKeysService::new(keys.clone()))
+                ApiKeysServer::new(ApiKeysService::new(keys.clone(), unlimited()))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
                 AuthorizationServer::new(ExtAuthzService::new(
                     keys,
