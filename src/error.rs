@@ -87,6 +87,9 @@ pub enum ApiError {
     /// request message (invalid UTF-8 in a string, a truncated field). Carries nothing of it.
     #[error("the request message is not a valid protobuf encoding of this RPC's request")]
     RequestUndecodable,
+    /// UNAVAILABLE (`SHUTTING_DOWN`): this replica is draining; reconnect (to another).
+    #[error("the server is shutting down; reconnect and resend what was not answered")]
+    ShuttingDown,
     /// INVALID_ARGUMENT (`REQUEST_MISSING`): a ValidateKeys request without its `request`.
     #[error("a ValidateKeysRequest must carry a request to validate")]
     RequestMissing,
@@ -255,6 +258,12 @@ impl ApiError {
             ApiError::RequestUndecodable => (
                 Code::InvalidArgument,
                 "REQUEST_UNDECODABLE",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::ShuttingDown => (
+                Code::Unavailable,
+                "SHUTTING_DOWN",
                 err.to_string(),
                 HashMap::new(),
             ),

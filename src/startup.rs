@@ -240,7 +240,12 @@ impl Application {
                 burst: limits.management_burst,
             },
         );
-        let api = ApiKeysService::new(keys, management_rate.clone()).with_metrics(metrics.clone());
+        // Tells open ValidateKeys streams that the server is draining, so they end at once
+        // rather than hold the drain for its whole grace.
+        let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+        let api = ApiKeysService::new(keys, management_rate.clone())
+            .with_metrics(metrics.clone())
+            .with_draining(draining_rx);
         let mut sync_tasks = self.syncer.spawn(health.clone(), sync_stopped.clone());
         sync_tasks.push(tokio::spawn(crate::retention::prune_loop(
             self.store.clone(),
@@ -259,6 +264,7 @@ impl Application {
                 tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
                 syncer.stop_reporting();
                 set_health(&health, ServingStatus::NotServing).await;
+                let _ = draining_tx.send(true);
                 let _ = stopping_tx.send(());
             }
         };

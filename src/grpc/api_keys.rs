@@ -42,6 +42,8 @@ pub struct ApiKeysService {
     keys: KeyService,
     rate: ManagementRate,
     metrics: Option<Arc<Metrics>>,
+    /// Turns true when the server starts draining.
+    draining: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl ApiKeysService {
@@ -51,6 +53,7 @@ impl ApiKeysService {
             keys,
             rate,
             metrics: None,
+            draining: None,
         }
     }
 
@@ -115,6 +118,14 @@ impl ApiKeysService {
     /// Counts ValidateKey answers by result in `metrics`.
     pub fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
         Self { metrics, ..self }
+    }
+
+    /// Ends ValidateKeys streams (UNAVAILABLE, `SHUTTING_DOWN`) once `draining` turns true.
+    pub fn with_draining(self, draining: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            draining: Some(draining),
+            ..self
+        }
     }
 
     /// DisableKey and EnableKey.
@@ -327,9 +338,17 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<Streaming<ValidateKeysRequest>>,
     ) -> Result<Response<Validations>, Status> {
+        let draining = self.draining.clone().map(|mut draining| -> DrainFuture {
+            Box::pin(async move {
+                // An error means the server is gone, which is draining too.
+                let _ = draining.wait_for(|draining| *draining).await;
+            })
+        });
         Ok(Response::new(Validations {
             service: self.clone(),
             requests: request.into_inner(),
+            draining,
+            since_drain_check: 0,
             ended: false,
         }))
     }
@@ -418,10 +437,31 @@ impl ApiKeys for ApiKeysService {
 pub struct Validations {
     service: ApiKeysService,
     requests: Streaming<ValidateKeysRequest>,
+    /// Ready once the server drains: looked at whenever the client has nothing more for
+    /// now, and every [`DRAIN_CHECK_EVERY`] requests of a client that never pauses.
+    draining: Option<DrainFuture>,
+    since_drain_check: u32,
     ended: bool,
 }
 
+type DrainFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+const DRAIN_CHECK_EVERY: u32 = 256;
+
 impl Validations {
+    /// Whether the server drains (and if not, a wake-up when it does).
+    fn drained(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.since_drain_check = 0;
+        self.draining
+            .as_mut()
+            .is_some_and(|draining| draining.as_mut().poll(cx).is_ready())
+    }
+
+    fn end_draining(&mut self) -> Status {
+        self.ended = true;
+        ApiError::ShuttingDown.into()
+    }
+
     fn answer(&self, request: ValidateKeysRequest) -> Result<ValidateKeysResponse, Status> {
         let id = request.request_id;
         let request = request
@@ -450,10 +490,16 @@ impl tokio_stream::Stream for Validations {
         if self.ended {
             return Poll::Ready(None);
         }
-        let answer = match std::pin::Pin::new(&mut self.requests).poll_next(cx) {
+        let this = &mut *self;
+        this.since_drain_check += 1;
+        if this.since_drain_check >= DRAIN_CHECK_EVERY && this.drained(cx) {
+            return Poll::Ready(Some(Err(this.end_draining())));
+        }
+        let answer = match std::pin::Pin::new(&mut this.requests).poll_next(cx) {
+            Poll::Pending if this.drained(cx) => Err(this.end_draining()),
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(request)) => request.and_then(|request| self.answer(request)),
+            Poll::Ready(Some(request)) => request.and_then(|request| this.answer(request)),
         };
         self.ended = answer.is_err();
         Poll::Ready(Some(answer))

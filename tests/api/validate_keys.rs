@@ -431,3 +431,25 @@ async fn a_client_that_stops_reading_is_stopped_by_flow_control_and_then_answere
         "each of the {batches} batches answered in full"
     );
 }
+
+#[tokio::test]
+async fn a_draining_server_ends_its_streams_at_once_so_gateways_reconnect() {
+    let mut app = spawn_app().await;
+    let (_, secret) = app.create_key("acme", "edge", Expiration::Never).await;
+    let mut stream = Stream::open(&app.channel).await;
+    stream.send(1, &secret, "").await;
+    assert_eq!(stream.result_of(1).await, ValidationResult::Valid);
+
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(app.stop());
+    let status = stream.next().await.expect_err("the stream ends");
+
+    assert_error(&status, Code::Unavailable, "SHUTTING_DOWN");
+    stopped.await.expect("the server stops");
+    // Well within the 10 s grace an open stream would otherwise hold the drain for.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
