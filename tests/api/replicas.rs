@@ -15,7 +15,7 @@ use crate::helpers::{TcpCut, TestApp, TestDb, as_owner, spawn_app, spawn_app_wit
 /// The revocation bound promised for other replicas.
 const BOUND: Duration = Duration::from_secs(1);
 
-async fn delete(app: &mut TestApp, workspace: &str, id: &str) {
+pub(crate) async fn delete(app: &mut TestApp, workspace: &str, id: &str) {
     app.client
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: workspace.into(),

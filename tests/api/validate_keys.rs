@@ -4,8 +4,8 @@
 use std::{collections::HashMap, time::Duration};
 
 use apikeys::grpc::proto::{
-    DeleteKeyRequest, Expiration, ValidateKeyRequest, ValidateKeysRequest, ValidateKeysResponse,
-    ValidationResult, api_keys_client::ApiKeysClient,
+    Expiration, ValidateKeyRequest, ValidateKeysRequest, ValidateKeysResponse, ValidationResult,
+    api_keys_client::ApiKeysClient,
 };
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -14,6 +14,7 @@ use tonic::{Code, Request, Streaming, transport::Channel};
 use tonic_types::StatusExt as _;
 
 use crate::helpers::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with};
+use crate::replicas::delete;
 
 /// An open stream: requests go in by `send`, answers come out of `answers`.
 struct Stream {
@@ -70,16 +71,6 @@ impl Stream {
         assert_eq!(answer.request_id, request_id);
         answer.response.expect("a response").result()
     }
-}
-
-async fn delete(app: &mut TestApp, workspace: &str, key_id: &str) {
-    app.client
-        .delete_key(as_owner(DeleteKeyRequest {
-            workspace_id: workspace.into(),
-            key_id: key_id.into(),
-        }))
-        .await
-        .expect("delete");
 }
 
 #[tokio::test]
