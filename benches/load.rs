@@ -1568,6 +1568,13 @@ async fn run_callgrind(options: &Options, calls: usize) {
         );
         let server = Callgrind::start(dir.path(), label, bin.as_ref(), &[], Some(&url));
         let secrets = create_keys(&server.server.addr, None, keys, &[]).await;
+        let scoped = create_keys(
+            &server.server.addr,
+            None,
+            keys,
+            &["bench:read", "bench:write"],
+        )
+        .await;
         let target = Target {
             server: &server.server,
             token: None,
@@ -1583,6 +1590,12 @@ async fn run_callgrind(options: &Options, calls: usize) {
                 "ValidateKey hit, client_ip",
                 Shape::Unary,
                 validate_bodies(&secrets, &[], true),
+                valid,
+            ),
+            (
+                "ValidateKey hit, scope required",
+                Shape::Unary,
+                validate_bodies(&scoped, &["bench:read"], true),
                 valid,
             ),
             (

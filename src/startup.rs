@@ -301,12 +301,9 @@ impl Application {
             .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(crate::grpc::ApiKeysRoutes::new(api, MAX_REQUEST_BYTES))
             .add_service(
-                proto::api_keys_server::ApiKeysServer::new(api)
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .add_service(
-                crate::grpc::codec::ExtAuthzServer::new(ext_authz)
+                crate::grpc::ExtAuthzServer::new(ext_authz)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
         // Connections are accepted (and TLS handshaken) by tasks of their own, stopped with

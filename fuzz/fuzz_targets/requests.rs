@@ -12,13 +12,12 @@ use std::sync::{Arc, OnceLock};
 use apikeys::{
     clock::SystemClock,
     grpc::{
-        ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzService, GatewaySettings,
+        ApiKeysRoutes, ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzServer, ExtAuthzService, GatewaySettings,
         guard::{ManagementRate, Rate},
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
             GetKeyUsageRequest, ListKeyEventsRequest, ListKeysRequest, RotateKeyRequest,
             UpdateKeyRequest, ValidateKeyRequest, ValidateKeysRequest,
-            api_keys_server::ApiKeysServer,
         },
     },
     index::{KeyIndex, SyncSettings, Syncer},
@@ -28,7 +27,7 @@ use apikeys::{
 };
 use arbitrary::Arbitrary;
 use bytes::Bytes;
-use envoy_types::ext_authz::v3::pb::{AuthorizationServer, CheckRequest};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -49,8 +48,8 @@ struct Call {
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    server: ApiKeysServer<ApiKeysService>,
-    authz: AuthorizationServer<ExtAuthzService>,
+    server: ApiKeysRoutes,
+    authz: ExtAuthzServer,
     _dir: tempfile::TempDir,
 }
 
@@ -83,9 +82,11 @@ fn harness() -> &'static Harness {
             syncer.load().await.expect("the index");
             let keys = KeyService::new(store, Arc::new(SystemClock), syncer);
             (
-                ApiKeysServer::new(ApiKeysService::new(keys.clone(), unlimited()))
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-                AuthorizationServer::new(ExtAuthzService::new(
+                ApiKeysRoutes::new(
+                    ApiKeysService::new(keys.clone(), unlimited()),
+                    MAX_REQUEST_BYTES,
+                ),
+                ExtAuthzServer::new(ExtAuthzService::new(
                     keys,
                     GatewaySettings::default(),
                     None,

@@ -115,6 +115,29 @@ impl ApiKeysService {
         Ok(response)
     }
 
+    /// ValidateKey, answered from memory: [`ApiKeysRoutes`](super::ApiKeysRoutes) calls it
+    /// without a future, the generated server through [`ApiKeys::validate_key`].
+    pub(crate) fn validate_now(
+        &self,
+        request: &ValidateKeyRequest,
+    ) -> Result<ValidateKeyResponse, Status> {
+        // The one call on every gateway request: its span exists only for a trace exporter
+        // (the log layer would keep one for every call at `info`, fields formatted, though
+        // no event in it is ever logged).
+        let span = telemetry::hot_span(|| {
+            tracing::info_span!("ValidateKey", result = Empty, key_id = Empty)
+        });
+        let _entered = span.enter();
+        let response = self.judge(request)?;
+        if !span.is_none() {
+            span.record("result", response.result().as_str_name());
+            if !response.key_id.is_empty() {
+                span.record("key_id", response.key_id.as_str());
+            }
+        }
+        Ok(response)
+    }
+
     /// Counts ValidateKey answers by result in `metrics`.
     pub fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
         Self { metrics, ..self }
@@ -314,21 +337,7 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<ValidateKeyRequest>,
     ) -> Result<Response<ValidateKeyResponse>, Status> {
-        // The one call on every gateway request: its span exists only for a trace exporter
-        // (the log layer would keep one for every call at `info`, fields formatted, though
-        // no event in it is ever logged).
-        let span = telemetry::hot_span(|| {
-            tracing::info_span!("ValidateKey", result = Empty, key_id = Empty)
-        });
-        let _entered = span.enter();
-        let response = self.judge(request.get_ref())?;
-        if !span.is_none() {
-            span.record("result", response.result().as_str_name());
-            if !response.key_id.is_empty() {
-                span.record("key_id", response.key_id.as_str());
-            }
-        }
-        Ok(Response::new(response))
+        self.validate_now(request.get_ref()).map(Response::new)
     }
 
     type ValidateKeysStream = Validations;

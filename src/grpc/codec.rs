@@ -1,5 +1,5 @@
-//! The protobuf codec of every RPC of ours, and Envoy's `Authorization` and gRPC health served
-//! with it.
+//! The protobuf codec of every RPC of ours, and the services served with it: ValidateKey's
+//! direct path, Envoy's `Authorization` and gRPC health.
 //!
 //! tonic-prost answers a request protobuf cannot decode (invalid UTF-8 in a `string`, a
 //! truncated varint, garbage) INTERNAL, as if the server were at fault; those bytes are the
@@ -12,8 +12,7 @@ use std::{
 };
 
 use envoy_types::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse,
-    authorization_server::{Authorization, SERVICE_NAME},
+    CheckResponse, authorization_server::SERVICE_NAME,
 };
 use prost::Message;
 use tonic::{
@@ -32,6 +31,11 @@ use tonic_health::{
 };
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+use super::{
+    ApiKeysService,
+    ext_authz::{CheckRequest, ExtAuthzService},
+    proto::{ValidateKeyRequest, ValidateKeyResponse, api_keys_server::ApiKeysServer},
+};
 use crate::error::ApiError;
 
 /// [`ProstCodec`] with [`ProtoDecoder`]. build.rs generates the ApiKeys server and client with
@@ -86,17 +90,18 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
     }
 }
 
-/// Envoy's `envoy.service.auth.v3.Authorization` with [`ProtoCodec`]: envoy-types' generated
-/// `AuthorizationServer` hard-codes tonic-prost's codec. Like it, it accepts and sends no
-/// compression.
-#[derive(Debug)]
-pub(crate) struct ExtAuthzServer<T> {
-    inner: Arc<T>,
+/// Envoy's `envoy.service.auth.v3.Authorization` with [`ProtoCodec`], decoding only the part
+/// of a `CheckRequest` a decision reads ([`CheckRequest`]) and deciding in the call itself:
+/// envoy-types' generated `AuthorizationServer` hard-codes tonic-prost's codec and its full
+/// request. Like it, it accepts and sends no compression.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzServer {
+    inner: Arc<ExtAuthzService>,
     max_decoding_message_size: Option<usize>,
 }
 
-impl<T> ExtAuthzServer<T> {
-    pub(crate) fn new(inner: T) -> Self {
+impl ExtAuthzServer {
+    pub fn new(inner: ExtAuthzService) -> Self {
         Self {
             inner: Arc::new(inner),
             max_decoding_message_size: None,
@@ -104,27 +109,17 @@ impl<T> ExtAuthzServer<T> {
     }
 
     #[must_use]
-    pub(crate) fn max_decoding_message_size(mut self, limit: usize) -> Self {
+    pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
         self.max_decoding_message_size = Some(limit);
         self
     }
 }
 
-// Derived, it would require `T: Clone`.
-impl<T> Clone for ExtAuthzServer<T> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            max_decoding_message_size: self.max_decoding_message_size,
-        }
-    }
-}
-
-impl<T> NamedService for ExtAuthzServer<T> {
+impl NamedService for ExtAuthzServer {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-impl<T: Authorization> tower::Service<http::Request<Body>> for ExtAuthzServer<T> {
+impl tower::Service<http::Request<Body>> for ExtAuthzServer {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Self::Response, Infallible>;
@@ -147,14 +142,79 @@ impl<T: Authorization> tower::Service<http::Request<Body>> for ExtAuthzServer<T>
     }
 }
 
-/// The one method, Check, for [`Grpc::unary`].
-impl<T: Authorization> UnaryService<CheckRequest> for ExtAuthzServer<T> {
+/// The one method, Check, for [`Grpc::unary`]: decided from memory, so ready at once.
+impl UnaryService<CheckRequest> for ExtAuthzServer {
     type Response = CheckResponse;
-    type Future = BoxFuture<Response<CheckResponse>, Status>;
+    type Future = std::future::Ready<Result<Response<CheckResponse>, Status>>;
 
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.check(request).await })
+        std::future::ready(Ok(Response::new(self.inner.decide(request.get_ref()))))
+    }
+}
+
+/// The ApiKeys service as routed: ValidateKey, the call on every gateway request, is decided
+/// in the call itself (from memory, so ready at once), without the two boxed futures the
+/// generated server wraps each method in; every other method goes to the generated server.
+#[derive(Debug, Clone)]
+pub struct ApiKeysRoutes {
+    service: Arc<ApiKeysService>,
+    generated: ApiKeysServer<ApiKeysService>,
+    max_decoding_message_size: Option<usize>,
+}
+
+/// The path of ValidateKey.
+const VALIDATE_KEY_PATH: &str = "/cloodot.apikeys.v1.ApiKeys/ValidateKey";
+
+impl ApiKeysRoutes {
+    /// `limit` bounds a request message, as the generated server's
+    /// `max_decoding_message_size`.
+    pub fn new(service: ApiKeysService, limit: usize) -> Self {
+        let service = Arc::new(service);
+        Self {
+            generated: ApiKeysServer::from_arc(service.clone()).max_decoding_message_size(limit),
+            service,
+            max_decoding_message_size: Some(limit),
+        }
+    }
+}
+
+impl NamedService for ApiKeysRoutes {
+    const NAME: &'static str = <ApiKeysServer<ApiKeysService> as NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<Body>> for ApiKeysRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != VALIDATE_KEY_PATH {
+            return self.generated.call(request);
+        }
+        let (validate, limit) = (
+            ValidateKeyNow(self.service.clone()),
+            self.max_decoding_message_size,
+        );
+        Box::pin(async move {
+            let mut grpc =
+                Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
+            Ok(grpc.unary(validate, request).await)
+        })
+    }
+}
+
+struct ValidateKeyNow(Arc<ApiKeysService>);
+
+impl UnaryService<ValidateKeyRequest> for ValidateKeyNow {
+    type Response = ValidateKeyResponse;
+    type Future = std::future::Ready<Result<Response<ValidateKeyResponse>, Status>>;
+
+    fn call(&mut self, request: Request<ValidateKeyRequest>) -> Self::Future {
+        std::future::ready(self.0.validate_now(request.get_ref()).map(Response::new))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod guard;
 pub mod observe;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
+pub use codec::{ApiKeysRoutes, ExtAuthzServer};
 pub use ext_authz::{ExtAuthzService, GatewaySettings};
 
 /// The path of Envoy's external authorization call.

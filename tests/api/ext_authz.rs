@@ -8,7 +8,8 @@ use apikeys::grpc::proto::{
 use envoy_types::pb::{
     envoy::{
         config::core::v3::{
-            Address, HeaderValueOption, SocketAddress, address, header_value_option,
+            Address, HeaderMap, HeaderValue, HeaderValueOption, SocketAddress, address,
+            header_value_option,
         },
         service::auth::v3::{
             AttributeContext, CheckRequest, CheckResponse, attribute_context,
@@ -180,6 +181,45 @@ async fn a_valid_key_in_either_header_is_allowed_with_its_identity_and_the_crede
     );
     assert_eq!(both.code, Code::Ok, "{both:?}");
     assert_eq!(both.removed, ["authorization"]);
+}
+
+#[tokio::test]
+async fn raw_header_values_are_read_and_one_that_is_not_utf8_is_a_malformed_key() {
+    let mut app = spawn_app().await;
+    let (id, secret) = scoped_key(&mut app, &["orders:read"]).await;
+    // Envoy told to send raw header values: `header_map`, names as the client sent them.
+    let raw = |value: Vec<u8>| {
+        let mut request = check_request(&[], None);
+        let attributes = request.attributes.as_mut().unwrap();
+        let http = attributes.request.as_mut().unwrap().http.as_mut().unwrap();
+        http.header_map = Some(HeaderMap {
+            headers: vec![
+                HeaderValue {
+                    key: "user-agent".into(),
+                    raw_value: b"curl/8".to_vec(),
+                    ..Default::default()
+                },
+                HeaderValue {
+                    key: "Authorization".into(),
+                    raw_value: value,
+                    ..Default::default()
+                },
+            ],
+        });
+        http.raw_body = vec![0xff, 0x00];
+        request
+    };
+
+    let allowed = decision(
+        app.check(raw(format!("Bearer {secret}").into_bytes()))
+            .await,
+    );
+    let refused = decision(app.check(raw(b"Bearer clo_\xff\xfe".to_vec())).await);
+
+    assert_eq!(allowed.code, Code::Ok, "{allowed:?}");
+    assert_eq!(allowed.set["x-cloodot-key-id"], id);
+    assert_eq!(allowed.removed, ["authorization"]);
+    assert_denied(&refused, 401, "Bearer error=\"invalid_token\"", "malformed");
 }
 
 #[tokio::test]

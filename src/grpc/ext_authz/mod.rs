@@ -3,22 +3,23 @@
 //! Same index, same usage recording and same speed as ValidateKey; every decision is a
 //! `CheckResponse`, never an RPC error (Envoy would apply its `failure_mode_allow` to one).
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+mod request;
+
+use std::{borrow::Cow, sync::Arc};
 
 use envoy_types::{
     ext_authz::v3::pb::{
-        Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-        HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
+        CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+        HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
     },
-    pb::{
-        envoy::config::core::v3::address::Address, envoy::service::auth::v3::AttributeContext,
-        google::rpc::Status as RpcStatus,
-    },
+    pb::google::rpc::Status as RpcStatus,
 };
 use serde_json::json;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 use tracing::field::Empty;
 
+use self::request::AttributeContext;
+pub(crate) use self::request::CheckRequest;
 use super::proto::ValidationResult;
 
 use crate::{
@@ -72,149 +73,78 @@ impl ExtAuthzService {
         }
     }
 
-    /// The key and the header it came in, by the configured order.
-    fn presented<'a>(&'a self, http: &'a HttpRequestView<'a>) -> Option<(&'a str, &'a str)> {
+    /// The key and the header it came in, by the configured order. A value that is not
+    /// UTF-8 is read lossily: it cannot be a key, and is refused as a malformed one.
+    fn presented<'a>(
+        &'a self,
+        attributes: &'a AttributeContext,
+    ) -> Option<(&'a str, Cow<'a, str>)> {
         self.settings.key_headers.iter().find_map(|name| {
-            let value = http.header(name)?.trim();
+            let value = attributes.header(name)?.trim_ascii();
             let key = if name == "authorization" {
                 // Another scheme (Basic, a JWT's own Bearer is still Bearer) is not ours.
-                let (scheme, rest) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())?
+                let space = value.iter().position(|&byte| byte == b' ')?;
+                let (scheme, rest) = value.split_at(space);
+                scheme
+                    .eq_ignore_ascii_case(b"bearer")
+                    .then(|| rest.trim_ascii())?
             } else {
                 value
+            };
+            let key = match std::str::from_utf8(key) {
+                Ok(key) => Cow::Borrowed(key),
+                Err(_) => String::from_utf8_lossy(key),
             };
             Some((name.as_str(), key))
         })
     }
-}
 
-/// The request's headers, from whichever of the two forms Envoy filled.
-struct HttpRequestView<'a> {
-    headers: Option<&'a HashMap<String, String>>,
-    header_map: Vec<(&'a str, std::borrow::Cow<'a, str>)>,
-}
-
-impl<'a> HttpRequestView<'a> {
-    fn of(attributes: &'a AttributeContext) -> Self {
-        let http = attributes
-            .request
-            .as_ref()
-            .and_then(|request| request.http.as_ref());
-        let headers = http.map(|http| &http.headers).filter(|h| !h.is_empty());
-        // Envoy sends `header_map` instead when told to encode raw header values.
-        let header_map = http
-            .and_then(|http| http.header_map.as_ref())
-            .map(|map| {
-                map.headers
-                    .iter()
-                    .map(|header| {
-                        let value = if header.raw_value.is_empty() {
-                            std::borrow::Cow::Borrowed(header.value.as_str())
-                        } else {
-                            String::from_utf8_lossy(&header.raw_value)
-                        };
-                        (header.key.as_str(), value)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            headers,
-            header_map,
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        if let Some(headers) = self.headers {
-            return headers.get(name).map(String::as_str);
-        }
-        self.header_map
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_ref())
-    }
-}
-
-/// The peer's IP, as Envoy saw it.
-fn client_ip(attributes: &AttributeContext) -> Option<IpAddr> {
-    let address = attributes
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?
-        .address
-        .as_ref()?;
-    match address {
-        Address::SocketAddress(socket) => socket.address.parse().ok(),
-        _ => None,
-    }
-}
-
-#[tonic::async_trait]
-impl Authorization for ExtAuthzService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        // Read in place: the request is large, and every move of it a copy.
+    /// The decision on one request: every outcome is a `CheckResponse`.
+    pub(crate) fn decide(&self, request: &CheckRequest) -> CheckResponse {
         let absent = AttributeContext::default();
-        let attributes = request.get_ref().attributes.as_ref().unwrap_or(&absent);
-        let http = HttpRequestView::of(attributes);
+        let attributes = request.attributes.as_ref().unwrap_or(&absent);
         // As ValidateKey's: a span only for a trace exporter.
         let span =
             telemetry::hot_span(|| tracing::info_span!("Check", result = Empty, key_id = Empty));
         let _entered = span.enter();
-        let Some((header, key)) = self.presented(&http) else {
+        let Some((header, key)) = self.presented(attributes) else {
             span.record("result", "MISSING");
-            return Ok(Response::new(unauthenticated("missing_key", None)));
+            return unauthenticated("missing_key", None);
         };
-        let required: Vec<&str> = attributes
-            .context_extensions
-            .get(REQUIRED_SCOPES_EXTENSION)
-            .map(|scopes| {
-                scopes
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|scope| !scope.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let outcome = match self.keys.validate(key, &required, client_ip(attributes)) {
+        let required: Vec<&str> = match attributes.context_extension(REQUIRED_SCOPES_EXTENSION) {
+            None => Vec::new(),
+            Some(Ok(scopes)) => scopes
+                .split(',')
+                .map(str::trim)
+                .filter(|scope| !scope.is_empty())
+                .collect(),
+            Some(Err(())) => return route_misconfigured(),
+        };
+        let outcome = match self.keys.validate(&key, &required, attributes.client_ip()) {
             Ok(outcome) => outcome,
             Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
-                tracing::error!(
-                    "a route's context_extensions.required_scopes is not a list of scopes; denying"
-                );
-                return Ok(Response::new(denied(
-                    Code::Internal,
-                    HttpStatusCode::InternalServerError,
-                    json!({"error": "server_error", "reason": "route_misconfigured"}),
-                    None,
-                )));
+                return route_misconfigured();
             }
             Err(err) => {
                 // Fail closed: a stale index (or anything else) never lets a request through.
                 let status = Status::from(err);
                 tracing::warn!(code = ?status.code(), "cannot decide; denying");
-                return Ok(Response::new(denied(
+                return denied(
                     Code::Unavailable,
                     HttpStatusCode::ServiceUnavailable,
                     json!({"error": "temporarily_unavailable", "reason": "unavailable"}),
                     None,
-                )));
+                );
             }
         };
         let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
         span.record("result", result.as_str_name());
         let reason = reason_of(result);
         let Some(found) = outcome.key else {
-            return Ok(Response::new(unauthenticated(
-                reason,
-                Some("invalid_token"),
-            )));
+            return unauthenticated(reason, Some("invalid_token"));
         };
         span.record("key_id", found.id.as_str());
-        let response = match outcome.result {
+        match outcome.result {
             Validation::Valid => {
                 let mut remove = Vec::new();
                 if self.settings.hide_credentials {
@@ -250,9 +180,22 @@ impl Authorization for ExtAuthzService {
                 )),
             ),
             _ => unauthenticated(reason, Some("invalid_token")),
-        };
-        Ok(Response::new(response))
+        }
     }
+}
+
+/// A route whose `context_extensions.required_scopes` is not a list of scopes: the
+/// gateway's configuration is at fault, whatever the key.
+fn route_misconfigured() -> CheckResponse {
+    tracing::error!(
+        "a route's context_extensions.required_scopes is not a list of scopes; denying"
+    );
+    denied(
+        Code::Internal,
+        HttpStatusCode::InternalServerError,
+        json!({"error": "server_error", "reason": "route_misconfigured"}),
+        None,
+    )
 }
 
 fn rpc_status(code: Code) -> RpcStatus {
