@@ -12,7 +12,7 @@ use std::{
 use opentelemetry::propagation::Extractor;
 use tonic::body::Body;
 use tower::{Layer, Service};
-use tracing::{Instrument, field::Empty};
+use tracing::{Instrument, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{metrics::Metrics, telemetry};
@@ -115,14 +115,10 @@ pub struct Observed<S> {
 impl<S> Service<http::Request<Body>> for Observed<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
+    type Future = Observing<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -131,7 +127,10 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let tracing = telemetry::exporting();
         if self.metrics.is_none() && !tracing {
-            return Box::pin(self.inner.call(request));
+            return Observing {
+                response: self.inner.call(request).instrument(tracing::Span::none()),
+                call: None,
+            };
         }
         let started = Instant::now();
         let method = method_of(request.uri().path());
@@ -154,24 +153,56 @@ where
         } else {
             tracing::Span::none()
         };
-        let response = self.inner.call(request).instrument(span.clone());
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let response = response.await;
-            if let Ok(response) = &response {
-                let code = code_of(response);
-                if let Some(metrics) = metrics {
-                    metrics.rpc(method, code, started);
-                }
-                span.record("rpc.grpc.status_code", code);
-                if matches!(
-                    code,
-                    "UNKNOWN" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "DEADLINE_EXCEEDED"
-                ) {
-                    span.record("otel.status_code", "ERROR");
-                }
+        Observing {
+            response: self.inner.call(request).instrument(span),
+            call: Some(Call {
+                method,
+                started,
+                metrics: self.metrics.clone(),
+            }),
+        }
+    }
+}
+
+/// What an observed call's answer is counted and recorded under.
+struct Call {
+    method: &'static str,
+    started: Instant,
+    metrics: Option<Arc<Metrics>>,
+}
+
+pin_project_lite::pin_project! {
+    /// An observed call's answer, counted and recorded in its span when it comes.
+    pub struct Observing<F> {
+        #[pin]
+        response: Instrumented<F>,
+        call: Option<Call>,
+    }
+}
+
+impl<F, E> std::future::Future for Observing<F>
+where
+    F: std::future::Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        let response = std::task::ready!(this.response.as_mut().poll(cx));
+        if let (Some(call), Ok(response)) = (this.call.take(), &response) {
+            let code = code_of(response);
+            if let Some(metrics) = call.metrics {
+                metrics.rpc(call.method, code, call.started);
             }
-            response
-        })
+            let span = this.response.span();
+            span.record("rpc.grpc.status_code", code);
+            if matches!(
+                code,
+                "UNKNOWN" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "DEADLINE_EXCEEDED"
+            ) {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        Poll::Ready(response)
     }
 }

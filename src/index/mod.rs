@@ -341,12 +341,13 @@ impl KeyIndex {
         id.push_str(std::str::from_utf8(&record.id).unwrap_or_default());
         Some(Found {
             id,
-            workspace: record.workspace.to_string(),
-            name: record.name.to_string(),
+            // `String::from`, not `to_string`: the fmt machinery, for a copy.
+            workspace: String::from(&*record.workspace),
+            name: String::from(&*record.name),
             scopes: record
                 .scopes
                 .iter()
-                .map(|scope| scope.to_string())
+                .map(|scope| String::from(&**scope))
                 .collect(),
             expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
             state,

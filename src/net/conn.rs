@@ -83,6 +83,10 @@ struct Idle {
     timer: Pin<Box<Sleep>>,
     /// Calls started when the timer was last set.
     calls_seen: u64,
+    /// The waker the timer was last polled with: it wakes that task when it fires, so
+    /// while reads come from the same task the timer needs no polling (registering a waker
+    /// with the timer on every read that waits is most of the timer's cost).
+    waker: Option<std::task::Waker>,
 }
 
 impl<IO> Conn<IO> {
@@ -112,6 +116,7 @@ impl<IO> Conn<IO> {
             idle: Idle {
                 timer: Box::pin(tokio::time::sleep_until(super::after(idle_timeout))),
                 calls_seen: 0,
+                waker: None,
             },
         }
     }
@@ -119,6 +124,15 @@ impl<IO> Conn<IO> {
     /// Whether the connection has been idle past the timeout; re-arms the timer when it
     /// fires on a connection that is in use.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let registered = self
+            .idle
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if registered && !self.idle.timer.is_elapsed() {
+            return false;
+        }
+        self.idle.waker = Some(cx.waker().clone());
         loop {
             if self.idle.timer.as_mut().poll(cx).is_pending() {
                 return false;

@@ -218,12 +218,10 @@ impl<C, S> Service<http::Request<Body>> for Guarded<C, S>
 where
     C: Check,
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Guarding<C, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -235,22 +233,73 @@ where
         let rpc = Rpc::of(path.as_ref().map_or("", |path| path.path()));
         let deadline = self.check.deadline(rpc);
         match self.check.check(rpc, &mut request) {
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => Guarding::Refused {
+                response: Some(status.into_http()),
+            },
             Ok(hold) => {
                 let response = self.inner.call(request);
-                Box::pin(async move {
-                    let response = match deadline {
-                        None => response.await,
-                        Some(deadline) => match tokio::time::timeout(deadline, response).await {
-                            Ok(response) => response,
-                            Err(_) => return Ok(Status::cancelled("Timeout expired").into_http()),
-                        },
-                    };
-                    response.map(|response| C::answered(hold, response))
-                })
+                match deadline {
+                    None => Guarding::Running {
+                        response,
+                        hold: Some(hold),
+                    },
+                    Some(deadline) => Guarding::Timed {
+                        response: tokio::time::timeout(deadline, response),
+                        hold: Some(hold),
+                    },
+                }
             }
         }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A guarded call's answer: the refusal at once, or the service's (within its deadline,
+    /// if it has one), with the hold released or handed to the response body.
+    #[project = GuardingProjection]
+    pub enum Guarding<C: Check, F> {
+        Refused { response: Option<http::Response<Body>> },
+        Running { #[pin] response: F, hold: Option<C::Hold> },
+        Timed { #[pin] response: tokio::time::Timeout<F>, hold: Option<C::Hold> },
+    }
+}
+
+impl<C, F, E> Future for Guarding<C, F>
+where
+    C: Check,
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let (response, hold) = match self.project() {
+            GuardingProjection::Refused { response } => {
+                return Poll::Ready(Ok(response.take().unwrap_or_else(polled_again)));
+            }
+            GuardingProjection::Running { response, hold } => {
+                (std::task::ready!(response.poll(cx)), hold)
+            }
+            GuardingProjection::Timed { response, hold } => {
+                match std::task::ready!(response.poll(cx)) {
+                    Ok(response) => (response, hold),
+                    // The hold goes with the future.
+                    Err(_) => {
+                        return Poll::Ready(Ok(Status::cancelled("Timeout expired").into_http()));
+                    }
+                }
+            }
+        };
+        Poll::Ready(response.map(|response| match hold.take() {
+            Some(hold) => C::answered(hold, response),
+            None => polled_again(),
+        }))
+    }
+}
+
+/// The answer to a future polled after it has answered, which tower's contract forbids: an
+/// error, not a panic on the request path.
+fn polled_again() -> http::Response<Body> {
+    Status::internal("").into_http()
 }
 
 #[cfg(test)]
