@@ -11,9 +11,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use envoy_types::pb::envoy::service::auth::v3::{
-    CheckResponse, authorization_server::SERVICE_NAME,
-};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::SERVICE_NAME;
 use prost::Message;
 use tonic::{
     Request, Response, Status,
@@ -33,7 +31,7 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::{
     ApiKeysService,
-    ext_authz::{CheckRequest, ExtAuthzService},
+    ext_authz::{CheckRequest, CheckResponse, ExtAuthzService},
     proto::{ValidateKeyRequest, ValidateKeyResponse, api_keys_server::ApiKeysServer},
 };
 use crate::error::ApiError;

@@ -4,22 +4,18 @@
 //! `CheckResponse`, never an RPC error (Envoy would apply its `failure_mode_allow` to one).
 
 mod request;
+mod response;
 
 use std::{borrow::Cow, sync::Arc};
 
-use envoy_types::{
-    ext_authz::v3::pb::{
-        CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
-        HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
-    },
-    pb::google::rpc::Status as RpcStatus,
-};
+use bytes::Bytes;
+use envoy_types::ext_authz::v3::pb::HttpStatusCode;
 use serde_json::json;
 use tonic::{Code, Status};
 use tracing::field::Empty;
 
-use self::request::AttributeContext;
-pub(crate) use self::request::CheckRequest;
+use self::{request::AttributeContext, response::header};
+pub(crate) use self::{request::CheckRequest, response::CheckResponse};
 use super::proto::ValidationResult;
 
 use crate::{
@@ -61,6 +57,8 @@ impl Default for GatewaySettings {
 pub struct ExtAuthzService {
     keys: KeyService,
     settings: Arc<GatewaySettings>,
+    /// `settings.key_headers`, as a response names the one to remove.
+    key_headers: Arc<[Bytes]>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -68,6 +66,11 @@ impl ExtAuthzService {
     pub fn new(keys: KeyService, settings: GatewaySettings, metrics: Option<Arc<Metrics>>) -> Self {
         Self {
             keys,
+            key_headers: settings
+                .key_headers
+                .iter()
+                .map(|name| Bytes::from(name.clone()))
+                .collect(),
             settings: Arc::new(settings),
             metrics,
         }
@@ -78,8 +81,13 @@ impl ExtAuthzService {
     fn presented<'a>(
         &'a self,
         attributes: &'a AttributeContext,
-    ) -> Option<(&'a str, Cow<'a, str>)> {
-        self.settings.key_headers.iter().find_map(|name| {
+    ) -> Option<(&'a Bytes, Cow<'a, str>)> {
+        let names = self
+            .settings
+            .key_headers
+            .iter()
+            .zip(self.key_headers.iter());
+        names.into_iter().find_map(|(name, header)| {
             let value = attributes.header(name)?.trim_ascii();
             let key = if name == "authorization" {
                 // Another scheme (Basic, a JWT's own Bearer is still Bearer) is not ours.
@@ -95,7 +103,7 @@ impl ExtAuthzService {
                 Ok(key) => Cow::Borrowed(key),
                 Err(_) => String::from_utf8_lossy(key),
             };
-            Some((name.as_str(), key))
+            Some((header, key))
         })
     }
 
@@ -146,29 +154,21 @@ impl ExtAuthzService {
         span.record("key_id", found.id.as_str());
         match outcome.result {
             Validation::Valid => {
-                let mut remove = Vec::new();
+                let mut remove = Vec::with_capacity(2);
                 if self.settings.hide_credentials {
-                    remove.push(header.to_owned());
+                    remove.push(header.clone());
                 }
+                let scopes = (!found.scopes.is_empty()).then(|| found.scopes.join(","));
                 let mut headers = vec![
-                    set_header(KEY_ID_HEADER, &found.id),
-                    set_header(WORKSPACE_ID_HEADER, &found.workspace),
+                    response::header(KEY_ID_HEADER, found.id),
+                    response::header(WORKSPACE_ID_HEADER, found.workspace),
                 ];
                 // A client's own value never reaches the backend: overwritten or removed.
-                if found.scopes.is_empty() {
-                    remove.push(KEY_SCOPES_HEADER.to_owned());
-                } else {
-                    headers.push(set_header(KEY_SCOPES_HEADER, &found.scopes.join(",")));
+                match scopes {
+                    Some(scopes) => headers.push(response::header(KEY_SCOPES_HEADER, scopes)),
+                    None => remove.push(Bytes::from_static(KEY_SCOPES_HEADER.as_bytes())),
                 }
-                CheckResponse {
-                    status: Some(rpc_status(Code::Ok)),
-                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                        headers,
-                        headers_to_remove: remove,
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }
+                CheckResponse::allowed(headers, remove)
             }
             Validation::InsufficientScope => denied(
                 Code::PermissionDenied,
@@ -198,27 +198,6 @@ fn route_misconfigured() -> CheckResponse {
     )
 }
 
-fn rpc_status(code: Code) -> RpcStatus {
-    RpcStatus {
-        code: code as i32,
-        ..Default::default()
-    }
-}
-
-fn set_header(key: &str, value: &str) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            ..Default::default()
-        }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
-    }
-}
-
-/// 401 with RFC 6750's challenge: bare when no key was presented, `error="invalid_token"`
-/// when the key is not accepted.
 /// A denial's `reason`: the result's name in lower case, without its prefix.
 fn reason_of(result: ValidationResult) -> &'static str {
     match result {
@@ -233,6 +212,8 @@ fn reason_of(result: ValidationResult) -> &'static str {
     }
 }
 
+/// 401 with RFC 6750's challenge: bare when no key was presented, `error="invalid_token"`
+/// when the key is not accepted.
 fn unauthenticated(reason: &str, error: Option<&str>) -> CheckResponse {
     let challenge = match error {
         Some(error) => format!("Bearer error=\"{error}\""),
@@ -252,19 +233,11 @@ fn denied(
     body: serde_json::Value,
     challenge: Option<String>,
 ) -> CheckResponse {
-    let mut headers = vec![set_header("content-type", "application/json")];
+    let mut headers = vec![header("content-type", "application/json")];
     if let Some(challenge) = challenge {
-        headers.push(set_header("www-authenticate", &challenge));
+        headers.push(header("www-authenticate", challenge));
     }
-    CheckResponse {
-        status: Some(rpc_status(code)),
-        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus { code: http as i32 }),
-            headers,
-            body: body.to_string(),
-        })),
-        ..Default::default()
-    }
+    CheckResponse::denied(code, http as i32, headers, body.to_string())
 }
 
 #[cfg(test)]
