@@ -1659,6 +1659,12 @@ impl Callgrind {
                 "--compress-pos=no",
             ])
             .arg(format!("--callgrind-out-file={}", out.display()))
+            // More of callgrind's options, e.g. `--cache-sim=yes` for cache misses.
+            .args(
+                std::env::var("APIKEYS_BENCH_CALLGRIND_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .arg(bin)
             .args(args)
             .stdout(Stdio::null())
@@ -1721,7 +1727,8 @@ impl Callgrind {
         self.control(&["--zero"]);
         counted(scenario, &warm_up, calls).await;
         self.control(&["--dump"]);
-        let instructions: u64 = std::fs::read_dir(self.out.parent().unwrap())
+        // Ir, then with `--cache-sim=yes` Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+        let events: Vec<u64> = std::fs::read_dir(self.out.parent().unwrap())
             .unwrap()
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
@@ -1745,15 +1752,31 @@ impl Callgrind {
                         line.strip_prefix("summary: ")
                             .or(line.strip_prefix("totals: "))
                     })
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
+                    .map(|counts| {
+                        counts
+                            .split_whitespace()
+                            .map(|n| n.parse::<u64>().unwrap_or(0))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
             })
-            .sum();
-        println!(
-            "{:<34} {:>14.0}",
-            scenario.name,
-            instructions as f64 / calls as f64
-        );
+            .fold(Vec::new(), |mut sum, counts| {
+                sum.resize(sum.len().max(counts.len()), 0);
+                sum.iter_mut().zip(counts).for_each(|(sum, n)| *sum += n);
+                sum
+            });
+        let per_call = |i: usize| events.get(i).copied().unwrap_or(0) as f64 / calls as f64;
+        let misses = if events.len() > 5 {
+            format!(
+                "   I1 misses {:>6.0}, D1 misses {:>5.0} read {:>5.0} write",
+                per_call(3),
+                per_call(4),
+                per_call(5)
+            )
+        } else {
+            String::new()
+        };
+        println!("{:<34} {:>14.0}{misses}", scenario.name, per_call(0));
     }
 }
 
