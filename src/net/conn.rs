@@ -134,7 +134,10 @@ impl<IO> Conn<IO> {
         }
         self.idle.waker = Some(cx.waker().clone());
         loop {
-            if self.idle.timer.as_mut().poll(cx).is_pending() {
+            // Outside the task's budget: polled within it, a timer returns `Pending` without
+            // registering the waker once the budget is spent (as it is after a burst of
+            // reads), and the stored waker would then stand for a registration never made.
+            if unbudgeted(self.idle.timer.as_mut(), cx).is_pending() {
                 return false;
             }
             let calls = self.info.0.calls.load(Ordering::Relaxed);
@@ -153,6 +156,12 @@ impl<IO> Conn<IO> {
         tracing::debug!(peer = %self.info.peer_ip(), reason = why.as_str(), "closing connection");
         io::Error::new(io::ErrorKind::TimedOut, why.as_str())
     }
+}
+
+/// Polls `timer` whatever the task's coop budget, so that `Pending` always means the task's
+/// waker is registered to be woken when it fires.
+fn unbudgeted(timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+    std::pin::pin!(tokio::task::coop::unconstrained(timer)).poll(cx)
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
@@ -176,7 +185,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => {
                 if let Some((_, deadline)) = &mut this.preface {
-                    if deadline.as_mut().poll(cx).is_ready() {
+                    if unbudgeted(deadline.as_mut(), cx).is_ready() {
                         return Poll::Ready(Err(this.close(Refusal::HandshakeTimeout)));
                     }
                 } else if this.idle_expired(cx) {

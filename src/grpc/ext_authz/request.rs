@@ -98,7 +98,9 @@ struct HeaderValue {
 }
 
 impl AttributeContext {
-    /// The raw value of request header `name` (lower case), from whichever form Envoy filled.
+    /// The raw value of request header `name` (lower case), from whichever form Envoy filled:
+    /// `headers`, a map (the last entry for a name wins), or `header_map`, one entry per header
+    /// line as the client sent it (the first line of that name, in any case, wins).
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         let http = self.request.as_ref()?.http.as_ref()?;
         if !http.headers.is_empty() {
@@ -109,7 +111,6 @@ impl AttributeContext {
             .as_ref()?
             .headers
             .iter()
-            .rev()
             .find(|header| header.key.eq_ignore_ascii_case(name.as_bytes()))?;
         Some(if header.raw_value.is_empty() {
             &header.value
@@ -259,6 +260,29 @@ mod tests {
             Some(&b"Bearer clo_raw"[..])
         );
         assert_eq!(attributes.header("x-api-key"), Some(&b"clo_plain"[..]));
+    }
+
+    #[test]
+    fn a_raw_header_sent_twice_is_read_from_its_first_line() {
+        let line = |key: &str, value: &[u8]| core::HeaderValue {
+            key: key.into(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        };
+        let request = full_request(attribute_context::HttpRequest {
+            header_map: Some(core::HeaderMap {
+                headers: vec![
+                    line("X-Api-Key", b"clo_first"),
+                    line("x-api-key", b"clo_second"),
+                ],
+            }),
+            ..Default::default()
+        });
+
+        assert_eq!(
+            decoded(&request).header("x-api-key"),
+            Some(&b"clo_first"[..])
+        );
     }
 
     #[test]
