@@ -131,13 +131,26 @@ impl tower::Service<http::Request<Body>> for ExtAuthzServer {
             // As tonic's router answers a method it does not know.
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let check = self.clone();
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ProtoCodec::default())
-                .apply_max_message_size_config(check.max_decoding_message_size, None);
-            Ok(grpc.unary(check, request).await)
-        })
+        unary(self.clone(), self.max_decoding_message_size, request)
     }
+}
+
+/// One unary call to `method`, its request decoded with [`ProtoCodec`] within `limit`.
+fn unary<M, S>(
+    method: S,
+    limit: Option<usize>,
+    request: http::Request<Body>,
+) -> BoxFuture<http::Response<Body>, Infallible>
+where
+    M: Message + Default + Send + 'static,
+    S: UnaryService<M> + Send + 'static,
+    S::Response: Message + Send + 'static,
+    S::Future: Send,
+{
+    Box::pin(async move {
+        let mut grpc = Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
+        Ok(grpc.unary(method, request).await)
+    })
 }
 
 /// The one method, Check, for [`Grpc::unary`]: decided from memory, so ready at once.
@@ -193,15 +206,8 @@ impl tower::Service<http::Request<Body>> for ApiKeysRoutes {
         if request.uri().path() != VALIDATE_KEY_PATH {
             return self.generated.call(request);
         }
-        let (validate, limit) = (
-            ValidateKeyNow(self.service.clone()),
-            self.max_decoding_message_size,
-        );
-        Box::pin(async move {
-            let mut grpc =
-                Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
-            Ok(grpc.unary(validate, request).await)
-        })
+        let validate = ValidateKeyNow(self.service.clone());
+        unary(validate, self.max_decoding_message_size, request)
     }
 }
 
@@ -259,11 +265,7 @@ impl tower::Service<http::Request<Body>> for HealthServer {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let (inner, limit) = (self.inner.clone(), self.max_decoding_message_size);
         match request.uri().path() {
-            HEALTH_CHECK_PATH => Box::pin(async move {
-                let mut grpc =
-                    Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);
-                Ok(grpc.unary(HealthCheck(inner), request).await)
-            }),
+            HEALTH_CHECK_PATH => unary(HealthCheck(inner), limit, request),
             HEALTH_WATCH_PATH => Box::pin(async move {
                 let mut grpc =
                     Grpc::new(ProtoCodec::default()).apply_max_message_size_config(limit, None);

@@ -86,15 +86,16 @@ struct HeaderMap {
     headers: Vec<HeaderValue>,
 }
 
-/// `envoy.config.core.v3.HeaderValue`: `raw_value`, when set, instead of `value`.
+/// `envoy.config.core.v3.HeaderValue`: `raw_value`, when set, instead of `value`. A
+/// response's header mutations use it too, with `raw_value` empty (and so not sent).
 #[derive(Clone, PartialEq, prost::Message)]
-struct HeaderValue {
+pub(super) struct HeaderValue {
     #[prost(bytes = "bytes", tag = "1")]
-    key: Bytes,
+    pub(super) key: Bytes,
     #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
+    pub(super) value: Bytes,
     #[prost(bytes = "bytes", tag = "3")]
-    raw_value: Bytes,
+    pub(super) raw_value: Bytes,
 }
 
 impl AttributeContext {

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use tonic::Code;
 
+use super::request::HeaderValue;
+
 /// `envoy.service.auth.v3.CheckResponse`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct CheckResponse {
@@ -73,21 +75,13 @@ pub(crate) struct HeaderValueOption {
     append_action: i32,
 }
 
-/// `envoy.config.core.v3.HeaderValue`: `key` and `value`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct HeaderValue {
-    #[prost(bytes = "bytes", tag = "1")]
-    key: Bytes,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-}
-
 /// A header set on the request or the denial, replacing any the client sent.
 pub(crate) fn header(key: &'static str, value: impl Into<Bytes>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: Bytes::from_static(key.as_bytes()),
             value: value.into(),
+            raw_value: Bytes::new(),
         }),
         // A client's own value never reaches the backend.
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
