@@ -25,7 +25,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{grpc::proto::ValidationResult, index::Syncer, net::Connections, store::Store};
+use crate::{domain::Validation, index::Syncer, net::Connections, store::Store};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -41,6 +41,62 @@ struct ResultLabels {
 /// The methods whose successful calls are counted without a family lookup.
 const HOT_METHODS: [&str; 3] = ["ValidateKey", "ext_authz.Check", "ValidateKeys"];
 
+/// One series per answer, each made at start (so every one shows, at 0), found by an
+/// exhaustive match rather than a lookup.
+#[derive(Debug)]
+struct ValidationCounters {
+    valid: Counter,
+    malformed: Counter,
+    not_found: Counter,
+    expired: Counter,
+    disabled: Counter,
+    deleted: Counter,
+    insufficient_scope: Counter,
+}
+
+impl ValidationCounters {
+    fn new(family: &Family<ResultLabels, Counter>) -> Self {
+        let series = |result| {
+            let result = result_label(result);
+            family.get_or_create(&ResultLabels { result }).clone()
+        };
+        Self {
+            valid: series(Validation::Valid),
+            malformed: series(Validation::Malformed),
+            not_found: series(Validation::NotFound),
+            expired: series(Validation::Expired),
+            disabled: series(Validation::Disabled),
+            deleted: series(Validation::Deleted),
+            insufficient_scope: series(Validation::InsufficientScope),
+        }
+    }
+
+    fn of(&self, result: Validation) -> &Counter {
+        match result {
+            Validation::Valid => &self.valid,
+            Validation::Malformed => &self.malformed,
+            Validation::NotFound => &self.not_found,
+            Validation::Expired => &self.expired,
+            Validation::Disabled => &self.disabled,
+            Validation::Deleted => &self.deleted,
+            Validation::InsufficientScope => &self.insufficient_scope,
+        }
+    }
+}
+
+/// An answer's `result` label: its name in the proto, as the wire shows it.
+pub(crate) fn result_label(result: Validation) -> &'static str {
+    match result {
+        Validation::Valid => "VALIDATION_RESULT_VALID",
+        Validation::Malformed => "VALIDATION_RESULT_MALFORMED",
+        Validation::NotFound => "VALIDATION_RESULT_NOT_FOUND",
+        Validation::Expired => "VALIDATION_RESULT_EXPIRED",
+        Validation::Disabled => "VALIDATION_RESULT_DISABLED",
+        Validation::Deleted => "VALIDATION_RESULT_DELETED",
+        Validation::InsufficientScope => "VALIDATION_RESULT_INSUFFICIENT_SCOPE",
+    }
+}
+
 /// Every metric the service keeps.
 #[derive(Debug)]
 pub struct Metrics {
@@ -50,8 +106,8 @@ pub struct Metrics {
     /// The series of the calls on every gateway request, answered OK, looked up once: a
     /// family lookup hashes its labels under a lock, twice per call.
     hot: [(&'static str, Counter, Histogram); 3],
-    /// One counter per ValidationResult, at its number less one: an atomic add per call.
-    validations: Vec<Counter>,
+    /// ValidateKey's answers: an atomic add per call.
+    validations: ValidationCounters,
     index_keys: Gauge,
     sync_age: Gauge<f64, AtomicU64>,
     pool_connections: Gauge,
@@ -90,13 +146,7 @@ impl Metrics {
             "ValidateKey answers, by result",
             results.clone(),
         );
-        let validations = (1..=ValidationResult::InsufficientScope as i32)
-            .filter_map(|n| ValidationResult::try_from(n).ok())
-            .map(|result| {
-                let result = result.as_str_name();
-                results.get_or_create(&ResultLabels { result }).clone()
-            })
-            .collect();
+        let validations = ValidationCounters::new(&results);
         let index_keys = Gauge::default();
         registry.register(
             "index_keys",
@@ -176,13 +226,8 @@ impl Metrics {
     }
 
     /// Counts one ValidateKey answer.
-    pub fn validation(&self, result: ValidationResult) {
-        let counter = (result as usize)
-            .checked_sub(1)
-            .and_then(|i| self.validations.get(i));
-        if let Some(counter) = counter {
-            counter.inc();
-        }
+    pub fn validation(&self, result: Validation) {
+        self.validations.of(result).inc();
     }
 
     /// Counts and times one call.

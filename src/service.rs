@@ -8,10 +8,10 @@ use crate::{
     clock::Clock,
     domain::{
         Actor, Expiry, KeyHash, KeyId, KeyName, PageCursor, PresentedKey, Scopes, Secret,
-        WorkspaceId, check_required,
+        Validation, WorkspaceId, check_required,
     },
     error::{ApiError, KeyStateConflict},
-    index::{Found, KeyIndex, KeyState, Syncer},
+    index::{Found, KeyIndex, Syncer},
     store::{
         Change, Changed, EventKind, EventRow, KeyRow, KeyUpdate, NewEvent, NewKey, Store, UsageRow,
     },
@@ -33,18 +33,6 @@ pub struct KeyService {
     clock: Arc<dyn Clock>,
     syncer: Arc<Syncer>,
     index: Arc<KeyIndex>,
-}
-
-/// A stored key as of a moment: whether it is deleted or expired is decided against `now`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Validation {
-    Valid,
-    Malformed,
-    NotFound,
-    Expired,
-    Disabled,
-    Deleted,
-    InsufficientScope,
 }
 
 /// What UpdateKey changes; `None` leaves a field as it is.
@@ -466,15 +454,8 @@ impl KeyService {
                 key: None,
             });
         };
-        let result = match found.state {
-            KeyState::Active if found.has_required_scopes => Validation::Valid,
-            KeyState::Active => Validation::InsufficientScope,
-            KeyState::Disabled => Validation::Disabled,
-            KeyState::Expired => Validation::Expired,
-            KeyState::Deleted => Validation::Deleted,
-        };
         Ok(ValidateOutcome {
-            result,
+            result: found.result,
             key: Some(found),
         })
     }

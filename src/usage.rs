@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use crate::domain::Validation;
+
 /// One hour, in microseconds.
 pub const HOUR_US: i64 = 3_600_000_000;
 
@@ -11,34 +13,65 @@ pub fn hour_start(time_us: i64) -> i64 {
     time_us - time_us.rem_euclid(HOUR_US)
 }
 
-/// The answers counted per key: every answer for a known key. Unknown and malformed keys
-/// belong to no workspace and are counted only as metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageResult {
-    Valid,
-    Expired,
-    Disabled,
-    Deleted,
-    InsufficientScope,
+/// One key's answers in one hour, by answer. Unknown and malformed keys belong to no
+/// workspace and are counted only as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageCounts {
+    pub valid: u64,
+    pub expired: u64,
+    pub disabled: u64,
+    pub deleted: u64,
+    pub insufficient_scope: u64,
 }
 
-impl UsageResult {
-    /// In the order of [`HourUsage::counts`] and the usage table's columns.
-    pub const ALL: [Self; 5] = [
-        Self::Valid,
-        Self::Expired,
-        Self::Disabled,
-        Self::Deleted,
-        Self::InsufficientScope,
-    ];
+impl UsageCounts {
+    pub fn add(&mut self, result: Validation) {
+        let count = match result {
+            Validation::Valid => &mut self.valid,
+            Validation::Expired => &mut self.expired,
+            Validation::Disabled => &mut self.disabled,
+            Validation::Deleted => &mut self.deleted,
+            Validation::InsufficientScope => &mut self.insufficient_scope,
+            // No key, so no key's usage.
+            Validation::Malformed | Validation::NotFound => return,
+        };
+        *count += 1;
+    }
+
+    /// Every answer counted.
+    pub fn total(&self) -> u64 {
+        let Self {
+            valid,
+            expired,
+            disabled,
+            deleted,
+            insufficient_scope,
+        } = *self;
+        valid + expired + disabled + deleted + insufficient_scope
+    }
+
+    /// Adds `other`'s counts.
+    pub fn merge(&mut self, other: &Self) {
+        let Self {
+            valid,
+            expired,
+            disabled,
+            deleted,
+            insufficient_scope,
+        } = *other;
+        self.valid += valid;
+        self.expired += expired;
+        self.disabled += disabled;
+        self.deleted += deleted;
+        self.insufficient_scope += insufficient_scope;
+    }
 }
 
 /// One key's answers in one hour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HourUsage {
     pub start_time_us: i64,
-    /// By [`UsageResult`], in [`UsageResult::ALL`] order.
-    pub counts: [u64; 5],
+    pub counts: UsageCounts,
     pub client_ips: DistinctIps,
     /// The IP counted last: the same client again and again costs no hashing.
     last_ip: Option<IpAddr>,
@@ -48,14 +81,14 @@ impl HourUsage {
     pub fn new(start_time_us: i64) -> Self {
         Self {
             start_time_us,
-            counts: [0; 5],
+            counts: UsageCounts::default(),
             client_ips: DistinctIps::default(),
             last_ip: None,
         }
     }
 
-    pub fn count(&mut self, result: UsageResult, client_ip: Option<IpAddr>) {
-        self.counts[result as usize] += 1;
+    pub fn count(&mut self, result: Validation, client_ip: Option<IpAddr>) {
+        self.counts.add(result);
         if let Some(ip) = client_ip
             && self.last_ip != Some(ip)
         {
@@ -66,9 +99,7 @@ impl HourUsage {
 
     /// Adds `other`, of the same key and hour.
     pub fn merge(&mut self, other: &Self) {
-        for (count, more) in self.counts.iter_mut().zip(other.counts) {
-            *count += more;
-        }
+        self.counts.merge(&other.counts);
         self.client_ips.merge(&other.client_ips);
     }
 }
@@ -260,15 +291,33 @@ mod tests {
     #[test]
     fn hours_merge_by_adding_counts_and_uniting_clients() {
         let mut a = HourUsage::new(0);
-        a.count(UsageResult::Valid, Some(ip(1)));
-        a.count(UsageResult::Valid, Some(ip(1)));
+        a.count(Validation::Valid, Some(ip(1)));
+        a.count(Validation::Valid, Some(ip(1)));
         let mut b = HourUsage::new(0);
-        b.count(UsageResult::Deleted, Some(ip(1)));
-        b.count(UsageResult::Valid, Some(ip(2)));
-        b.count(UsageResult::InsufficientScope, None);
+        b.count(Validation::Deleted, Some(ip(1)));
+        b.count(Validation::Valid, Some(ip(2)));
+        b.count(Validation::InsufficientScope, None);
         a.merge(&b);
-        assert_eq!(a.counts, [3, 0, 0, 1, 1]);
+        assert_eq!(
+            a.counts,
+            UsageCounts {
+                valid: 3,
+                deleted: 1,
+                insufficient_scope: 1,
+                ..UsageCounts::default()
+            }
+        );
         assert_eq!(a.client_ips.estimate(), 2);
+    }
+
+    #[test]
+    fn unknown_and_malformed_keys_count_for_no_key() {
+        let mut hour = HourUsage::new(0);
+        hour.count(Validation::Malformed, None);
+        hour.count(Validation::NotFound, None);
+        hour.count(Validation::Expired, None);
+        assert_eq!(hour.counts.total(), 1);
+        assert_eq!(hour.counts.expired, 1);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod legibility;
 mod page_token;
 mod scopes;
 mod secret;
+mod validation;
 mod workspace_id;
 
 pub use actor::{Actor, ActorError, Role};
@@ -23,4 +24,5 @@ pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{
     KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,
 };
+pub use validation::{KeyStatus, Validation};
 pub use workspace_id::WorkspaceId;

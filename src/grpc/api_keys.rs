@@ -15,16 +15,15 @@ use super::proto::{
 use crate::{
     domain::{
         Actor, EventCursor, Expiration, Expiry, InvalidInput, KeyId, KeyName, PageCursor, Scopes,
-        WorkspaceId, column_scopes, masked_key,
+        Validation, WorkspaceId, column_scopes, masked_key,
     },
     error::ApiError,
     grpc::guard::ManagementRate,
-    index::KeyState,
     metrics::Metrics,
-    service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD, Validation},
+    service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD},
     store::{EventKind, EventRow, KeyRow},
     telemetry,
-    usage::hour_start,
+    usage::{UsageCounts, hour_start},
 };
 
 /// Metadata naming the person a management call acts for.
@@ -419,14 +418,21 @@ impl ApiKeys for ApiKeysService {
                 .hours
                 .into_iter()
                 .map(|hour| {
-                    let [valid, expired, disabled, deleted, insufficient_scope] = hour.counts;
-                    UsageBucket {
-                        start_time: Some(timestamp(hour.start_time_us)),
+                    let UsageCounts {
                         valid,
                         expired,
                         disabled,
                         deleted,
                         insufficient_scope,
+                    } = hour.counts;
+                    let count = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
+                    UsageBucket {
+                        start_time: Some(timestamp(hour.start_time_us)),
+                        valid: count(valid),
+                        expired: count(expired),
+                        disabled: count(disabled),
+                        deleted: count(deleted),
+                        insufficient_scope: count(insufficient_scope),
                         distinct_client_ips: i64::try_from(hour.client_ips.estimate())
                             .unwrap_or(i64::MAX),
                     }
@@ -438,7 +444,6 @@ impl ApiKeys for ApiKeysService {
     }
 }
 
-/// A validation as the wire names it, counted in the metrics and recorded on the call's span.
 /// The answers of a ValidateKeys stream: each request judged when it is read, so a key
 /// deleted before then is never VALID. Polled only when the connection can take more
 /// answers, so a client that stops reading stops being read from (HTTP/2 flow control does
@@ -521,20 +526,26 @@ impl std::fmt::Debug for Validations {
     }
 }
 
+/// A validation as the wire names it, counted in the metrics.
 pub(crate) fn answered(validation: Validation, metrics: Option<&Metrics>) -> ValidationResult {
-    let result = match validation {
-        Validation::Valid => ValidationResult::Valid,
-        Validation::Malformed => ValidationResult::Malformed,
-        Validation::NotFound => ValidationResult::NotFound,
-        Validation::Expired => ValidationResult::Expired,
-        Validation::Disabled => ValidationResult::Disabled,
-        Validation::Deleted => ValidationResult::Deleted,
-        Validation::InsufficientScope => ValidationResult::InsufficientScope,
-    };
     if let Some(metrics) = metrics {
-        metrics.validation(result);
+        metrics.validation(validation);
     }
-    result
+    validation.into()
+}
+
+impl From<Validation> for ValidationResult {
+    fn from(validation: Validation) -> Self {
+        match validation {
+            Validation::Valid => Self::Valid,
+            Validation::Malformed => Self::Malformed,
+            Validation::NotFound => Self::NotFound,
+            Validation::Expired => Self::Expired,
+            Validation::Disabled => Self::Disabled,
+            Validation::Deleted => Self::Deleted,
+            Validation::InsufficientScope => Self::InsufficientScope,
+        }
+    }
 }
 
 fn page_size(size: i32) -> Result<u64, ApiError> {
@@ -659,12 +670,12 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
 fn api_key(row: KeyRow, now: DateTime<Utc>) -> ApiKey {
     let expire_time_us = row.expire_time_us.unwrap_or(i64::MAX);
     let disabled = row.disable_time_us.is_some();
-    // Keys shown are never deleted ones.
-    let status = match KeyState::at(false, disabled, expire_time_us, now.timestamp_micros()) {
-        KeyState::Expired => KeyStatus::Expired,
-        KeyState::Disabled => KeyStatus::Disabled,
-        _ => KeyStatus::Active,
-    };
+    let status = KeyStatus::from(crate::domain::KeyStatus::at(
+        row.delete_time_us.is_some(),
+        disabled,
+        expire_time_us,
+        now.timestamp_micros(),
+    ));
     ApiKey {
         masked_key: masked_key(&row.key_suffix),
         create_time: Some(timestamp(row.create_time_us)),
@@ -683,5 +694,37 @@ fn timestamp(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+impl From<crate::domain::KeyStatus> for KeyStatus {
+    fn from(status: crate::domain::KeyStatus) -> Self {
+        match status {
+            crate::domain::KeyStatus::Active => Self::Active,
+            crate::domain::KeyStatus::Disabled => Self::Disabled,
+            crate::domain::KeyStatus::Expired => Self::Expired,
+            // Never shown: the API answers NOT_FOUND for a deleted key.
+            crate::domain::KeyStatus::Deleted => Self::Unspecified,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_has_its_own_proto_value_and_metric_label() {
+        let mut seen = std::collections::HashSet::new();
+        for validation in Validation::ALL {
+            let result = ValidationResult::from(validation);
+            assert!(seen.insert(result), "{validation:?}");
+            assert_eq!(
+                crate::metrics::result_label(validation),
+                result.as_str_name()
+            );
+        }
+        // Every proto value but UNSPECIFIED is an answer.
+        assert!(ValidationResult::try_from(seen.len() as i32 + 1).is_err());
     }
 }

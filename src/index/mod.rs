@@ -18,9 +18,9 @@ use papaya::{HashMap, Operation};
 pub use sync::{SyncSettings, Syncer};
 
 use crate::{
-    domain::{KeyHash, column_scopes},
+    domain::{KeyHash, KeyStatus, Validation, column_scopes},
     store::IndexRow,
-    usage::{HourUsage, UsageResult, hour_start},
+    usage::{HourUsage, hour_start},
 };
 
 /// A key's scopes, sorted; keys with the same scopes share one.
@@ -111,34 +111,8 @@ pub struct Found {
     pub name: String,
     pub scopes: Vec<String>,
     pub expire_time_us: Option<i64>,
-    pub state: KeyState,
-    /// Whether the key has every scope the request required.
-    pub has_required_scopes: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyState {
-    Active,
-    Disabled,
-    Expired,
-    Deleted,
-}
-
-impl KeyState {
-    /// The one rule for a key's state at `now_us`: the most lasting reason wins, deleted
-    /// before expired before disabled (enabling cannot revive an expired key); a key expires
-    /// at its `expire_time` exactly. `i64::MAX` means never.
-    pub fn at(deleted: bool, disabled: bool, expire_time_us: i64, now_us: i64) -> Self {
-        if deleted {
-            Self::Deleted
-        } else if expire_time_us <= now_us {
-            Self::Expired
-        } else if disabled {
-            Self::Disabled
-        } else {
-            Self::Active
-        }
-    }
+    /// The answer, from the key's status and the scopes required.
+    pub result: Validation,
 }
 
 /// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
@@ -311,7 +285,7 @@ impl KeyIndex {
     ) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
-        let state = KeyState::at(
+        let status = KeyStatus::at(
             record.deleted,
             record.disabled,
             record.expire_time_us,
@@ -323,14 +297,8 @@ impl KeyIndex {
                 .binary_search_by(|held| (**held).cmp(scope.as_ref()))
                 .is_ok()
         });
-        let result = match state {
-            KeyState::Active if has_required_scopes => UsageResult::Valid,
-            KeyState::Active => UsageResult::InsufficientScope,
-            KeyState::Disabled => UsageResult::Disabled,
-            KeyState::Expired => UsageResult::Expired,
-            KeyState::Deleted => UsageResult::Deleted,
-        };
-        let use_due = result == UsageResult::Valid
+        let result = Validation::of_known(status, has_required_scopes);
+        let use_due = result == Validation::Valid
             && record.last_used_us().saturating_add(use_resolution_us) <= now_us;
         if use_due || self.record_usage {
             self.note(hash, record, result, use_due, now_us, client_ip);
@@ -350,8 +318,7 @@ impl KeyIndex {
                 .map(|scope| String::from(&**scope))
                 .collect(),
             expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
-            state,
-            has_required_scopes,
+            result,
         })
     }
 
@@ -361,7 +328,7 @@ impl KeyIndex {
         &self,
         hash: &KeyHash,
         record: &Record,
-        result: UsageResult,
+        result: Validation,
         use_due: bool,
         now_us: i64,
         client_ip: Option<IpAddr>,
@@ -476,7 +443,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Secret;
+    use crate::{domain::Secret, usage::UsageCounts};
 
     fn row(id: usize, secret: &Secret, revision: i64, deleted: bool) -> IndexRow {
         IndexRow {
@@ -511,14 +478,14 @@ mod tests {
         let found = index.lookup(&secret.hash(), NONE, 999, 1, None).unwrap();
         assert_eq!(found.id, "key_00000000000000000007");
         assert_eq!(&*found.workspace, "ws-1");
-        assert_eq!(found.state, KeyState::Active);
+        assert_eq!(found.result, Validation::Valid);
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
             index
                 .lookup(&secret.hash(), NONE, 1_000, 1, None)
                 .unwrap()
-                .state,
-            KeyState::Expired
+                .result,
+            Validation::Expired
         );
         assert!(
             index
@@ -537,14 +504,14 @@ mod tests {
         let found = index
             .lookup(&secret.hash(), &["orders:write"], 0, 1, None)
             .unwrap();
-        assert!(found.has_required_scopes);
+        assert_eq!(found.result, Validation::Valid);
         assert_eq!(found.scopes, ["orders:read", "orders:write"]);
         assert_eq!(found.name, "key 1");
         assert_eq!(index.take_activity().len(), 1);
         let found = index
             .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1, None)
             .unwrap();
-        assert!(!found.has_required_scopes);
+        assert_eq!(found.result, Validation::InsufficientScope);
         key.revision = 2;
         key.disable_time_us = Some(1);
         index.apply(&key);
@@ -552,23 +519,31 @@ mod tests {
             index
                 .lookup(&secret.hash(), NONE, 20, 1, None)
                 .unwrap()
-                .state,
-            KeyState::Disabled
+                .result,
+            Validation::Disabled
         );
         // Expired wins over disabled, deleted over both.
         assert_eq!(
             index
                 .lookup(&secret.hash(), NONE, 1_000, 1, None)
                 .unwrap()
-                .state,
-            KeyState::Expired
+                .result,
+            Validation::Expired
         );
         // A refused key's use is not its last use, but it is counted.
         let taken = index.take_activity();
         assert_eq!(taken[0].last_used, None);
         let usage = taken[0].usage.as_ref().unwrap();
         // Insufficient scope, disabled, expired (all within hour 0).
-        assert_eq!(usage.counts, [0, 1, 1, 0, 1]);
+        assert_eq!(
+            usage.counts,
+            UsageCounts {
+                expired: 1,
+                disabled: 1,
+                insufficient_scope: 1,
+                ..UsageCounts::default()
+            }
+        );
         assert_eq!(index.last_used_us(&secret.hash()), Some(0));
     }
 
@@ -589,8 +564,8 @@ mod tests {
             index
                 .lookup(&secret.hash(), NONE, 0, 1, None)
                 .unwrap()
-                .state,
-            KeyState::Deleted
+                .result,
+            Validation::Deleted
         );
     }
 
@@ -609,7 +584,13 @@ mod tests {
         assert_eq!(taken[0].workspace_id, "ws-1");
         assert_eq!(taken[0].last_used, Some((120, Some(ip))));
         let usage = taken[0].usage.as_ref().unwrap();
-        assert_eq!(usage.counts, [3, 0, 0, 0, 0]);
+        assert_eq!(
+            usage.counts,
+            UsageCounts {
+                valid: 3,
+                ..UsageCounts::default()
+            }
+        );
         assert_eq!(usage.client_ips.estimate(), 1);
         assert!(index.take_activity().is_empty());
         assert_eq!(index.last_used_us(&secret.hash()), Some(120));
@@ -630,7 +611,7 @@ mod tests {
             .take_activity()
             .into_iter()
             .filter_map(|taken| taken.usage)
-            .map(|usage| (usage.start_time_us, usage.counts[0]))
+            .map(|usage| (usage.start_time_us, usage.counts.valid))
             .collect();
         hours.sort();
         assert_eq!(hours, [(0, 1), (HOUR_US, 2)]);
@@ -648,7 +629,14 @@ mod tests {
         index.apply(&key);
         index.lookup(&secret.hash(), NONE, 12, 1, None);
         let taken = index.take_activity();
-        assert_eq!(taken[0].usage.as_ref().unwrap().counts, [1, 0, 1, 0, 0]);
+        assert_eq!(
+            taken[0].usage.as_ref().unwrap().counts,
+            UsageCounts {
+                valid: 1,
+                disabled: 1,
+                ..UsageCounts::default()
+            }
+        );
 
         let off = KeyIndex::recording_usage(false);
         off.apply(&row(1, &secret, 1, false));

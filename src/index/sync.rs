@@ -354,7 +354,7 @@ impl Syncer {
         let answers: u64 = unwritten
             .hours
             .values()
-            .map(|hour| hour.usage.counts.iter().sum::<u64>())
+            .map(|hour| hour.usage.counts.total())
             .sum();
         tracing::error!(
             keys = unwritten.uses.len(),
@@ -388,7 +388,7 @@ impl Syncer {
                     hour.get_mut().usage.merge(&usage)
                 }
                 std::collections::hash_map::Entry::Vacant(_) if held >= MAX_UNWRITTEN_HOURS => {
-                    let answers = usage.counts.iter().sum::<u64>();
+                    let answers = usage.counts.total();
                     if self.usage_dropped.inc_by(answers) == 0 {
                         tracing::error!(
                             held,

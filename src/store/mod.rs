@@ -19,7 +19,7 @@ use sea_orm::{
 
 use crate::{
     domain::{KeyHash, KeyId, PageCursor, WorkspaceId},
-    usage::{DistinctIps, HOUR_US, HourUsage},
+    usage::{DistinctIps, HOUR_US, HourUsage, UsageCounts},
 };
 
 pub use entity::Model as KeyRow;
@@ -248,19 +248,47 @@ pub struct KeyHour {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
     pub start_time_us: i64,
-    /// In [`crate::usage::UsageResult::ALL`] order.
-    pub counts: [i64; 5],
+    pub counts: UsageCounts,
     pub client_ips: DistinctIps,
 }
 
-/// The usage table's count columns, in [`crate::usage::UsageResult::ALL`] order.
-const USAGE_COUNTS: [&str; 5] = [
-    "valid",
-    "expired",
-    "disabled",
-    "deleted",
-    "insufficient_scope",
-];
+/// The usage table's count columns, each with its count: the one place they are named.
+fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 5] {
+    let UsageCounts {
+        valid,
+        expired,
+        disabled,
+        deleted,
+        insufficient_scope,
+    } = *counts;
+    [
+        ("valid", valid),
+        ("expired", expired),
+        ("disabled", disabled),
+        ("deleted", deleted),
+        ("insufficient_scope", insufficient_scope),
+    ]
+}
+
+/// The count columns' names.
+fn usage_column_names() -> [&'static str; 5] {
+    usage_columns(&UsageCounts::default()).map(|(name, _)| name)
+}
+
+/// A stored hour's counts, read by the names [`usage_columns`] writes.
+fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
+    // Stored as BIGINT; never negative, as only additions of counts write it.
+    let count = |column: &str| -> Result<u64, DbErr> {
+        Ok(u64::try_from(row.try_get::<i64>("", column)?).unwrap_or(0))
+    };
+    Ok(UsageCounts {
+        valid: count("valid")?,
+        expired: count("expired")?,
+        disabled: count("disabled")?,
+        deleted: count("deleted")?,
+        insufficient_scope: count("insufficient_scope")?,
+    })
+}
 
 /// What a change sets on an existing key; `None` leaves a column as it is.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -631,7 +659,7 @@ impl Store {
                 values.push(hour.key_id.clone().into());
                 values.push(hour.usage.start_time_us.into());
                 values.push(hour.workspace_id.clone().into());
-                for count in hour.usage.counts {
+                for (_, count) in usage_columns(&hour.usage.counts) {
                     values.push(i64::try_from(count).unwrap_or(i64::MAX).into());
                 }
                 let ips = &hour.usage.client_ips;
@@ -639,7 +667,7 @@ impl Store {
                     (!ips.is_empty()).then(|| ips.to_bytes()),
                 ));
             }
-            let sums = USAGE_COUNTS
+            let sums = usage_column_names()
                 .iter()
                 .map(|column| format!("{column} = api_key_usage.{column} + excluded.{column}"))
                 .collect::<Vec<_>>()
@@ -648,7 +676,7 @@ impl Store {
                 "INSERT INTO api_key_usage (key_id, start_time_us, workspace_id, {}, client_ips) \
                  VALUES {} ON CONFLICT (key_id, start_time_us) DO UPDATE SET {sums} \
                  RETURNING key_id, start_time_us, client_ips",
-                USAGE_COUNTS.join(", "),
+                usage_column_names().join(", "),
                 rows.join(", ")
             );
             let stored = txn
@@ -667,12 +695,12 @@ impl Store {
                 .collect();
             let mut merged_rows = Vec::new();
             for row in stored {
-                let key_id: String = row.try_get_by_index(0)?;
-                let start: i64 = row.try_get_by_index(1)?;
+                let key_id: String = row.try_get("", "key_id")?;
+                let start: i64 = row.try_get("", "start_time_us")?;
                 let Some(ips) = ours.get(&(key_id.as_str(), start)) else {
                     continue;
                 };
-                let bytes: Option<Vec<u8>> = row.try_get_by_index(2)?;
+                let bytes: Option<Vec<u8>> = row.try_get("", "client_ips")?;
                 let stored = decode_ips(bytes.as_deref(), &key_id);
                 let mut merged = stored.clone();
                 merged.merge(ips);
@@ -727,7 +755,7 @@ impl Store {
             "SELECT start_time_us, {}, client_ips FROM api_key_usage \
              WHERE key_id = {} AND workspace_id = {} AND start_time_us >= {} AND start_time_us < {} \
              ORDER BY start_time_us",
-            USAGE_COUNTS.join(", "),
+            usage_column_names().join(", "),
             placeholders.next(),
             placeholders.next(),
             placeholders.next(),
@@ -748,14 +776,10 @@ impl Store {
             .await?;
         rows.into_iter()
             .map(|row| {
-                let mut counts = [0; 5];
-                for (i, count) in counts.iter_mut().enumerate() {
-                    *count = row.try_get_by_index(i + 1)?;
-                }
-                let bytes: Option<Vec<u8>> = row.try_get_by_index(6)?;
+                let bytes: Option<Vec<u8>> = row.try_get("", "client_ips")?;
                 Ok(UsageRow {
-                    start_time_us: row.try_get_by_index(0)?,
-                    counts,
+                    start_time_us: row.try_get("", "start_time_us")?,
+                    counts: read_usage_counts(&row)?,
                     client_ips: decode_ips(bytes.as_deref(), id.as_str()),
                 })
             })

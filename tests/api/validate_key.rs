@@ -2,9 +2,10 @@ use std::sync::Arc;
 
 use apikeys::{
     clock::ManualClock,
+    domain::Validation,
     grpc::proto::{DeleteKeyRequest, Expiration, ValidationResult},
     index::{KeyIndex, SyncSettings, Syncer},
-    service::{KeyService, Validation},
+    service::KeyService,
     store::Store,
 };
 use chrono::{TimeDelta, Utc};

@@ -16,13 +16,12 @@ use tracing::field::Empty;
 
 use self::{request::AttributeContext, response::header};
 pub(crate) use self::{request::CheckRequest, response::CheckResponse};
-use super::proto::ValidationResult;
 
 use crate::{
-    domain::InvalidInput,
+    domain::{InvalidInput, Validation},
     error::ApiError,
     metrics::Metrics,
-    service::{KeyService, Validation},
+    service::KeyService,
     telemetry,
 };
 
@@ -147,13 +146,12 @@ impl ExtAuthzService {
         };
         let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
         span.record("result", result.as_str_name());
-        let reason = reason_of(result);
-        let Some(found) = outcome.key else {
-            return unauthenticated(reason, Some("invalid_token"));
-        };
-        span.record("key_id", found.id.as_str());
-        match outcome.result {
-            Validation::Valid => {
+        if let Some(found) = &outcome.key {
+            span.record("key_id", found.id.as_str());
+        }
+        let reason = reason_of(outcome.result);
+        match (outcome.result, outcome.key) {
+            (Validation::Valid, Some(found)) => {
                 let mut remove = Vec::with_capacity(2);
                 if self.settings.hide_credentials {
                     remove.push(header.clone());
@@ -170,7 +168,7 @@ impl ExtAuthzService {
                 }
                 CheckResponse::allowed(headers, remove)
             }
-            Validation::InsufficientScope => denied(
+            (Validation::InsufficientScope, _) => denied(
                 Code::PermissionDenied,
                 HttpStatusCode::Forbidden,
                 json!({"error": "insufficient_scope", "reason": reason}),
@@ -179,7 +177,16 @@ impl ExtAuthzService {
                     required.join(" ")
                 )),
             ),
-            _ => unauthenticated(reason, Some("invalid_token")),
+            // VALID always comes with its key; without one, fail closed.
+            (
+                Validation::Valid
+                | Validation::Malformed
+                | Validation::NotFound
+                | Validation::Expired
+                | Validation::Disabled
+                | Validation::Deleted,
+                _,
+            ) => unauthenticated(reason, Some("invalid_token")),
         }
     }
 }
@@ -198,17 +205,16 @@ fn route_misconfigured() -> CheckResponse {
     )
 }
 
-/// A denial's `reason`: the result's name in lower case, without its prefix.
-fn reason_of(result: ValidationResult) -> &'static str {
+/// A denial's `reason`: the answer's proto name in lower case, without its prefix.
+fn reason_of(result: Validation) -> &'static str {
     match result {
-        ValidationResult::Unspecified => "unspecified",
-        ValidationResult::Valid => "valid",
-        ValidationResult::Malformed => "malformed",
-        ValidationResult::NotFound => "not_found",
-        ValidationResult::Expired => "expired",
-        ValidationResult::Disabled => "disabled",
-        ValidationResult::Deleted => "deleted",
-        ValidationResult::InsufficientScope => "insufficient_scope",
+        Validation::Valid => "valid",
+        Validation::Malformed => "malformed",
+        Validation::NotFound => "not_found",
+        Validation::Expired => "expired",
+        Validation::Disabled => "disabled",
+        Validation::Deleted => "deleted",
+        Validation::InsufficientScope => "insufficient_scope",
     }
 }
 
@@ -243,20 +249,16 @@ fn denied(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc::proto::ValidationResult;
 
     #[test]
     fn a_denial_reason_is_the_result_name_in_lower_case() {
-        for value in 0..=7 {
-            let result = ValidationResult::try_from(value).unwrap();
-            let name = result.as_str_name();
+        for validation in Validation::ALL {
+            let name = ValidationResult::from(validation).as_str_name();
             let expected = name
                 .trim_start_matches("VALIDATION_RESULT_")
                 .to_ascii_lowercase();
-            assert_eq!(reason_of(result), expected, "{name}");
+            assert_eq!(reason_of(validation), expected, "{name}");
         }
-        assert!(
-            ValidationResult::try_from(8).is_err(),
-            "a new result needs a reason"
-        );
     }
 }

@@ -1,0 +1,104 @@
+//! A key's status at a moment, and what validating a presented key answers: one rule for
+//! each, and one enum for each from the index to the wire. Every place an answer becomes
+//! something else (a proto value, a metric series, a usage count, an HTTP decision) matches
+//! on [`Validation`] exhaustively, so a new answer does not compile until each one says
+//! what it means there.
+
+/// A stored key's status at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Disabled,
+    Expired,
+    Deleted,
+}
+
+impl KeyStatus {
+    /// The one rule for a key's status at `now_us`: the most lasting reason wins, deleted
+    /// before expired before disabled (enabling cannot revive an expired key); a key expires
+    /// at its expiry time exactly. `i64::MAX` means never.
+    pub fn at(deleted: bool, disabled: bool, expire_time_us: i64, now_us: i64) -> Self {
+        if deleted {
+            Self::Deleted
+        } else if expire_time_us <= now_us {
+            Self::Expired
+        } else if disabled {
+            Self::Disabled
+        } else {
+            Self::Active
+        }
+    }
+}
+
+/// What a validation answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// Active, with every scope the request required: accept.
+    Valid,
+    /// Not a key of ours by its shape or checksum; answered from the input alone.
+    Malformed,
+    /// Well-formed, but no such key was ever issued.
+    NotFound,
+    Expired,
+    Disabled,
+    Deleted,
+    /// Active, but without a scope the request required.
+    InsufficientScope,
+}
+
+impl Validation {
+    /// Every answer, for what is made once per answer (metric series, tests).
+    pub const ALL: [Self; 7] = [
+        Self::Valid,
+        Self::Malformed,
+        Self::NotFound,
+        Self::Expired,
+        Self::Disabled,
+        Self::Deleted,
+        Self::InsufficientScope,
+    ];
+
+    /// The answer for a known key: its status first, then the scopes.
+    pub fn of_known(status: KeyStatus, has_required_scopes: bool) -> Self {
+        match status {
+            KeyStatus::Active if has_required_scopes => Self::Valid,
+            KeyStatus::Active => Self::InsufficientScope,
+            KeyStatus::Disabled => Self::Disabled,
+            KeyStatus::Expired => Self::Expired,
+            KeyStatus::Deleted => Self::Deleted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleted_wins_over_expired_which_wins_over_disabled() {
+        assert_eq!(KeyStatus::at(true, true, 0, 10), KeyStatus::Deleted);
+        assert_eq!(KeyStatus::at(false, true, 10, 10), KeyStatus::Expired);
+        assert_eq!(KeyStatus::at(false, true, 11, 10), KeyStatus::Disabled);
+        assert_eq!(KeyStatus::at(false, false, i64::MAX, 10), KeyStatus::Active);
+    }
+
+    #[test]
+    fn scopes_matter_only_for_an_active_key() {
+        assert_eq!(
+            Validation::of_known(KeyStatus::Active, true),
+            Validation::Valid
+        );
+        assert_eq!(
+            Validation::of_known(KeyStatus::Active, false),
+            Validation::InsufficientScope
+        );
+        assert_eq!(
+            Validation::of_known(KeyStatus::Disabled, false),
+            Validation::Disabled
+        );
+        assert_eq!(
+            Validation::of_known(KeyStatus::Expired, true),
+            Validation::Expired
+        );
+    }
+}
