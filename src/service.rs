@@ -7,14 +7,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::{
     clock::Clock,
     domain::{
-        Actor, Expiry, KeyHash, KeyId, KeyName, PageCursor, PresentedKey, Scopes, Secret,
-        Validation, WorkspaceId, check_required,
+        Actor, EventKind, Expiry, Key, KeyEvent, KeyField, KeyId, KeyName, PageCursor,
+        PresentedKey, Scopes, Secret, Validation, WorkspaceId, check_required,
     },
     error::{ApiError, KeyStateConflict},
     index::{Found, KeyIndex, Syncer},
-    store::{
-        Change, Changed, EventKind, EventRow, KeyRow, KeyUpdate, NewEvent, NewKey, Store, UsageRow,
-    },
+    store::{Change, Changed, IndexRow, KeyUpdate, NewEvent, NewKey, Store},
+    usage::HourUsage,
 };
 
 /// ListKeys page size when the caller gives none.
@@ -45,9 +44,9 @@ pub struct KeyEdit {
 /// RotateKey's result.
 #[derive(Debug)]
 pub struct Rotated {
-    pub key: KeyRow,
+    pub key: Key,
     pub secret: Secret,
-    pub old_key: KeyRow,
+    pub old_key: Key,
 }
 
 #[derive(Debug)]
@@ -59,13 +58,13 @@ pub struct ValidateOutcome {
 
 #[derive(Debug)]
 pub struct Page {
-    pub keys: Vec<KeyRow>,
+    pub keys: Vec<Key>,
     pub next: Option<PageCursor>,
 }
 
 #[derive(Debug)]
 pub struct EventPage {
-    pub events: Vec<EventRow>,
+    pub events: Vec<KeyEvent>,
     /// The id of the last event, when another page follows.
     pub next: Option<i64>,
 }
@@ -73,9 +72,9 @@ pub struct EventPage {
 /// GetKeyUsage's answer.
 #[derive(Debug)]
 pub struct KeyUsage {
-    pub hours: Vec<UsageRow>,
-    pub last_used_time_us: Option<i64>,
-    pub last_used_ip: Option<String>,
+    pub hours: Vec<HourUsage>,
+    /// The key as stored, with the last use this replica saw.
+    pub key: Key,
 }
 
 impl KeyService {
@@ -103,32 +102,32 @@ impl KeyService {
         name: &KeyName,
         expiry: Expiry,
         scopes: &Scopes,
-    ) -> Result<(KeyRow, Secret), ApiError> {
+    ) -> Result<(Key, Secret), ApiError> {
         let now = self.now();
         let expire_time = expiry.expire_time(now)?;
         let secret = Secret::generate();
         let id = KeyId::generate();
-        let row = self
+        let key = self
             .store
             .insert(
                 NewKey {
                     id: &id,
-                    workspace: workspace.as_str(),
-                    name: name.as_str().to_owned(),
+                    workspace,
+                    name: name.clone(),
                     hash: secret.hash(),
                     suffix: secret.suffix(),
                     created_by: actor.id(),
                     create_time: now,
                     expire_time,
-                    scopes: scopes.to_column(),
+                    scopes: scopes.clone(),
                 },
                 NewEvent::new(EventKind::Created, actor, now),
             )
             .await?;
         // This replica answers for the key before CreateKey returns.
-        self.index.apply(&(&row).into());
+        self.index.apply(&IndexRow::from(&key));
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key created");
-        Ok((row, secret))
+        Ok((key, secret))
     }
 
     pub async fn list(
@@ -142,11 +141,9 @@ impl KeyService {
         let mut keys = self.store.list(workspace, after, page_size + 1).await?;
         let next = if keys.len() as u64 > page_size {
             keys.truncate(page_size as usize);
-            keys.last().and_then(|last| {
-                Some(PageCursor {
-                    create_time_us: last.create_time_us,
-                    id: KeyId::parse(&last.id).ok()?,
-                })
+            keys.last().map(|last| PageCursor {
+                create_time_us: last.create_time.timestamp_micros(),
+                id: last.id.clone(),
             })
         } else {
             None
@@ -158,18 +155,20 @@ impl KeyService {
     }
 
     /// This replica may have seen uses of the key that are not flushed yet.
-    fn note_unflushed_use(&self, key: &mut KeyRow) {
-        if let Some(used) =
-            KeyHash::from_slice(&key.key_hash).and_then(|hash| self.index.last_used_us(&hash))
+    fn note_unflushed_use(&self, key: &mut Key) {
+        if let Some(used) = self
+            .index
+            .last_used_us(&key.hash)
+            .and_then(DateTime::from_timestamp_micros)
         {
-            key.last_used_time_us = key.last_used_time_us.max(Some(used));
+            key.last_used_time = key.last_used_time.max(Some(used));
         }
     }
 
     /// A live key of the workspace.
-    pub async fn get(&self, workspace: &WorkspaceId, id: &KeyId) -> Result<KeyRow, ApiError> {
+    pub async fn get(&self, workspace: &WorkspaceId, id: &KeyId) -> Result<Key, ApiError> {
         match self.store.get(workspace, id).await? {
-            Some(mut key) if key.delete_time_us.is_none() => {
+            Some(mut key) if !key.is_deleted() => {
                 self.note_unflushed_use(&mut key);
                 Ok(key)
             }
@@ -185,7 +184,7 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         what: &'static str,
-        decide: impl FnOnce(&KeyRow) -> Result<Option<Change<'a>>, ApiError>,
+        decide: impl FnOnce(&Key) -> Result<Option<Change<'a>>, ApiError>,
     ) -> Result<Changed, ApiError> {
         let mut changed = self
             .store
@@ -195,9 +194,9 @@ impl KeyService {
         if changed.changed {
             // The very next ValidateKey on this replica sees the change.
             if let Some(inserted) = &changed.inserted {
-                self.index.apply(&inserted.into());
+                self.index.apply(&IndexRow::from(inserted));
             }
-            self.index.apply(&(&changed.key).into());
+            self.index.apply(&IndexRow::from(&changed.key));
             tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key {what}");
         }
         self.note_unflushed_use(&mut changed.key);
@@ -210,25 +209,22 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         edit: KeyEdit,
-    ) -> Result<KeyRow, ApiError> {
+    ) -> Result<Key, ApiError> {
         let mut event = NewEvent::new(EventKind::Updated, actor, self.now());
         let changed = self
             .change(actor, workspace, id, "updated", |key| {
-                if key.delete_time_us.is_some() {
+                if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                let name = edit
-                    .name
-                    .map(|name| name.as_str().to_owned())
-                    .filter(|name| *name != key.name);
-                let scopes = edit
-                    .scopes
-                    .map(|scopes| scopes.to_column())
-                    .filter(|scopes| *scopes != key.scopes);
-                event.changed_fields = [("name", name.is_some()), ("scopes", scopes.is_some())]
-                    .into_iter()
-                    .filter_map(|(field, changed)| changed.then_some(field))
-                    .collect();
+                let name = edit.name.filter(|name| *name != key.name);
+                let scopes = edit.scopes.filter(|scopes| *scopes != key.scopes);
+                event.changed_fields = [
+                    (KeyField::Name, name.is_some()),
+                    (KeyField::Scopes, scopes.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(field, changed)| changed.then_some(field))
+                .collect();
                 Ok((name.is_some() || scopes.is_some()).then(|| Change {
                     update: KeyUpdate {
                         name,
@@ -250,9 +246,8 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         disabled: bool,
-    ) -> Result<KeyRow, ApiError> {
-        let at = self.now();
-        let now = at.timestamp_micros();
+    ) -> Result<Key, ApiError> {
+        let now = self.now();
         let (what, kind) = if disabled {
             ("disabled", EventKind::Disabled)
         } else {
@@ -260,23 +255,23 @@ impl KeyService {
         };
         let changed = self
             .change(actor, workspace, id, what, |key| {
-                if key.delete_time_us.is_some() {
+                if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
                 // An expired key stays as it is: enabling cannot revive it.
-                if !disabled && key.expire_time_us.is_some_and(|at| at <= now) {
+                if !disabled && key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
                 }
-                if key.disable_time_us.is_some() == disabled {
+                if key.is_disabled() == disabled {
                     return Ok(None);
                 }
                 Ok(Some(Change {
                     update: KeyUpdate {
-                        disable_time_us: Some(disabled.then_some(now)),
+                        disable_time: Some(disabled.then_some(now)),
                         ..Default::default()
                     },
                     insert: None,
-                    event: NewEvent::new(kind, actor, at),
+                    event: NewEvent::new(kind, actor, now),
                 }))
             })
             .await?;
@@ -292,18 +287,17 @@ impl KeyService {
         grace: TimeDelta,
     ) -> Result<Rotated, ApiError> {
         let now = self.now();
-        let now_us = now.timestamp_micros();
         let secret = Secret::generate();
         let new_id = KeyId::generate();
         let changed = self
             .change(actor, workspace, id, "rotated", |key| {
-                if key.delete_time_us.is_some() {
+                if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                if key.expire_time_us.is_some_and(|at| at <= now_us) {
+                if key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
                 }
-                if key.disable_time_us.is_some() {
+                if key.is_disabled() {
                     return Err(ApiError::KeyState(KeyStateConflict::Disabled));
                 }
                 // One successor per key: a second rotation (a retry, a double click) would
@@ -312,21 +306,19 @@ impl KeyService {
                     return Err(ApiError::KeyState(KeyStateConflict::Rotated));
                 }
                 // Same lifetime as the old key; never stays never.
-                let lifetime = key
-                    .expire_time_us
-                    .map(|at| TimeDelta::microseconds(at - key.create_time_us));
-                let grace_end = (now + grace).timestamp_micros();
+                let lifetime = key.expire_time.map(|at| at - key.create_time);
+                let grace_end = now + grace;
                 Ok(Some(Change {
                     update: KeyUpdate {
-                        expire_time_us: Some(Some(
-                            key.expire_time_us.map_or(grace_end, |at| at.min(grace_end)),
+                        expire_time: Some(Some(
+                            key.expire_time.map_or(grace_end, |at| at.min(grace_end)),
                         )),
-                        rotated_to: Some(new_id.as_str().to_owned()),
+                        rotated_to: Some(new_id.clone()),
                         ..Default::default()
                     },
                     insert: Some(NewKey {
                         id: &new_id,
-                        workspace: workspace.as_str(),
+                        workspace,
                         name: key.name.clone(),
                         hash: secret.hash(),
                         suffix: secret.suffix(),
@@ -336,7 +328,7 @@ impl KeyService {
                         scopes: key.scopes.clone(),
                     }),
                     event: NewEvent {
-                        new_key_id: Some(new_id.as_str().to_owned()),
+                        new_key_id: Some(new_id.clone()),
                         ..NewEvent::new(EventKind::Rotated, actor, now)
                     },
                 }))
@@ -362,11 +354,11 @@ impl KeyService {
         id: &KeyId,
     ) -> Result<(), ApiError> {
         let event = NewEvent::new(EventKind::Deleted, actor, self.now());
-        let Some(row) = self.store.delete(workspace, id, event).await? else {
+        let Some(key) = self.store.delete(workspace, id, event).await? else {
             return Err(ApiError::KeyNotFound);
         };
         // The very next ValidateKey on this replica answers DELETED.
-        self.index.apply(&(&row).into());
+        self.index.apply(&IndexRow::from(&key));
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key deleted");
         Ok(())
     }
@@ -402,24 +394,17 @@ impl KeyService {
         from_us: i64,
         to_us: i64,
     ) -> Result<KeyUsage, ApiError> {
-        let Some(key) = self.store.get(workspace, id).await? else {
+        let Some(mut key) = self.store.get(workspace, id).await? else {
             return Err(ApiError::KeyNotFound);
         };
         let hours = self.store.usage(workspace, id, from_us, to_us).await?;
-        let (mut last_used_time_us, mut last_used_ip) = (key.last_used_time_us, key.last_used_ip);
         // A use this replica saw may not be flushed yet.
-        if let Some((at, ip)) = KeyHash::from_slice(&key.key_hash)
-            .and_then(|hash| self.index.last_seen_use(&hash))
-            .filter(|(at, _)| Some(*at) > last_used_time_us)
+        if let Some((at, ip)) = self.index.last_seen_use(&key.hash)
+            && let Some(at) = DateTime::from_timestamp_micros(at)
         {
-            last_used_time_us = Some(at);
-            last_used_ip = ip.map(|ip| ip.to_string());
+            key.note_use(at, ip);
         }
-        Ok(KeyUsage {
-            hours,
-            last_used_time_us,
-            last_used_ip,
-        })
+        Ok(KeyUsage { hours, key })
     }
 
     /// Answers from memory: no database round trip, whatever the input. `required` are the

@@ -87,6 +87,16 @@ impl HourUsage {
         }
     }
 
+    /// An hour as stored.
+    pub fn stored(start_time_us: i64, counts: UsageCounts, client_ips: DistinctIps) -> Self {
+        Self {
+            start_time_us,
+            counts,
+            client_ips,
+            last_ip: None,
+        }
+    }
+
     pub fn count(&mut self, result: Validation, client_ip: Option<IpAddr>) {
         self.counts.add(result);
         if let Some(ip) = client_ip

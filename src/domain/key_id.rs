@@ -1,10 +1,14 @@
 use std::fmt;
 
+use sea_orm::DeriveValueType;
+
 use super::{InvalidInput, base62};
 
 /// A key's public identifier: `key_` + 20 random base62 characters (≈119 bits). Random, so it
 /// reveals nothing about the secret or about how many keys exist.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Stored as text (read back without re-checking: only this type writes the column).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, DeriveValueType)]
 pub struct KeyId(String);
 
 const PREFIX: &str = "key_";
@@ -27,6 +31,12 @@ impl KeyId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(value: KeyId) -> Self {
+        value.0
     }
 }
 

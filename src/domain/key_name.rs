@@ -1,10 +1,12 @@
 use std::fmt;
 
+use sea_orm::DeriveValueType;
+
 use super::{InvalidInput, Legibility, legibility};
 
 /// A key's friendly label: 1–100 characters after trimming, every one shown as written (see
 /// [`legibility`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, DeriveValueType)]
 pub struct KeyName(String);
 
 const KEY_NAME_MAX_CHARS: usize = 100;
@@ -35,6 +37,12 @@ impl KeyName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<KeyName> for String {
+    fn from(value: KeyName) -> Self {
+        value.0
     }
 }
 

@@ -1,9 +1,12 @@
-//! Pure types of the key domain: each can only hold a valid value. No I/O here.
+//! Pure types of the key domain: each can only hold a valid value. No I/O here; the
+//! sea-orm derives only say how a type is stored, for the store to use.
 
 mod actor;
 pub(crate) mod base62;
+mod event;
 mod expiration;
 mod invalid_input;
+mod key;
 mod key_id;
 mod key_name;
 mod legibility;
@@ -14,8 +17,10 @@ mod validation;
 mod workspace_id;
 
 pub use actor::{Actor, ActorError, Role};
+pub use event::{EventKind, KeyEvent, KeyField};
 pub use expiration::{Expiration, Expiry};
 pub use invalid_input::InvalidInput;
+pub use key::Key;
 pub use key_id::KeyId;
 pub use key_name::KeyName;
 pub use legibility::{Legibility, legibility};

@@ -1,6 +1,8 @@
 //! What a key may be used for: short names such as `orders:read`, checked by gateways through
 //! ValidateKey's `required_scopes`.
 
+use sea_orm::DeriveValueType;
+
 use super::InvalidInput;
 
 /// A key holds at most this many scopes; a request may require at most this many.
@@ -16,7 +18,13 @@ pub fn is_scope(scope: &str) -> bool {
 }
 
 /// A key's scopes: sorted, without duplicates, each well-formed, at most [`MAX_SCOPES`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Stored as one text column (see [`Scopes::to_column`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, DeriveValueType)]
+#[sea_orm(
+    value_type = "String",
+    from_str = "Scopes::from_column",
+    to_str = "Scopes::to_column"
+)]
 pub struct Scopes(Vec<String>);
 
 impl Scopes {
@@ -41,8 +49,21 @@ impl Scopes {
         self.0.join(" ")
     }
 
+    /// As read back: the column was written by [`Scopes::to_column`].
+    pub fn from_column(column: &str) -> Result<Self, std::convert::Infallible> {
+        Ok(Self(column_scopes(column).map(str::to_owned).collect()))
+    }
+
     pub fn as_slice(&self) -> &[String] {
         &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<String> {
+        self.0
     }
 }
 

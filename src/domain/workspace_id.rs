@@ -1,9 +1,11 @@
 use std::fmt;
 
+use sea_orm::DeriveValueType;
+
 use super::InvalidInput;
 
 /// A workspace identifier: 1–64 characters of `[A-Za-z0-9._:-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, DeriveValueType)]
 pub struct WorkspaceId(String);
 
 const WORKSPACE_ID_MAX_LEN: usize = 64;
@@ -24,6 +26,12 @@ impl WorkspaceId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<WorkspaceId> for String {
+    fn from(value: WorkspaceId) -> Self {
+        value.0
     }
 }
 

@@ -14,14 +14,13 @@ use super::proto::{
 };
 use crate::{
     domain::{
-        Actor, EventCursor, Expiration, Expiry, InvalidInput, KeyId, KeyName, PageCursor, Scopes,
-        Validation, WorkspaceId, column_scopes, masked_key,
+        Actor, EventCursor, EventKind, Expiration, Expiry, InvalidInput, Key, KeyId, KeyName,
+        PageCursor, Scopes, Validation, WorkspaceId,
     },
     error::ApiError,
     grpc::guard::ManagementRate,
     metrics::Metrics,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD},
-    store::{EventKind, EventRow, KeyRow},
     telemetry,
     usage::{UsageCounts, hour_start},
 };
@@ -180,14 +179,14 @@ impl ApiKeys for ApiKeysService {
         let name = KeyName::parse(&request.name).map_err(ApiError::from)?;
         let expiry = expiry(request.expiration, request.expire_time).map_err(ApiError::from)?;
         let scopes = Scopes::parse(&request.scopes).map_err(ApiError::from)?;
-        let (row, secret) = self
+        let (key, secret) = self
             .keys
             .create(&actor, &workspace, &name, expiry, &scopes)
             .await?;
-        tracing::Span::current().record("key_id", row.id.as_str());
+        tracing::Span::current().record("key_id", key.id.as_str());
         let now = self.keys.now();
         Ok(Response::new(CreateKeyResponse {
-            key: Some(api_key(row, now)),
+            key: Some(api_key(key, now)),
             secret: secret.expose().to_owned(),
         }))
     }
@@ -211,7 +210,7 @@ impl ApiKeys for ApiKeysService {
             .await?;
         let now = self.keys.now();
         Ok(Response::new(ListKeysResponse {
-            keys: page.keys.into_iter().map(|row| api_key(row, now)).collect(),
+            keys: page.keys.into_iter().map(|key| api_key(key, now)).collect(),
             next_page_token: page
                 .next
                 .map(|cursor| cursor.encode(&workspace))
@@ -438,8 +437,12 @@ impl ApiKeys for ApiKeysService {
                     }
                 })
                 .collect(),
-            last_used_time: usage.last_used_time_us.map(timestamp),
-            last_used_ip: usage.last_used_ip.unwrap_or_default(),
+            last_used_time: usage.key.last_used_time.map(time),
+            last_used_ip: usage
+                .key
+                .last_used_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
         }))
     }
 }
@@ -577,31 +580,25 @@ fn usage_range(
     Ok((hour_start(start), end))
 }
 
-fn key_event(row: EventRow) -> KeyEvent {
-    let kind = match EventKind::parse(&row.kind) {
-        Some(EventKind::Created) => KeyEventType::Created,
-        Some(EventKind::Updated) => KeyEventType::Updated,
-        Some(EventKind::Disabled) => KeyEventType::Disabled,
-        Some(EventKind::Enabled) => KeyEventType::Enabled,
-        Some(EventKind::Rotated) => KeyEventType::Rotated,
-        Some(EventKind::Deleted) => KeyEventType::Deleted,
-        None => KeyEventType::Unspecified,
+fn key_event(event: crate::domain::KeyEvent) -> KeyEvent {
+    let kind = match event.kind {
+        EventKind::Created => KeyEventType::Created,
+        EventKind::Updated => KeyEventType::Updated,
+        EventKind::Disabled => KeyEventType::Disabled,
+        EventKind::Enabled => KeyEventType::Enabled,
+        EventKind::Rotated => KeyEventType::Rotated,
+        EventKind::Deleted => KeyEventType::Deleted,
     };
     KeyEvent {
-        id: format!("evt_{}", row.id),
-        workspace_id: row.workspace_id,
-        key_id: row.key_id,
+        id: format!("evt_{}", event.id),
+        workspace_id: event.workspace.into(),
+        key_id: event.key_id.into(),
         r#type: kind.into(),
-        actor_id: row.actor_id,
-        actor_role: row.actor_role,
-        create_time: Some(timestamp(row.create_time_us)),
-        new_key_id: row.new_key_id.unwrap_or_default(),
-        changed_fields: row
-            .changed_fields
-            .split(' ')
-            .filter(|field| !field.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        actor_id: event.actor_id,
+        actor_role: event.actor_role,
+        create_time: Some(time(event.time)),
+        new_key_id: event.new_key_id.map(String::from).unwrap_or_default(),
+        changed_fields: event.changed_fields,
     }
 }
 
@@ -667,27 +664,24 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
     }
 }
 
-fn api_key(row: KeyRow, now: DateTime<Utc>) -> ApiKey {
-    let expire_time_us = row.expire_time_us.unwrap_or(i64::MAX);
-    let disabled = row.disable_time_us.is_some();
-    let status = KeyStatus::from(crate::domain::KeyStatus::at(
-        row.delete_time_us.is_some(),
-        disabled,
-        expire_time_us,
-        now.timestamp_micros(),
-    ));
+fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
+    let status = KeyStatus::from(key.status(now));
     ApiKey {
-        masked_key: masked_key(&row.key_suffix),
-        create_time: Some(timestamp(row.create_time_us)),
-        expire_time: row.expire_time_us.map(timestamp),
-        last_used_time: row.last_used_time_us.map(timestamp),
+        masked_key: key.masked(),
+        create_time: Some(time(key.create_time)),
+        expire_time: key.expire_time.map(time),
+        last_used_time: key.last_used_time.map(time),
         status: status.into(),
-        scopes: column_scopes(&row.scopes).map(str::to_owned).collect(),
-        id: row.id,
-        workspace_id: row.workspace_id,
-        name: row.name,
-        created_by: row.created_by,
+        scopes: key.scopes.into_vec(),
+        id: key.id.into(),
+        workspace_id: key.workspace.into(),
+        name: key.name.into(),
+        created_by: key.created_by,
     }
+}
+
+fn time(at: DateTime<Utc>) -> prost_types::Timestamp {
+    timestamp(at.timestamp_micros())
 }
 
 fn timestamp(micros: i64) -> prost_types::Timestamp {

@@ -2,17 +2,19 @@
 
 use sea_orm::entity::prelude::*;
 
+use crate::domain::{KeyHash, KeyId, KeyName, Scopes, WorkspaceId};
+
 #[sea_orm::model]
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "api_keys")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
-    pub id: String,
-    pub workspace_id: String,
-    pub name: String,
+    pub id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
     /// blake3 of the full key; the key itself is never stored.
     #[sea_orm(unique)]
-    pub key_hash: Vec<u8>,
+    pub key_hash: KeyHash,
     /// The key's last four characters, for the masked preview.
     pub key_suffix: String,
     pub created_by: String,
@@ -27,11 +29,34 @@ pub struct Model {
     /// Set while the key is disabled.
     pub disable_time_us: Option<i64>,
     /// Sorted, separated by single spaces; '' for none.
-    pub scopes: String,
+    pub scopes: Scopes,
     /// The id of the key RotateKey issued to replace this one.
-    pub rotated_to: Option<String>,
+    pub rotated_to: Option<KeyId>,
     /// The client IP of the last valid use, when the gateway sent one.
     pub last_used_ip: Option<String>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}
+
+impl From<Model> for crate::domain::Key {
+    fn from(row: Model) -> Self {
+        Self {
+            id: row.id,
+            workspace: row.workspace_id,
+            name: row.name,
+            hash: row.key_hash,
+            suffix: row.key_suffix,
+            created_by: row.created_by,
+            create_time: super::time(row.create_time_us),
+            expire_time: row.expire_time_us.map(super::time),
+            last_used_time: row.last_used_time_us.map(super::time),
+            // Written from a parsed address; anything else is no address.
+            last_used_ip: row.last_used_ip.and_then(|ip| ip.parse().ok()),
+            disable_time: row.disable_time_us.map(super::time),
+            delete_time: row.delete_time_us.map(super::time),
+            scopes: row.scopes,
+            rotated_to: row.rotated_to,
+            revision: row.revision,
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The database: source of truth for keys. SQLite by default, PostgreSQL for many replicas.
 
+mod columns;
 mod entity;
 mod event;
+mod index_row;
 mod sqlite_file;
 mod sqlite_scan;
 
@@ -18,13 +20,19 @@ use sea_orm::{
 };
 
 use crate::{
-    domain::{KeyHash, KeyId, PageCursor, WorkspaceId},
+    domain::{
+        Actor, EventKind, Key, KeyEvent, KeyField, KeyHash, KeyId, KeyName, PageCursor, Scopes,
+        WorkspaceId,
+    },
     usage::{DistinctIps, HOUR_US, HourUsage, UsageCounts},
 };
 
+/// A row of `api_keys` as stored, for operators' checks and tests; the service works on
+/// [`Key`].
 pub use entity::Model as KeyRow;
 use entity::{ActiveModel, Column, Entity};
-pub use event::Model as EventRow;
+use index_row::INDEX_COLUMNS;
+pub use index_row::IndexRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,105 +68,27 @@ impl From<DbErr> for StoreError {
     }
 }
 
-/// [`IndexRow`]'s columns in order, as decoded.
-type IndexTuple = (
-    String,
-    String,
-    Vec<u8>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-    String,
-    Option<i64>,
-    String,
-);
-
-/// What the validation index needs of a stored key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IndexRow {
-    pub id: String,
-    pub workspace_id: String,
-    pub key_hash: Vec<u8>,
-    pub expire_time_us: Option<i64>,
-    pub last_used_time_us: Option<i64>,
-    pub delete_time_us: Option<i64>,
-    pub revision: i64,
-    /// ValidateKey reports the key's name and scopes.
-    pub name: String,
-    pub disable_time_us: Option<i64>,
-    pub scopes: String,
-}
-
-impl From<IndexTuple> for IndexRow {
-    fn from(
-        (
-            id,
-            workspace_id,
-            key_hash,
-            expire_time_us,
-            last_used_time_us,
-            delete_time_us,
-            revision,
-            name,
-            disable_time_us,
-            scopes,
-        ): IndexTuple,
-    ) -> Self {
-        Self {
-            id,
-            workspace_id,
-            key_hash,
-            expire_time_us,
-            last_used_time_us,
-            delete_time_us,
-            revision,
-            name,
-            disable_time_us,
-            scopes,
-        }
-    }
-}
-
-impl From<&KeyRow> for IndexRow {
-    fn from(row: &KeyRow) -> Self {
-        Self {
-            id: row.id.clone(),
-            workspace_id: row.workspace_id.clone(),
-            key_hash: row.key_hash.clone(),
-            expire_time_us: row.expire_time_us,
-            last_used_time_us: row.last_used_time_us,
-            delete_time_us: row.delete_time_us,
-            revision: row.revision,
-            name: row.name.clone(),
-            disable_time_us: row.disable_time_us,
-            scopes: row.scopes.clone(),
-        }
-    }
-}
-
 /// A key to insert, already validated and hashed.
 #[derive(Debug)]
 pub struct NewKey<'a> {
     pub id: &'a KeyId,
-    pub workspace: &'a str,
-    pub name: String,
+    pub workspace: &'a WorkspaceId,
+    pub name: KeyName,
     pub hash: KeyHash,
     pub suffix: &'a str,
     pub created_by: &'a str,
     pub create_time: DateTime<Utc>,
     pub expire_time: Option<DateTime<Utc>>,
-    /// As stored: see [`crate::domain::Scopes::to_column`].
-    pub scopes: String,
+    pub scopes: Scopes,
 }
 
 impl NewKey<'_> {
     fn into_model(self, revision: i64) -> ActiveModel {
         ActiveModel {
-            id: Set(self.id.as_str().to_owned()),
-            workspace_id: Set(self.workspace.to_owned()),
+            id: Set(self.id.clone()),
+            workspace_id: Set(self.workspace.clone()),
             name: Set(self.name),
-            key_hash: Set(self.hash.as_bytes().to_vec()),
+            key_hash: Set(self.hash),
             key_suffix: Set(self.suffix.to_owned()),
             created_by: Set(self.created_by.to_owned()),
             create_time_us: Set(self.create_time.timestamp_micros()),
@@ -174,43 +104,6 @@ impl NewKey<'_> {
     }
 }
 
-/// What happened to a key, for the audit trail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Created,
-    Updated,
-    Disabled,
-    Enabled,
-    Rotated,
-    Deleted,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Created => "created",
-            Self::Updated => "updated",
-            Self::Disabled => "disabled",
-            Self::Enabled => "enabled",
-            Self::Rotated => "rotated",
-            Self::Deleted => "deleted",
-        }
-    }
-
-    pub fn parse(stored: &str) -> Option<Self> {
-        [
-            Self::Created,
-            Self::Updated,
-            Self::Disabled,
-            Self::Enabled,
-            Self::Rotated,
-            Self::Deleted,
-        ]
-        .into_iter()
-        .find(|kind| kind.as_str() == stored)
-    }
-}
-
 /// An event to record with a change, in its transaction; the store adds the key, the
 /// workspace and the id (the change's revision).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,12 +112,12 @@ pub struct NewEvent {
     pub actor_id: String,
     pub actor_role: &'static str,
     pub time_us: i64,
-    pub new_key_id: Option<String>,
-    pub changed_fields: Vec<&'static str>,
+    pub new_key_id: Option<KeyId>,
+    pub changed_fields: Vec<KeyField>,
 }
 
 impl NewEvent {
-    pub fn new(kind: EventKind, actor: &crate::domain::Actor, time: DateTime<Utc>) -> Self {
+    pub fn new(kind: EventKind, actor: &Actor, time: DateTime<Utc>) -> Self {
         Self {
             kind,
             actor_id: actor.id().to_owned(),
@@ -242,14 +135,6 @@ pub struct KeyHour {
     pub key_id: String,
     pub workspace_id: String,
     pub usage: HourUsage,
-}
-
-/// A stored hour of a key's usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub start_time_us: i64,
-    pub counts: UsageCounts,
-    pub client_ips: DistinctIps,
 }
 
 /// The usage table's count columns, each with its count: the one place they are named.
@@ -293,11 +178,11 @@ fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
 /// What a change sets on an existing key; `None` leaves a column as it is.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct KeyUpdate {
-    pub name: Option<String>,
-    pub scopes: Option<String>,
-    pub disable_time_us: Option<Option<i64>>,
-    pub expire_time_us: Option<Option<i64>>,
-    pub rotated_to: Option<String>,
+    pub name: Option<KeyName>,
+    pub scopes: Option<Scopes>,
+    pub disable_time: Option<Option<DateTime<Utc>>>,
+    pub expire_time: Option<Option<DateTime<Utc>>>,
+    pub rotated_to: Option<KeyId>,
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
@@ -312,8 +197,8 @@ pub struct Change<'a> {
 /// The outcome of [`Store::change`]: the key as now stored, and the key inserted with it.
 #[derive(Debug)]
 pub struct Changed {
-    pub key: KeyRow,
-    pub inserted: Option<KeyRow>,
+    pub key: Key,
+    pub inserted: Option<Key>,
     /// False when the decision was to change nothing.
     pub changed: bool,
 }
@@ -417,7 +302,7 @@ impl Store {
     }
 
     /// Inserts a key with its `created` event.
-    pub async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<KeyRow, StoreError> {
+    pub async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<Key, StoreError> {
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
         let row = Entity::insert(key.into_model(revision))
@@ -426,7 +311,7 @@ impl Store {
         record_event(&txn, revision, &row, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
-        Ok(row)
+        Ok(row.into())
     }
 
     /// A key of the workspace as stored, tombstone or not; `None` when the workspace has no
@@ -435,11 +320,12 @@ impl Store {
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
-    ) -> Result<Option<KeyRow>, StoreError> {
-        Ok(Entity::find_by_id(id.as_str())
+    ) -> Result<Option<Key>, StoreError> {
+        Ok(Entity::find_by_id(id.clone())
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .one(&self.db)
-            .await?)
+            .await?
+            .map(Key::from))
     }
 
     /// Changes a key of the workspace in one transaction: `decide` sees the key as stored
@@ -451,11 +337,11 @@ impl Store {
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
-        decide: impl FnOnce(&KeyRow) -> Result<Option<Change<'a>>, E>,
+        decide: impl FnOnce(&Key) -> Result<Option<Change<'a>>, E>,
     ) -> Result<Option<Changed>, E> {
         let txn = self.db.begin().await.map_err(StoreError::from)?;
         let revision = self.next_revision(&txn).await?;
-        let Some(row) = Entity::find_by_id(id.as_str())
+        let Some(row) = Entity::find_by_id(id.clone())
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .one(&txn)
             .await
@@ -463,10 +349,11 @@ impl Store {
         else {
             return Ok(None);
         };
-        let Some(change) = decide(&row)? else {
+        let stored = Key::from(row.clone());
+        let Some(change) = decide(&stored)? else {
             // Dropping the transaction gives the revision back.
             return Ok(Some(Changed {
-                key: row,
+                key: stored,
                 inserted: None,
                 changed: false,
             }));
@@ -476,15 +363,16 @@ impl Store {
                 Entity::insert(key.into_model(revision))
                     .exec_with_returning(&txn)
                     .await
-                    .map_err(StoreError::from)?,
+                    .map_err(StoreError::from)?
+                    .into(),
             ),
             None => None,
         };
         let KeyUpdate {
             name,
             scopes,
-            disable_time_us,
-            expire_time_us,
+            disable_time,
+            expire_time,
             rotated_to,
         } = change.update;
         record_event(&txn, revision, &row, change.event)
@@ -501,11 +389,12 @@ impl Store {
         if let Some(scopes) = scopes {
             update.scopes = Set(scopes);
         }
-        if let Some(disable_time_us) = disable_time_us {
-            update.disable_time_us = Set(disable_time_us);
+        let micros = |at: DateTime<Utc>| at.timestamp_micros();
+        if let Some(disable_time) = disable_time {
+            update.disable_time_us = Set(disable_time.map(micros));
         }
-        if let Some(expire_time_us) = expire_time_us {
-            update.expire_time_us = Set(expire_time_us);
+        if let Some(expire_time) = expire_time {
+            update.expire_time_us = Set(expire_time.map(micros));
         }
         if let Some(rotated_to) = rotated_to {
             update.rotated_to = Set(Some(rotated_to));
@@ -517,7 +406,7 @@ impl Store {
         self.announce(&txn, revision).await?;
         txn.commit().await.map_err(StoreError::from)?;
         Ok(Some(Changed {
-            key,
+            key: key.into(),
             inserted,
             changed: true,
         }))
@@ -555,7 +444,7 @@ impl Store {
         workspace: &WorkspaceId,
         cursor: Option<&PageCursor>,
         limit: u64,
-    ) -> Result<Vec<KeyRow>, StoreError> {
+    ) -> Result<Vec<Key>, StoreError> {
         let mut query = Entity::find()
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .filter(Column::DeleteTimeUs.is_null());
@@ -575,7 +464,10 @@ impl Store {
             .order_by_desc(Column::Id)
             .limit(limit)
             .all(&self.db)
-            .await?)
+            .await?
+            .into_iter()
+            .map(Key::from)
+            .collect())
     }
 
     /// Tombstones a live key of the workspace, with its `deleted` event, and returns it as
@@ -585,7 +477,7 @@ impl Store {
         workspace: &WorkspaceId,
         id: &KeyId,
         event: NewEvent,
-    ) -> Result<Option<KeyRow>, StoreError> {
+    ) -> Result<Option<Key>, StoreError> {
         let now = event.time_us;
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
@@ -601,13 +493,13 @@ impl Store {
             // Dropping the transaction rolls the revision back too.
             return Ok(None);
         }
-        let Some(row) = Entity::find_by_id(id.as_str()).one(&txn).await? else {
+        let Some(row) = Entity::find_by_id(id.clone()).one(&txn).await? else {
             return Ok(None);
         };
         record_event(&txn, revision, &row, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
-        Ok(Some(row))
+        Ok(Some(row.into()))
     }
 
     /// A workspace's events (or one key's, the rotation that issued it included), newest
@@ -618,7 +510,7 @@ impl Store {
         key: Option<&KeyId>,
         before: Option<i64>,
         limit: u64,
-    ) -> Result<Vec<EventRow>, StoreError> {
+    ) -> Result<Vec<KeyEvent>, StoreError> {
         use event::{Column as EventColumn, Entity as Events};
         Ok(Events::find()
             .filter(EventColumn::WorkspaceId.eq(workspace.as_str()))
@@ -635,7 +527,10 @@ impl Store {
             .order_by_desc(EventColumn::Id)
             .limit(limit)
             .all(&self.db)
-            .await?)
+            .await?
+            .into_iter()
+            .map(KeyEvent::from)
+            .collect())
     }
 
     /// Adds each key's hour to what is stored, in one transaction: counts are summed and the
@@ -748,7 +643,7 @@ impl Store {
         id: &KeyId,
         from_us: i64,
         to_us: i64,
-    ) -> Result<Vec<UsageRow>, StoreError> {
+    ) -> Result<Vec<HourUsage>, StoreError> {
         let backend = self.backend();
         let mut placeholders = Placeholders::new(backend);
         let sql = format!(
@@ -777,11 +672,11 @@ impl Store {
         rows.into_iter()
             .map(|row| {
                 let bytes: Option<Vec<u8>> = row.try_get("", "client_ips")?;
-                Ok(UsageRow {
-                    start_time_us: row.try_get("", "start_time_us")?,
-                    counts: read_usage_counts(&row)?,
-                    client_ips: decode_ips(bytes.as_deref(), id.as_str()),
-                })
+                Ok(HourUsage::stored(
+                    row.try_get("", "start_time_us")?,
+                    read_usage_counts(&row)?,
+                    decode_ips(bytes.as_deref(), id.as_str()),
+                ))
             })
             .collect()
     }
@@ -820,37 +715,38 @@ impl Store {
         within: Option<std::ops::RangeInclusive<i64>>,
         limit: u64,
     ) -> Result<Vec<IndexRow>, StoreError> {
-        // Only the columns the index keeps, decoded by position: the start-up load reads every
-        // row through here, and per-row decoding is most of its cost.
-        let rows: Vec<IndexTuple> = Entity::find()
-            .select_only()
-            .columns([
-                Column::Id,
-                Column::WorkspaceId,
-                Column::KeyHash,
-                Column::ExpireTimeUs,
-                Column::LastUsedTimeUs,
-                Column::DeleteTimeUs,
-                Column::Revision,
-                Column::Name,
-                Column::DisableTimeUs,
-                Column::Scopes,
-            ])
-            .filter(
-                Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(
-                    [Expr::val(cursor.revision), Expr::val(cursor.id.as_str())],
-                )),
-            )
-            .apply_if(within, |query, within| {
-                query.filter(Column::Revision.between(*within.start(), *within.end()))
-            })
-            .order_by_asc(Column::Revision)
-            .order_by_asc(Column::Id)
-            .limit(limit)
-            .into_tuple()
-            .all(&self.db)
+        // Only the columns the index keeps: the start-up load reads every row through here.
+        let backend = self.backend();
+        let mut placeholders = Placeholders::new(backend);
+        let mut values: Vec<sea_orm::Value> =
+            vec![cursor.revision.into(), cursor.id.clone().into()];
+        let mut sql = format!(
+            "SELECT {} FROM api_keys WHERE (revision, id) > ({}, {})",
+            INDEX_COLUMNS.join(", "),
+            placeholders.next(),
+            placeholders.next()
+        );
+        if let Some(within) = within {
+            sql.push_str(&format!(
+                " AND revision BETWEEN {} AND {}",
+                placeholders.next(),
+                placeholders.next()
+            ));
+            values.extend([(*within.start()).into(), (*within.end()).into()]);
+        }
+        sql.push_str(&format!(
+            " ORDER BY revision, id LIMIT {}",
+            placeholders.next()
+        ));
+        values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
-        Ok(rows.into_iter().map(IndexRow::from).collect())
+        Ok(rows
+            .iter()
+            .map(IndexRow::decode)
+            .collect::<Result<_, _>>()?)
     }
 
     /// Writes a batch of `(key id, last used µs, client IP)`, a few hundred keys per
@@ -1021,16 +917,17 @@ async fn record_event(
     key: &KeyRow,
     event: NewEvent,
 ) -> Result<(), DbErr> {
+    let changed_fields: Vec<&str> = event.changed_fields.iter().map(|f| f.as_str()).collect();
     event::Entity::insert(event::ActiveModel {
         id: Set(revision),
         workspace_id: Set(key.workspace_id.clone()),
         key_id: Set(key.id.clone()),
-        kind: Set(event.kind.as_str().to_owned()),
+        kind: Set(event.kind),
         actor_id: Set(event.actor_id),
         actor_role: Set(event.actor_role.to_owned()),
         create_time_us: Set(event.time_us),
         new_key_id: Set(event.new_key_id),
-        changed_fields: Set(event.changed_fields.join(" ")),
+        changed_fields: Set(changed_fields.join(" ")),
     })
     .exec_without_returning(txn)
     .await?;
@@ -1048,6 +945,12 @@ fn decode_ips(bytes: Option<&[u8]>, key_id: &str) -> DistinctIps {
             DistinctIps::default()
         }
     }
+}
+
+/// A stored time in microseconds, as a time; one out of chrono's range (never written) is
+/// the epoch.
+fn time(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
 #[cfg(test)]

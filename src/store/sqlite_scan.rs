@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::IndexRow;
+use super::index_row::{INDEX_COLUMNS, IndexRow};
 
 /// Reads every row of `api_keys` (tombstones included) in one read transaction, so what is
 /// read is one consistent snapshot, and hands each to `each`. Returns the highest revision
@@ -20,27 +20,16 @@ pub(super) fn scan(path: &Path, mut each: impl FnMut(IndexRow)) -> rusqlite::Res
     // Writers hold the lock only to commit; wait for one rather than fail the start-up.
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let txn = conn.transaction()?;
-    let mut statement = txn.prepare(
-        "SELECT id, workspace_id, key_hash, expire_time_us, last_used_time_us, \
-         delete_time_us, revision, name, disable_time_us, scopes FROM api_keys",
-    )?;
+    let mut statement = txn.prepare(&format!(
+        "SELECT {} FROM api_keys",
+        INDEX_COLUMNS.join(", ")
+    ))?;
     let mut rows = statement.query([])?;
     let mut top = 0;
     while let Some(row) = rows.next()? {
-        let revision: i64 = row.get(6)?;
-        top = top.max(revision);
-        each(IndexRow {
-            id: row.get(0)?,
-            workspace_id: row.get(1)?,
-            key_hash: row.get(2)?,
-            expire_time_us: row.get(3)?,
-            last_used_time_us: row.get(4)?,
-            delete_time_us: row.get(5)?,
-            revision,
-            name: row.get(7)?,
-            disable_time_us: row.get(8)?,
-            scopes: row.get(9)?,
-        });
+        let row = IndexRow::decode(row)?;
+        top = top.max(row.revision);
+        each(row);
     }
     Ok(top)
 }

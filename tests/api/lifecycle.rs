@@ -145,7 +145,10 @@ fn scoped(workspace: &str, name: &str, scopes: &[&str]) -> CreateKeyRequest {
 /// The stored revision of a key: changes exactly when the key changes.
 async fn revision(app: &TestApp, id: &str) -> i64 {
     let rows = app.store().await.all_rows().await.unwrap();
-    rows.into_iter().find(|row| row.id == id).unwrap().revision
+    rows.into_iter()
+        .find(|row| row.id.as_str() == id)
+        .unwrap()
+        .revision
 }
 
 #[tokio::test]
@@ -253,7 +256,7 @@ async fn deleted_keys_cannot_be_changed_or_fetched() {
     let rows = app.store().await.all_rows().await.unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].delete_time_us.is_some());
-    assert_eq!(rows[0].name, "gone");
+    assert_eq!(rows[0].name.as_str(), "gone");
 }
 
 #[tokio::test]

@@ -128,7 +128,10 @@ async fn no_secret_reaches_the_database() {
         );
         // Only its hash.
         let hash = blake3::hash(secret.as_bytes()).as_bytes().to_vec();
-        assert!(rows.iter().any(|row| row.key_hash == hash));
+        assert!(
+            rows.iter()
+                .any(|row| row.key_hash.as_bytes()[..] == hash[..])
+        );
     }
 
     // For SQLite, the raw bytes of every file too: pages, WAL, free space.

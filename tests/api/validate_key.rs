@@ -279,12 +279,17 @@ async fn recorded_uses_never_move_back_in_time_and_keep_their_client_ip() {
         .unwrap();
 
     let rows = store.all_rows().await.unwrap();
-    let used = |id: &str| rows.iter().find(|r| r.id == id).unwrap().last_used_time_us;
+    let used = |id: &str| {
+        rows.iter()
+            .find(|r| r.id.as_str() == id)
+            .unwrap()
+            .last_used_time_us
+    };
     assert_eq!(used(&a.id), Some(later));
     assert_eq!(used(&b.id), Some(later));
     let ip_of = |id: &str| {
         rows.iter()
-            .find(|r| r.id == id)
+            .find(|r| r.id.as_str() == id)
             .unwrap()
             .last_used_ip
             .clone()

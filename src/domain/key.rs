@@ -1,0 +1,76 @@
+//! A stored key as the service sees it: what the store returns and the gRPC layer shows.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+
+use super::{KeyHash, KeyId, KeyName, KeyStatus, Scopes, WorkspaceId, masked_key};
+
+/// A key as stored, tombstone or not. Never the key itself: only its hash and last four
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub id: KeyId,
+    pub workspace: WorkspaceId,
+    pub name: KeyName,
+    pub hash: KeyHash,
+    /// The key's last four characters, for the masked preview.
+    pub suffix: String,
+    /// The actor who created it.
+    pub created_by: String,
+    pub create_time: DateTime<Utc>,
+    /// `None` for never.
+    pub expire_time: Option<DateTime<Utc>>,
+    /// The last valid use, as stored or as this replica has seen it.
+    pub last_used_time: Option<DateTime<Utc>>,
+    /// The client IP of that use, when the gateway sent one.
+    pub last_used_ip: Option<IpAddr>,
+    /// Set while the key is disabled.
+    pub disable_time: Option<DateTime<Utc>>,
+    /// Set once the key is deleted; the key stays as a tombstone.
+    pub delete_time: Option<DateTime<Utc>>,
+    pub scopes: Scopes,
+    /// The key RotateKey issued to replace this one.
+    pub rotated_to: Option<KeyId>,
+    /// The revision of its last change: a newer one replaces an older one everywhere.
+    pub revision: i64,
+}
+
+impl Key {
+    /// The key's status at `now`, by [`KeyStatus::at`].
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        KeyStatus::at(
+            self.is_deleted(),
+            self.is_disabled(),
+            self.expire_time
+                .map_or(i64::MAX, |at| at.timestamp_micros()),
+            now.timestamp_micros(),
+        )
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.delete_time.is_some()
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disable_time.is_some()
+    }
+
+    /// Whether the key has expired by `now` (exactly at its expiry time, it has).
+    pub fn has_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expire_time.is_some_and(|at| at <= now)
+    }
+
+    /// The masked preview of the key, for lists: its prefix and last four characters.
+    pub fn masked(&self) -> String {
+        masked_key(&self.suffix)
+    }
+
+    /// Notes a use this replica saw that may not be stored yet.
+    pub fn note_use(&mut self, at: DateTime<Utc>, ip: Option<IpAddr>) {
+        if Some(at) > self.last_used_time {
+            self.last_used_time = Some(at);
+            self.last_used_ip = ip;
+        }
+    }
+}
