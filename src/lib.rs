@@ -1,5 +1,6 @@
 //! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
 
+pub mod app;
 pub mod callers;
 pub mod cli;
 pub mod clock;
@@ -9,13 +10,9 @@ pub mod error;
 mod file_mode;
 pub mod grpc;
 pub mod index;
-pub mod metrics;
 pub mod net;
-pub mod retention;
+pub mod observability;
 pub mod service;
-pub mod signal;
-pub mod startup;
 pub mod store;
-pub mod telemetry;
 pub mod tls;
 pub mod usage;

@@ -1,9 +1,9 @@
 use std::process::ExitCode;
 
 use apikeys::{
+    app::{Application, connect_and_migrate},
     callers,
     config::{CallerTokenCommand, Cli, Command},
-    startup::{Application, connect_and_migrate},
 };
 use clap::Parser;
 
@@ -24,7 +24,7 @@ async fn main() -> ExitCode {
         } => return apikeys::cli::run(connection, command).await,
         server => server,
     };
-    let telemetry = match apikeys::telemetry::init(
+    let telemetry = match apikeys::observability::telemetry::init(
         cli.settings.log_format,
         std::io::stderr,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -42,7 +42,10 @@ async fn main() -> ExitCode {
                 tracing::info!("migrations are up to date");
             }),
         Command::Serve => match Application::build(&cli.settings).await {
-            Ok(app) => app.run_until_stopped(apikeys::signal::shutdown()).await,
+            Ok(app) => {
+                app.run_until_stopped(apikeys::app::signal::shutdown())
+                    .await
+            }
             Err(err) => Err(err),
         },
         Command::CallerToken { .. } | Command::Keys { .. } => Ok(()),

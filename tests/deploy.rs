@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 
-use apikeys::startup::{LIVENESS_NAME, SERVICE_NAME};
+use apikeys::app::{LIVENESS_NAME, SERVICE_NAME};
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()

@@ -22,7 +22,7 @@ use apikeys::{
     },
     index::{KeyIndex, SyncSettings, Syncer},
     service::KeyService,
-    startup::MAX_REQUEST_BYTES,
+    app::MAX_REQUEST_BYTES,
     store::Store,
 };
 use arbitrary::Arbitrary;
@@ -34,7 +34,7 @@ use prost::Message;
 use tower::Service;
 
 /// Every ApiKeys method, as the server names them.
-const METHODS: [&str; 12] = apikeys::grpc::observe::API_METHODS;
+const METHODS: [&str; 12] = apikeys::observability::observe::API_METHODS;
 
 #[derive(Debug, Arbitrary)]
 struct Call {

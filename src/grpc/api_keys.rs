@@ -19,9 +19,9 @@ use crate::{
     },
     error::ApiError,
     grpc::guard::ManagementRate,
-    metrics::Metrics,
+    observability::metrics::Metrics,
+    observability::telemetry,
     service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD},
-    telemetry,
     usage::{UsageCounts, hour_start},
 };
 
@@ -714,7 +714,7 @@ mod tests {
             let result = ValidationResult::from(validation);
             assert!(seen.insert(result), "{validation:?}");
             assert_eq!(
-                crate::metrics::result_label(validation),
+                crate::observability::metrics::result_label(validation),
                 result.as_str_name()
             );
         }

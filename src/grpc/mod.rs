@@ -4,7 +4,6 @@ mod api_keys;
 pub(crate) mod codec;
 pub mod ext_authz;
 pub mod guard;
-pub mod observe;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
 pub use codec::{ApiKeysRoutes, ExtAuthzServer};

@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -15,13 +15,9 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use sea_orm::{DatabaseBackend, sqlx::postgres::PgListener};
 use tokio::{sync::watch, task::JoinHandle};
-use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::KeyIndex;
-use crate::{
-    startup::HEALTH_NAMES,
-    store::{CHANGES_CHANNEL, ChangeCursor, KeyHour, Store, StoreError},
-};
+use crate::store::{CHANGES_CHANNEL, ChangeCursor, KeyHour, Store, StoreError};
 
 /// Rows read per catch-up query; start-up loads the whole table in such pages.
 const BATCH: u64 = 20_000;
@@ -63,7 +59,6 @@ pub struct Syncer {
     epoch: Instant,
     /// Milliseconds after `epoch` at which the last successful catch-up started.
     last_sync_ms: AtomicU64,
-    stopping: AtomicBool,
     /// Flushes that failed (and were retried by the next).
     pub(crate) flush_failures: Counter,
     /// Answers counted in memory but dropped, the unwritten backlog being full.
@@ -86,7 +81,6 @@ impl Syncer {
             cursor: tokio::sync::Mutex::default(),
             epoch: Instant::now(),
             last_sync_ms: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
             flush_failures: Counter::default(),
             usage_dropped: Counter::default(),
         }
@@ -198,26 +192,22 @@ impl Syncer {
         self.staleness() <= self.settings.staleness_bound
     }
 
-    /// Starts the background loops; they end when `stop` turns true.
+    /// Starts the background loops; they end when `stop` turns true. The receiver turns
+    /// false while the index is stale and true again once it is fresh: what health reports.
     pub fn spawn(
         self: &Arc<Self>,
-        health: HealthReporter,
         stop: watch::Receiver<bool>,
-    ) -> Vec<JoinHandle<()>> {
+    ) -> (watch::Receiver<bool>, Vec<JoinHandle<()>>) {
+        let (fresh_tx, fresh) = watch::channel(true);
         let mut tasks = vec![
             tokio::spawn(self.clone().poll(stop.clone())),
-            tokio::spawn(self.clone().report_health(health, stop.clone())),
+            tokio::spawn(self.clone().watch_freshness(fresh_tx, stop.clone())),
             tokio::spawn(self.clone().flush_loop(stop.clone())),
         ];
         if self.store.backend() == DatabaseBackend::Postgres {
             tasks.push(tokio::spawn(self.clone().listen(stop)));
         }
-        tasks
-    }
-
-    /// Marks the server as stopping: health is no longer changed by the sync loops.
-    pub fn stop_reporting(&self) {
-        self.stopping.store(true, Ordering::Release);
+        (fresh, tasks)
     }
 
     async fn poll(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -250,38 +240,28 @@ impl Syncer {
         }
     }
 
-    /// Keeps health in step with the index's freshness. A loop of its own: a sync can wait
+    /// Keeps `fresh` in step with the index's freshness. A loop of its own: a sync can wait
     /// seconds for a connection while the database is down (the pool's acquire timeout), and
     /// health must turn NOT_SERVING when the bound passes, not when that wait ends.
-    async fn report_health(
+    async fn watch_freshness(
         self: Arc<Self>,
-        health: HealthReporter,
+        fresh: watch::Sender<bool>,
         mut stop: watch::Receiver<bool>,
     ) {
         let every = (self.settings.poll_interval)
             .min(self.settings.staleness_bound / 4)
             .max(Duration::from_millis(10));
-        let mut fresh = true;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 () = tokio::time::sleep(every) => {}
             }
             let now_fresh = self.is_fresh();
-            if now_fresh != fresh && !self.stopping.load(Ordering::Acquire) {
-                fresh = now_fresh;
-                let status = if fresh {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                if fresh {
+            if fresh.send_if_modified(|fresh| std::mem::replace(fresh, now_fresh) != now_fresh) {
+                if now_fresh {
                     tracing::info!("key index fresh again: SERVING");
                 } else {
                     tracing::error!(bound = ?self.settings.staleness_bound, "key index stale: ValidateKey fails closed, NOT_SERVING");
-                }
-                for name in HEALTH_NAMES {
-                    health.set_service_status(name, status).await;
                 }
             }
         }

@@ -7,13 +7,13 @@ use std::{
 };
 
 use apikeys::{
+    app::Application,
     clock::ManualClock,
     config::Settings,
     grpc::proto::{
         ApiKey, CreateKeyRequest, Expiration, ListKeysRequest, ValidateKeyRequest,
         ValidateKeyResponse, api_keys_client::ApiKeysClient,
     },
-    startup::Application,
     store::Store,
 };
 use sea_orm::{ConnectionTrait, Database};
@@ -111,7 +111,7 @@ pub(crate) struct TestApp {
     pub(crate) clock: ManualClock,
     pub(crate) db: TestDb,
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<Result<(), apikeys::startup::StartupError>>>,
+    server: Option<JoinHandle<Result<(), apikeys::app::StartupError>>>,
 }
 
 pub(crate) async fn spawn_app() -> TestApp {

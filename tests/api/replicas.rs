@@ -266,7 +266,7 @@ async fn a_database_outage_is_survived_then_fails_closed_then_recovers_on_postgr
     // Not ready, but alive: a liveness probe must not restart a replica for the database.
     let liveness = health
         .check(HealthCheckRequest {
-            service: apikeys::startup::LIVENESS_NAME.into(),
+            service: apikeys::app::LIVENESS_NAME.into(),
         })
         .await
         .unwrap()

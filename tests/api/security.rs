@@ -3,6 +3,7 @@
 use std::{num::NonZeroU32, time::Duration};
 
 use apikeys::{
+    app::{Application, StartupError},
     callers::{CallerRole, CallerToken, file_line},
     clock::ManualClock,
     config::Settings,
@@ -14,7 +15,6 @@ use apikeys::{
             RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest, ValidationResult,
         },
     },
-    startup::{Application, StartupError},
 };
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, TransactionTrait};
 use tonic::{Code, Request, Status};

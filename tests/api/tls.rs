@@ -286,7 +286,7 @@ async fn a_private_key_others_may_write_stops_the_start_with_the_fix() {
     settings.tls_cert = Some(tls.path("server.pem"));
     settings.tls_key = Some(key.clone());
 
-    let err = apikeys::startup::Application::build(&settings)
+    let err = apikeys::app::Application::build(&settings)
         .await
         .unwrap_err()
         .to_string();

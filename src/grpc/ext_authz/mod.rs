@@ -20,9 +20,9 @@ pub(crate) use self::{request::CheckRequest, response::CheckResponse};
 use crate::{
     domain::{InvalidInput, Validation},
     error::ApiError,
-    metrics::Metrics,
+    observability::metrics::Metrics,
+    observability::telemetry,
     service::KeyService,
-    telemetry,
 };
 
 /// Upstream request headers naming the key that was accepted.

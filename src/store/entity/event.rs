@@ -34,7 +34,7 @@ impl From<Model> for crate::domain::KeyEvent {
             kind: row.kind,
             actor_id: row.actor_id,
             actor_role: row.actor_role,
-            time: super::time(row.create_time_us),
+            time: super::super::time(row.create_time_us),
             new_key_id: row.new_key_id,
             changed_fields: row
                 .changed_fields

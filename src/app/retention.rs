@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use crate::{clock::Clock, store::Store};
 
 /// Prunes now and then every `every`, until `stop` turns true.
-pub async fn prune_loop(
+pub(super) async fn prune_loop(
     store: Store,
     clock: Arc<dyn Clock>,
     retention: Duration,

@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::{metrics::Metrics, telemetry};
+use super::{metrics::Metrics, telemetry};
 
 /// The ApiKeys methods: the only method names besides health, reflection and `unknown`.
 pub const API_METHODS: [&str; 12] = [
@@ -44,7 +44,7 @@ fn method_of(path: &str) -> &'static str {
     match path {
         "/grpc.health.v1.Health/Check" => "health.Check",
         "/grpc.health.v1.Health/Watch" => "health.Watch",
-        super::EXT_AUTHZ_CHECK_PATH => "ext_authz.Check",
+        crate::grpc::EXT_AUTHZ_CHECK_PATH => "ext_authz.Check",
         _ if path.starts_with("/grpc.reflection.") => "reflection",
         _ => "unknown",
     }

@@ -1,25 +1,28 @@
-//! Builds the server: database, migrations, services, health, reflection; runs it until told
-//! to stop.
+//! The Application: builds the server (database, migrations, the index, services, health,
+//! reflection), runs it with its background tasks, and shuts it down.
+
+mod health;
+mod retention;
+mod router;
+pub mod signal;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use tokio::net::TcpListener;
-use tonic::transport::Server;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tonic_health::server::HealthReporter;
 
+pub use self::health::LIVENESS_NAME;
 use crate::{
     callers::{Callers, CallersFileError},
     clock::{Clock, SystemClock},
     config::Settings,
     grpc::{
-        ApiKeysService,
-        guard::{Authenticate, Deadline, Guard, HealthWatches, InFlight, ManagementRate, Rate},
-        observe::Observe,
-        proto,
+        ApiKeysService, ExtAuthzService, GatewaySettings,
+        guard::{ManagementRate, Rate},
     },
     index::{KeyIndex, SyncSettings, Syncer},
-    metrics::Metrics,
     net::{Connections, Incoming},
+    observability::metrics::Metrics,
     service::KeyService,
     store::{Store, StoreError},
     tls::ReloadableTls,
@@ -28,19 +31,8 @@ use crate::{
 /// The service name health reports on, besides the whole server (`""`).
 pub const SERVICE_NAME: &str = "cloodot.apikeys.v1.ApiKeys";
 
-/// Every name health reports on for readiness: the whole server and the API. Both turn
-/// NOT_SERVING when the index is stale and on shutdown.
-pub(crate) const HEALTH_NAMES: [&str; 2] = ["", SERVICE_NAME];
-
-/// The health name for liveness probes: SERVING for as long as the process serves, through
-/// database outages too (restarting would not bring the database back, and a replica
-/// without one could not even start).
-pub const LIVENESS_NAME: &str = "liveness";
-
 /// The largest request message any service decodes; ValidateKey holds its own to 16 KiB.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// The largest block of request headers (metadata) a connection accepts.
-const MAX_HEADER_BYTES: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -179,19 +171,12 @@ impl Application {
     /// Serves until `shutdown` resolves: health turns NOT_SERVING at once, in-flight calls
     /// finish (for at most the shutdown grace), then the database is closed.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartupError> {
         let health = HealthReporter::new();
         let health_service = crate::grpc::codec::HealthServer::new(&health);
-        set_health(&health, ServingStatus::Serving).await;
-        health
-            .set_service_status(LIVENESS_NAME, ServingStatus::Serving)
-            .await;
-
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-        let (stop_sync, sync_stopped) = tokio::sync::watch::channel(false);
+        let (stop_tasks, tasks_stopped) = watch::channel(false);
         let connections = Connections::new(
             self.settings.connection_limits().within_descriptor_limit(
                 self.metrics
@@ -199,122 +184,55 @@ impl Application {
                     .map_or(0, |_| self.settings.metrics_max_connections),
             ),
         );
-        let metrics = self.metrics.map(|(listener, addr)| {
-            let metrics = Arc::new(
-                Metrics::new()
-                    .with_flushes_of(&self.syncer)
-                    .with_connections_of(&connections),
-            );
-            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-            let serving = tokio::spawn(crate::metrics::serve(
-                listener,
-                metrics.clone(),
-                self.syncer.clone(),
-                self.store.clone(),
-                crate::metrics::ListenerLimits {
-                    max_connections: self.settings.metrics_max_connections,
-                    header_timeout: self.settings.handshake_timeout,
-                },
-                sync_stopped.clone(),
-            ));
-            (metrics, AbortOnDrop(vec![serving]))
-        });
-        let (metrics, _metrics_task) = metrics.unzip();
-        let keys = KeyService::new(self.store.clone(), self.clock.clone(), self.syncer.clone());
-        let ext_authz = crate::grpc::ExtAuthzService::new(
-            keys.clone(),
-            crate::grpc::GatewaySettings {
-                key_headers: self.settings.gateway_key_headers.clone(),
-                hide_credentials: self.settings.gateway_hide_credentials,
-            },
-            metrics.clone(),
-        );
-        let limits = &self.settings;
-        let management_rate = ManagementRate::new(
-            Rate {
-                per_second: limits.management_caller_rate,
-                burst: limits.management_caller_burst,
-            },
-            Rate {
-                per_second: limits.management_rate,
-                burst: limits.management_burst,
-            },
-        );
+        let (metrics, _metrics_task) = self
+            .serve_metrics(&connections, tasks_stopped.clone())
+            .unzip();
+        let management_rate = self.management_rate();
         // Tells open ValidateKeys streams that the server is draining, so they end at once
         // rather than hold the drain for its whole grace.
-        let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
-        let api = ApiKeysService::new(keys, management_rate.clone())
-            .with_metrics(metrics.clone())
-            .with_draining(draining_rx);
-        let mut sync_tasks = self.syncer.spawn(health.clone(), sync_stopped.clone());
-        sync_tasks.push(tokio::spawn(crate::retention::prune_loop(
+        let (draining_tx, draining_rx) = watch::channel(false);
+        let (api, ext_authz) = self.services(metrics.clone(), &management_rate, draining_rx);
+        let (fresh, mut tasks) = self.syncer.spawn(tasks_stopped.clone());
+        tasks.push(tokio::spawn(retention::prune_loop(
             self.store.clone(),
-            self.clock,
+            self.clock.clone(),
             self.settings.retention,
             self.settings.prune_interval,
-            sync_stopped,
+            tasks_stopped,
         )));
+        let (stop_health, health_stopped) = watch::channel(false);
+        let reporting = health::report(health, fresh, health_stopped).await;
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = {
-            let health = health.clone();
-            let syncer = self.syncer.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
-                syncer.stop_reporting();
-                set_health(&health, ServingStatus::NotServing).await;
-                let _ = draining_tx.send(true);
-                let _ = stopping_tx.send(());
-            }
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+            let _ = stop_health.send(true);
+            // Readiness is NOT_SERVING before the drain begins.
+            let _ = reporting.await;
+            let _ = draining_tx.send(true);
+            let _ = stopping_tx.send(());
         };
-
-        let server = Server::builder()
-            .http2_max_header_list_size(MAX_HEADER_BYTES)
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            // Outermost, so calls the guards turn away are counted and traced too.
-            .layer(Observe(metrics))
-            // One layer, the checks in this order: authentication before the in-flight
-            // limit, which keeps each caller to its share.
-            .layer(Guard((
-                (
-                    (
-                        Deadline(limits.request_timeout),
-                        Authenticate::new(self.callers),
-                    ),
-                    InFlight::new(
-                        limits.max_in_flight,
-                        limits.max_in_flight_per_caller,
-                        limits.request_body_timeout,
-                    ),
-                ),
-                (
-                    HealthWatches::new(
-                        limits.max_health_watches,
-                        limits.max_health_watches_per_connection,
-                    ),
-                    management_rate,
-                ),
-            )))
-            .add_service(health_service.max_decoding_message_size(MAX_REQUEST_BYTES))
-            .add_service(reflection_v1.max_decoding_message_size(MAX_REQUEST_BYTES))
-            .add_service(reflection_v1alpha.max_decoding_message_size(MAX_REQUEST_BYTES))
-            .add_service(crate::grpc::ApiKeysRoutes::new(api, MAX_REQUEST_BYTES))
-            .add_service(
-                crate::grpc::ExtAuthzServer::new(ext_authz)
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-            );
+        let server = router::server(
+            &self.settings,
+            metrics,
+            self.callers,
+            management_rate,
+            router::Services {
+                health: health_service,
+                api,
+                ext_authz,
+            },
+        )?;
         // Connections are accepted (and TLS handshaken) by tasks of their own, stopped with
         // the server however it stops.
         let (incoming, accepting) =
             crate::net::accept(self.listener, connections, self.tls.clone());
-        let mut tasks = vec![accepting];
+        let mut accept_tasks = vec![accepting];
         if let Some(tls) = &self.tls {
-            tasks.push(tls.watch(self.settings.tls_reload_interval));
+            accept_tasks.push(tls.watch(self.settings.tls_reload_interval));
         }
-        let tls_tasks = AbortOnDrop(tasks);
+        let accept_tasks = AbortOnDrop(accept_tasks);
         // Only now: tests and operators take this line to mean connections are accepted and
         // SIGHUP reloads.
         tracing::info!(
@@ -345,10 +263,10 @@ impl Application {
                 }
             } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
         }
-        drop(tls_tasks);
+        drop(accept_tasks);
         // The sync loops end with a last flush of last-used times and usage.
-        let _ = stop_sync.send(true);
-        for task in sync_tasks {
+        let _ = stop_tasks.send(true);
+        for task in tasks {
             let _ = task.await;
         }
         if let Err(err) = self.store.close().await {
@@ -357,10 +275,74 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+
+    /// Starts the Prometheus listener, when metrics are on.
+    fn serve_metrics(
+        &mut self,
+        connections: &Arc<Connections>,
+        stop: watch::Receiver<bool>,
+    ) -> Option<(Arc<Metrics>, AbortOnDrop)> {
+        let (listener, addr) = self.metrics.take()?;
+        let metrics = Arc::new(
+            Metrics::new()
+                .with_flushes_of(&self.syncer)
+                .with_connections_of(connections),
+        );
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let serving = tokio::spawn(crate::observability::metrics::serve(
+            listener,
+            metrics.clone(),
+            self.syncer.clone(),
+            self.store.clone(),
+            crate::observability::metrics::ListenerLimits {
+                max_connections: self.settings.metrics_max_connections,
+                header_timeout: self.settings.handshake_timeout,
+            },
+            stop,
+        ));
+        Some((metrics, AbortOnDrop(vec![serving])))
+    }
+
+    /// Management calls' rates: per caller, and per workspace.
+    fn management_rate(&self) -> ManagementRate {
+        let limits = &self.settings;
+        ManagementRate::new(
+            Rate {
+                per_second: limits.management_caller_rate,
+                burst: limits.management_caller_burst,
+            },
+            Rate {
+                per_second: limits.management_rate,
+                burst: limits.management_burst,
+            },
+        )
+    }
+
+    /// The ApiKeys service and Envoy's Check, over one key service.
+    fn services(
+        &self,
+        metrics: Option<Arc<Metrics>>,
+        management_rate: &ManagementRate,
+        draining: watch::Receiver<bool>,
+    ) -> (ApiKeysService, ExtAuthzService) {
+        let keys = KeyService::new(self.store.clone(), self.clock.clone(), self.syncer.clone());
+        let ext_authz = ExtAuthzService::new(
+            keys.clone(),
+            GatewaySettings {
+                key_headers: self.settings.gateway_key_headers.clone(),
+                hide_credentials: self.settings.gateway_hide_credentials,
+            },
+            metrics.clone(),
+        );
+        let api = ApiKeysService::new(keys, management_rate.clone())
+            .with_metrics(metrics)
+            .with_draining(draining);
+        (api, ext_authz)
+    }
 }
 
 /// Tasks that must not outlive the server.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+struct AbortOnDrop(Vec<JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -378,19 +360,6 @@ pub async fn connect_and_migrate(database_url: &str) -> Result<Store, StartupErr
         .map_err(StartupError::Database)?;
     store.migrate().await.map_err(StartupError::Migrations)?;
     Ok(store)
-}
-
-/// Reflection over the contract and health, so grpcurl needs no .proto files.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for name in HEALTH_NAMES {
-        health.set_service_status(name, status).await;
-    }
 }
 
 /// The callers file, if any; refuses to go on when nothing would authenticate callers on a
