@@ -1,57 +1,10 @@
-//! Command line and environment. Every flag has an `APIKEYS_*` fallback so containers can be
-//! configured by environment alone.
+//! The server's settings, from flags and the environment: every flag has an `APIKEYS_*`
+//! fallback so containers can be configured by environment alone. The clap definitions are
+//! the one place defaults are written.
 
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-use crate::callers::CallerRole;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "apikeys",
-    version,
-    about = "API keys for Cloodot workspaces, over gRPC"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run pending migrations, then serve (the default).
-    Serve,
-    /// Run pending migrations and exit: for a deploy step that runs before the replicas roll.
-    Migrate,
-    /// Caller tokens: the credentials admin backends and gateways present.
-    CallerToken {
-        #[command(subcommand)]
-        command: CallerTokenCommand,
-    },
-    /// Manage and check keys on a running server, over gRPC (an operator's CLI).
-    Keys {
-        #[command(flatten)]
-        connection: crate::cli::Connection,
-        #[command(subcommand)]
-        command: crate::cli::KeysCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CallerTokenCommand {
-    /// Print a new token for a caller, once, and the line that admits it to the callers file.
-    New {
-        /// The caller's name, as logs and rate limits will know it (a-z, 0-9, '.', '_', '-').
-        #[arg(value_parser = |name: &str| crate::callers::check_name(name).map(|()| name.to_owned()))]
-        name: String,
-        /// `gateway` may call ValidateKey (and Envoy's Check) only; `admin` may also manage keys.
-        #[arg(long, value_enum)]
-        role: CallerRole,
-    },
-}
+use clap::ValueEnum;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -338,46 +291,34 @@ pub enum LogFormat {
 }
 
 impl Settings {
-    /// Settings for a server on `listen` backed by `database_url`, defaults elsewhere.
+    /// Settings for a server on `listen` backed by `database_url`, the flags' defaults
+    /// elsewhere (the environment is not read): for tests, benches and embedding.
     pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Self {
-        Self {
-            listen,
-            database_url: database_url.into(),
-            log_format: LogFormat::Text,
-            shutdown_grace: Duration::from_secs(10),
-            staleness_bound: Duration::from_secs(30),
-            sync_poll_interval: Duration::from_millis(250),
-            callers_file: None,
-            insecure_no_caller_auth: false,
-            request_timeout: Duration::from_secs(10),
-            max_in_flight: 1024,
-            max_in_flight_per_caller: 256,
-            request_body_timeout: Duration::from_secs(2),
-            management_rate: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
-            management_burst: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
-            management_caller_rate: NonZeroU32::new(5000).unwrap_or(NonZeroU32::MIN),
-            management_caller_burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
-            max_connections: 10_000,
-            max_connections_per_ip: 256,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(600),
-            keepalive_interval: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(20),
-            max_concurrent_streams: 256,
-            max_health_watches: 1024,
-            max_health_watches_per_connection: 16,
-            metrics_max_connections: 64,
-            tls_cert: None,
-            tls_key: None,
-            tls_client_ca: None,
-            tls_reload_interval: Duration::from_secs(10),
-            metrics_listen: None,
-            record_usage: true,
-            gateway_key_headers: vec!["authorization".into(), "x-api-key".into()],
-            gateway_hide_credentials: true,
-            flush_interval: Duration::from_secs(2),
-            retention: Duration::from_secs(90 * 86_400),
-            prune_interval: Duration::from_secs(3600),
+        use clap::{Args, FromArgMatches};
+        let flags = Self::augment_args(clap::Command::new("apikeys")).mut_args(|arg| arg.env(None));
+        let mut settings = flags
+            .try_get_matches_from(["apikeys"])
+            .and_then(|defaults| Self::from_arg_matches(&defaults))
+            .expect("every flag has a default that parses");
+        settings.listen = listen;
+        settings.database_url = database_url.into();
+        settings
+    }
+
+    /// How the index keeps in step with the database.
+    pub fn sync_settings(&self) -> crate::index::SyncSettings {
+        crate::index::SyncSettings {
+            poll_interval: self.sync_poll_interval,
+            staleness_bound: self.staleness_bound,
+            flush_interval: self.flush_interval,
+        }
+    }
+
+    /// How gateways present keys to Envoy's Check.
+    pub fn gateway_settings(&self) -> crate::grpc::GatewaySettings {
+        crate::grpc::GatewaySettings {
+            key_headers: self.gateway_key_headers.clone(),
+            hide_credentials: self.gateway_hide_credentials,
         }
     }
 
@@ -446,28 +387,5 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5w").is_err());
-    }
-
-    #[test]
-    fn defaults_are_loopback_and_an_embedded_database() {
-        let cli = Cli::try_parse_from(["apikeys"]).unwrap();
-        assert!(cli.command.is_none());
-        assert_eq!(cli.settings.listen, "127.0.0.1:50051".parse().unwrap());
-        assert_eq!(cli.settings.database_url, "sqlite://apikeys.db?mode=rwc");
-    }
-
-    #[test]
-    fn settings_new_matches_the_command_line_defaults() {
-        let cli = Cli::try_parse_from(["apikeys"]).unwrap();
-        let new = Settings::new(cli.settings.listen, cli.settings.database_url.clone());
-        assert_eq!(format!("{new:?}"), format!("{:?}", cli.settings));
-    }
-
-    #[test]
-    fn flags_work_after_the_subcommand() {
-        let cli =
-            Cli::try_parse_from(["apikeys", "migrate", "--database-url", "sqlite://x.db"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Migrate)));
-        assert_eq!(cli.settings.database_url, "sqlite://x.db");
     }
 }

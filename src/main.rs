@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use apikeys::{
     app::{Application, connect_and_migrate},
     callers,
-    config::{CallerTokenCommand, Cli, Command},
+    cli::{CallerTokenCommand, Cli, Command},
 };
 use clap::Parser;
 

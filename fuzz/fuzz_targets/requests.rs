@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use apikeys::{
     clock::SystemClock,
     grpc::{
-        ApiKeysRoutes, ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzServer, ExtAuthzService, GatewaySettings,
+        ApiKeysRoutes, ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzServer, ExtAuthzService,
         guard::{ManagementRate, Rate},
         proto::{
             CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
@@ -20,7 +20,8 @@ use apikeys::{
             UpdateKeyRequest, ValidateKeyRequest, ValidateKeysRequest,
         },
     },
-    index::{KeyIndex, SyncSettings, Syncer},
+    config::Settings,
+    index::{KeyIndex, Syncer},
     service::KeyService,
     app::MAX_REQUEST_BYTES,
     store::Store,
@@ -71,13 +72,14 @@ fn harness() -> &'static Harness {
             .expect("a runtime");
         let dir = tempfile::tempdir().expect("a temporary directory");
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("fuzz.db").display());
+        let settings = Settings::new("127.0.0.1:0".parse().expect("an address"), url.clone());
         let (server, authz) = runtime.block_on(async {
             let store = Store::connect(&url).await.expect("the database");
             store.migrate().await.expect("migrations");
             let syncer = Arc::new(Syncer::new(
                 store.clone(),
                 Arc::new(KeyIndex::new()),
-                SyncSettings::default(),
+                settings.sync_settings(),
             ));
             syncer.load().await.expect("the index");
             let keys = KeyService::new(store, Arc::new(SystemClock), syncer);
@@ -88,7 +90,7 @@ fn harness() -> &'static Harness {
                 ),
                 ExtAuthzServer::new(ExtAuthzService::new(
                     keys,
-                    GatewaySettings::default(),
+                    settings.gateway_settings(),
                     None,
                 ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),

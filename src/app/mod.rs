@@ -17,10 +17,10 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Settings,
     grpc::{
-        ApiKeysService, ExtAuthzService, GatewaySettings,
+        ApiKeysService, ExtAuthzService,
         guard::{ManagementRate, Rate},
     },
-    index::{KeyIndex, SyncSettings, Syncer},
+    index::{KeyIndex, Syncer},
     net::{Connections, Incoming},
     observability::metrics::Metrics,
     service::KeyService,
@@ -101,15 +101,10 @@ impl Application {
             .map(Arc::new);
         let callers = caller_authentication(settings)?;
         let store = connect_and_migrate(&settings.database_url).await?;
-        let sync_settings = SyncSettings {
-            poll_interval: settings.sync_poll_interval,
-            staleness_bound: settings.staleness_bound,
-            flush_interval: settings.flush_interval,
-        };
         let syncer = Arc::new(Syncer::new(
             store.clone(),
             Arc::new(KeyIndex::recording_usage(settings.record_usage)),
-            sync_settings,
+            settings.sync_settings(),
         ));
         // Health turns SERVING only once every key is in memory.
         let started = std::time::Instant::now();
@@ -328,10 +323,7 @@ impl Application {
         let keys = KeyService::new(self.store.clone(), self.clock.clone(), self.syncer.clone());
         let ext_authz = ExtAuthzService::new(
             keys.clone(),
-            GatewaySettings {
-                key_headers: self.settings.gateway_key_headers.clone(),
-                hide_credentials: self.settings.gateway_hide_credentials,
-            },
+            self.settings.gateway_settings(),
             metrics.clone(),
         );
         let api = ApiKeysService::new(keys, management_rate.clone())

@@ -40,16 +40,6 @@ pub struct SyncSettings {
     pub flush_interval: Duration,
 }
 
-impl Default for SyncSettings {
-    fn default() -> Self {
-        Self {
-            poll_interval: Duration::from_millis(250),
-            staleness_bound: Duration::from_secs(30),
-            flush_interval: Duration::from_secs(2),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Syncer {
     store: Store,

@@ -2,9 +2,10 @@ use std::sync::Arc;
 
 use apikeys::{
     clock::ManualClock,
+    config::Settings,
     domain::Validation,
     grpc::proto::{DeleteKeyRequest, Expiration, ValidationResult},
-    index::{KeyIndex, SyncSettings, Syncer},
+    index::{KeyIndex, Syncer},
     service::KeyService,
     store::Store,
 };
@@ -71,7 +72,7 @@ async fn validation_is_answered_without_the_database() {
     let syncer = Arc::new(Syncer::new(
         store.clone(),
         Arc::new(KeyIndex::new()),
-        SyncSettings::default(),
+        Settings::new("127.0.0.1:0".parse().unwrap(), db.url.clone()).sync_settings(),
     ));
     syncer.catch_up().await.unwrap();
     let service = KeyService::new(

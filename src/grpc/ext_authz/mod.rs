@@ -43,15 +43,6 @@ pub struct GatewaySettings {
     pub hide_credentials: bool,
 }
 
-impl Default for GatewaySettings {
-    fn default() -> Self {
-        Self {
-            key_headers: vec!["authorization".into(), "x-api-key".into()],
-            hide_credentials: true,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ExtAuthzService {
     keys: KeyService,

@@ -1,0 +1,250 @@
+//! Managing keys: create, list, show, disable, enable, rotate, delete.
+
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    process::ExitCode,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    DELETE_WARNING, Expires, SHOWN_ONCE_WARNING, Session, explain,
+    render::{io, key_json, show, table, time_or_never},
+};
+use crate::grpc::proto::{
+    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
+    GetKeyRequest, ListKeysRequest, RotateKeyRequest,
+};
+
+/// Creates a key and prints its secret, once.
+pub(super) async fn create(
+    session: &mut Session<'_>,
+    workspace: String,
+    name: String,
+    expires: Expires,
+    scopes: Vec<String>,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let request = CreateKeyRequest {
+        workspace_id: workspace,
+        name,
+        expiration: Expiration::from(expires).into(),
+        scopes,
+        ..Default::default()
+    };
+    let created = client
+        .create_key(connection.request(request)?)
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let key = created.key.unwrap_or_default();
+    if connection.json {
+        let value = json!({"key": key_json(&key), "secret": created.secret});
+        writeln!(out, "{value}").map_err(io)?;
+    } else {
+        eprintln!(
+            "Created key \"{}\" ({}) in workspace {}, expires {}.\n\n{SHOWN_ONCE_WARNING}",
+            key.name,
+            key.id,
+            key.workspace_id,
+            time_or_never(&key.expire_time)
+        );
+        writeln!(out, "{}", created.secret).map_err(io)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Lists every key of a workspace, page by page.
+pub(super) async fn list(session: &mut Session<'_>, workspace: String) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let mut keys = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListKeysRequest {
+            workspace_id: workspace.clone(),
+            page_size: 1000,
+            page_token,
+        };
+        let page = client
+            .list_keys(connection.request(request)?)
+            .await
+            .map_err(explain)?
+            .into_inner();
+        keys.extend(page.keys);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if connection.json {
+        let value = Value::Array(keys.iter().map(key_json).collect());
+        writeln!(out, "{value}").map_err(io)?;
+    } else {
+        write!(out, "{}", table(&keys)).map_err(io)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows one key.
+pub(super) async fn get(
+    session: &mut Session<'_>,
+    workspace: String,
+    key_id: String,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let request = GetKeyRequest {
+        workspace_id: workspace,
+        key_id,
+    };
+    let key = client.get_key(connection.request(request)?).await;
+    show(out, connection, &key.map_err(explain)?.into_inner())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Disables a key.
+pub(super) async fn disable(
+    session: &mut Session<'_>,
+    workspace: String,
+    key_id: String,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let request = DisableKeyRequest {
+        workspace_id: workspace,
+        key_id,
+    };
+    let key = client.disable_key(connection.request(request)?).await;
+    show(out, connection, &key.map_err(explain)?.into_inner())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Enables a key again.
+pub(super) async fn enable(
+    session: &mut Session<'_>,
+    workspace: String,
+    key_id: String,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let request = EnableKeyRequest {
+        workspace_id: workspace,
+        key_id,
+    };
+    let key = client.enable_key(connection.request(request)?).await;
+    show(out, connection, &key.map_err(explain)?.into_inner())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rotates a key and prints the new secret, once.
+pub(super) async fn rotate(
+    session: &mut Session<'_>,
+    workspace: String,
+    key_id: String,
+    grace: Duration,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    let grace_period =
+        prost_types::Duration::try_from(grace).map_err(|_| "--grace is too long".to_owned())?;
+    let request = RotateKeyRequest {
+        workspace_id: workspace,
+        key_id,
+        grace_period: Some(grace_period),
+    };
+    let rotated = client
+        .rotate_key(connection.request(request)?)
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let (key, old) = (
+        rotated.key.unwrap_or_default(),
+        rotated.old_key.unwrap_or_default(),
+    );
+    if connection.json {
+        let value = json!({
+            "key": key_json(&key),
+            "secret": rotated.secret,
+            "old_key": key_json(&old),
+        });
+        writeln!(out, "{value}").map_err(io)?;
+    } else {
+        eprintln!(
+            "Rotated \"{}\": new key {} expires {}; the old key {} stops at {}.\n\n{SHOWN_ONCE_WARNING}",
+            key.name,
+            key.id,
+            time_or_never(&key.expire_time),
+            old.id,
+            time_or_never(&old.expire_time)
+        );
+        writeln!(out, "{}", rotated.secret).map_err(io)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes a key, once confirmed.
+pub(super) async fn delete(
+    session: &mut Session<'_>,
+    workspace: String,
+    key_id: String,
+    yes: bool,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let (client, out) = (&mut session.client, &mut session.out);
+    if !yes {
+        let request = GetKeyRequest {
+            workspace_id: workspace.clone(),
+            key_id: key_id.clone(),
+        };
+        let key = client
+            .get_key(connection.request(request)?)
+            .await
+            .map_err(explain)?
+            .into_inner();
+        if !confirm(&key)? {
+            eprintln!("Not deleted.");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let request = DeleteKeyRequest {
+        workspace_id: workspace,
+        key_id: key_id.clone(),
+    };
+    client
+        .delete_key(connection.request(request)?)
+        .await
+        .map_err(explain)?;
+    if connection.json {
+        writeln!(out, "{}", json!({"deleted": key_id})).map_err(io)?;
+    } else {
+        writeln!(out, "Deleted {key_id}.").map_err(io)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on the terminal; anything but `delete` or `yes` keeps the key.
+fn confirm(key: &ApiKey) -> Result<bool, String> {
+    if !std::io::stdin().is_terminal() {
+        eprint!(
+            "Delete key \"{}\" ({})? {DELETE_WARNING} ",
+            key.name, key.id
+        );
+    } else {
+        eprint!(
+            "Delete key \"{}\" ({})?\n{DELETE_WARNING}\nType \"delete\" to confirm: ",
+            key.name, key.id
+        );
+    }
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|err| format!("cannot read the confirmation: {err}"))?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "delete" | "yes" | "y"
+    ))
+}

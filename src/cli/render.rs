@@ -1,0 +1,275 @@
+//! How the CLI prints keys, events and usage: tables like the product page, or JSON.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::Connection;
+use crate::grpc::proto::{ApiKey, GetKeyUsageResponse, KeyEvent, KeyStatus, ValidateKeyResponse};
+
+/// One key, as a table row or JSON.
+pub(super) fn show(
+    out: &mut impl Write,
+    connection: &Connection,
+    key: &ApiKey,
+) -> Result<(), String> {
+    if connection.json {
+        writeln!(out, "{}", key_json(key)).map_err(io)
+    } else {
+        write!(out, "{}", table(std::slice::from_ref(key))).map_err(io)
+    }
+}
+
+pub(super) fn io(err: std::io::Error) -> String {
+    format!("cannot write the output: {err}")
+}
+
+pub(super) fn time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    let ts = ts.as_ref()?;
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+}
+
+pub(super) fn time_or_never(ts: &Option<prost_types::Timestamp>) -> String {
+    time(ts).map_or_else(
+        || "Never".into(),
+        |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
+    )
+}
+
+pub(super) fn status_word(key: &ApiKey) -> &'static str {
+    match key.status() {
+        KeyStatus::Active => "Active",
+        KeyStatus::Disabled => "Disabled",
+        KeyStatus::Expired => "Expired",
+        KeyStatus::Unspecified => "Unknown",
+    }
+}
+
+/// The product page's table, with the id to delete by.
+pub(super) fn table(keys: &[ApiKey]) -> String {
+    let rows: Vec<[String; 7]> = keys
+        .iter()
+        .map(|key| {
+            [
+                key.id.clone(),
+                key.name.clone(),
+                key.masked_key.clone(),
+                time_or_never(&key.create_time),
+                time_or_never(&key.expire_time),
+                status_word(key).to_owned(),
+                time_or_never(&key.last_used_time),
+            ]
+        })
+        .collect();
+    aligned(
+        [
+            "ID",
+            "Name",
+            "Key",
+            "Created",
+            "Expires",
+            "Status",
+            "Last used",
+        ],
+        &rows,
+        "(no keys)",
+    )
+}
+
+/// Columns padded to their widest cell; `empty` stands in for no rows.
+pub(super) fn aligned<const N: usize>(
+    header: [&str; N],
+    rows: &[[String; N]],
+    empty: &str,
+) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        text.push_str(padded.join("  ").trim_end());
+        text.push('\n');
+    };
+    line(&header.map(str::to_owned));
+    for row in rows {
+        line(row);
+    }
+    if rows.is_empty() {
+        text.push_str(empty);
+        text.push('\n');
+    }
+    text
+}
+
+pub(super) fn event_word(event: &KeyEvent) -> String {
+    event
+        .r#type()
+        .as_str_name()
+        .trim_start_matches("KEY_EVENT_TYPE_")
+        .to_ascii_lowercase()
+}
+
+pub(super) fn events_table(events: &[KeyEvent]) -> String {
+    let rows: Vec<[String; 5]> = events
+        .iter()
+        .map(|event| {
+            let detail = if !event.new_key_id.is_empty() {
+                format!("replaced by {}", event.new_key_id)
+            } else if !event.changed_fields.is_empty() {
+                event.changed_fields.join(", ")
+            } else {
+                String::new()
+            };
+            [
+                time(&event.create_time).map_or_else(String::new, |t| {
+                    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+                }),
+                event_word(event),
+                event.key_id.clone(),
+                format!("{} ({})", event.actor_id, event.actor_role),
+                detail,
+            ]
+        })
+        .collect();
+    aligned(
+        ["Time", "Event", "Key", "By", "Detail"],
+        &rows,
+        "(no events)",
+    )
+}
+
+pub(super) fn event_json(event: &KeyEvent) -> Value {
+    json!({
+        "id": event.id,
+        "workspace_id": event.workspace_id,
+        "key_id": event.key_id,
+        "type": event_word(event),
+        "actor_id": event.actor_id,
+        "actor_role": event.actor_role,
+        "create_time": rfc3339(&event.create_time),
+        "new_key_id": event.new_key_id,
+        "changed_fields": event.changed_fields,
+    })
+}
+
+pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
+    let rows: Vec<[String; 7]> = usage
+        .buckets
+        .iter()
+        .map(|hour| {
+            [
+                time_or_never(&hour.start_time),
+                hour.valid.to_string(),
+                hour.expired.to_string(),
+                hour.disabled.to_string(),
+                hour.deleted.to_string(),
+                hour.insufficient_scope.to_string(),
+                hour.distinct_client_ips.to_string(),
+            ]
+        })
+        .collect();
+    let mut text = aligned(
+        [
+            "Hour",
+            "Valid",
+            "Expired",
+            "Disabled",
+            "Deleted",
+            "Missing scope",
+            "Client IPs",
+        ],
+        &rows,
+        "(no use in this period)",
+    );
+    let from = match usage.last_used_ip.as_str() {
+        "" => String::new(),
+        ip => format!(" from {ip}"),
+    };
+    text.push_str(&format!(
+        "Last used: {}{from}\n",
+        time_or_never(&usage.last_used_time)
+    ));
+    text
+}
+
+pub(super) fn usage_json(usage: &GetKeyUsageResponse) -> Value {
+    let hours: Vec<Value> = usage
+        .buckets
+        .iter()
+        .map(|hour| {
+            json!({
+                "start_time": rfc3339(&hour.start_time),
+                "valid": hour.valid,
+                "expired": hour.expired,
+                "disabled": hour.disabled,
+                "deleted": hour.deleted,
+                "insufficient_scope": hour.insufficient_scope,
+                "distinct_client_ips": hour.distinct_client_ips,
+            })
+        })
+        .collect();
+    json!({
+        "hours": hours,
+        "last_used_time": rfc3339(&usage.last_used_time),
+        "last_used_ip": usage.last_used_ip,
+    })
+}
+
+pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
+    time(ts).map_or(Value::Null, |t| {
+        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    })
+}
+
+pub(super) fn key_json(key: &ApiKey) -> Value {
+    json!({
+        "id": key.id,
+        "workspace_id": key.workspace_id,
+        "name": key.name,
+        "masked_key": key.masked_key,
+        "create_time": rfc3339(&key.create_time),
+        "expire_time": rfc3339(&key.expire_time),
+        "status": key.status().as_str_name(),
+        "last_used_time": rfc3339(&key.last_used_time),
+        "created_by": key.created_by,
+        "scopes": key.scopes,
+    })
+}
+
+pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
+    json!({
+        "valid": answer.valid,
+        "result": answer.result().as_str_name(),
+        "key_id": answer.key_id,
+        "workspace_id": answer.workspace_id,
+        "expire_time": rfc3339(&answer.expire_time),
+        "scopes": answer.scopes,
+        "name": answer.name,
+    })
+}
+
+pub(super) fn validation_text(answer: &ValidateKeyResponse) -> String {
+    let result = answer
+        .result()
+        .as_str_name()
+        .trim_start_matches("VALIDATION_RESULT_");
+    if answer.key_id.is_empty() {
+        return result.to_owned();
+    }
+    format!(
+        "{result}: key {} (\"{}\") of workspace {}, expires {}",
+        answer.key_id,
+        answer.name,
+        answer.workspace_id,
+        time_or_never(&answer.expire_time)
+    )
+}
