@@ -312,10 +312,9 @@ async fn run(options: Options) {
         &usage_off_url,
         &[("APIKEYS_RECORD_USAGE", "false")],
     );
-    let (admin_token, admin_line) =
-        caller_token("bench-admin", apikeys::callers::CallerRole::Admin);
+    let (admin_token, admin_line) = caller_token("bench-admin", apikeys::auth::CallerRole::Admin);
     let (gateway_token, gateway_line) =
-        caller_token("bench-gateway", apikeys::callers::CallerRole::Gateway);
+        caller_token("bench-gateway", apikeys::auth::CallerRole::Gateway);
     let callers_file = dir.path().join("callers");
     std::fs::write(&callers_file, format!("{admin_line}\n{gateway_line}\n")).unwrap();
     std::fs::set_permissions(
@@ -918,8 +917,8 @@ struct Sent {
 
 /// A new caller token from `apikeys caller-token new`'s library function: the token and its
 /// callers-file line.
-fn caller_token(name: &str, role: apikeys::callers::CallerRole) -> (String, String) {
-    let text = apikeys::callers::new_token_instructions(name, role);
+fn caller_token(name: &str, role: apikeys::auth::CallerRole) -> (String, String) {
+    let text = apikeys::auth::new_token_instructions(name, role);
     let mut lines = text.lines().filter(|line| !line.starts_with('#'));
     let token = lines.next().expect("a token").to_owned();
     let line = lines.next().expect("a callers-file line").to_owned();

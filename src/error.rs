@@ -48,7 +48,7 @@ pub enum ApiError {
     #[error("caller `{caller}` has role {role}, which may not call {rpc}")]
     CallerNotAllowed {
         caller: String,
-        role: crate::callers::CallerRole,
+        role: crate::auth::CallerRole,
         rpc: String,
     },
     /// RESOURCE_EXHAUSTED (`RATE_LIMITED`) with RetryInfo: this caller's management calls, in

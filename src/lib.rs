@@ -1,7 +1,7 @@
 //! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
 
 pub mod app;
-pub mod callers;
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use apikeys::{
     app::{Application, connect_and_migrate},
-    callers,
+    auth,
     cli::{CallerTokenCommand, Cli, Command},
 };
 use clap::Parser;
@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         Command::CallerToken {
             command: CallerTokenCommand::New { name, role },
         } => {
-            print!("{}", callers::new_token_instructions(&name, role));
+            print!("{}", auth::new_token_instructions(&name, role));
             return ExitCode::SUCCESS;
         }
         // The operator CLI is a client: it logs nothing of its own.

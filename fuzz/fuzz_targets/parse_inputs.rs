@@ -3,7 +3,7 @@
 #![no_main]
 
 use apikeys::{
-    callers::{Callers, check_name},
+    auth::{Callers, check_name},
     domain::{
         Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES, PageCursor, PresentedKey, Scopes,
         WorkspaceId, check_required, column_scopes, contains_key, is_scope,

@@ -13,7 +13,7 @@ use tonic_health::server::HealthReporter;
 
 pub use self::health::LIVENESS_NAME;
 use crate::{
-    callers::{Callers, CallersFileError},
+    auth::{Callers, CallersFileError},
     clock::{Clock, SystemClock},
     config::Settings,
     grpc::{
@@ -22,7 +22,7 @@ use crate::{
     },
     index::{KeyIndex, Syncer},
     net::{Connections, Incoming},
-    observability::metrics::Metrics,
+    observability::metrics::{Metrics, Readings},
     service::KeyService,
     store::{Store, StoreError},
     tls::ReloadableTls,
@@ -280,15 +280,27 @@ impl Application {
         let (listener, addr) = self.metrics.take()?;
         let metrics = Arc::new(
             Metrics::new()
-                .with_flushes_of(&self.syncer)
+                .with_flush_counters(
+                    self.syncer.flush_failures.clone(),
+                    self.syncer.usage_dropped.clone(),
+                )
                 .with_connections_of(connections),
         );
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let (syncer, store) = (self.syncer.clone(), self.store.clone());
+        let read = move || {
+            let (pool_connections, pool_idle) = store.pool_use();
+            Readings {
+                index_keys: syncer.index().len(),
+                sync_age: syncer.staleness(),
+                pool_connections,
+                pool_idle,
+            }
+        };
         let serving = tokio::spawn(crate::observability::metrics::serve(
             listener,
             metrics.clone(),
-            self.syncer.clone(),
-            self.store.clone(),
+            read,
             crate::observability::metrics::ListenerLimits {
                 max_connections: self.settings.metrics_max_connections,
                 header_timeout: self.settings.handshake_timeout,

@@ -8,12 +8,12 @@ use tower::layer::util::{Identity, Stack};
 
 use super::{MAX_REQUEST_BYTES, StartupError};
 use crate::{
-    callers::Callers,
+    auth::{Authenticate, Callers},
     config::Settings,
     grpc::{
         ApiKeysRoutes, ApiKeysService, ExtAuthzServer, ExtAuthzService,
         codec::HealthServer,
-        guard::{Authenticate, Deadline, Guard, HealthWatches, InFlight, ManagementRate},
+        guard::{Deadline, Guard, HealthWatches, InFlight, ManagementRate},
         proto,
     },
     observability::{metrics::Metrics, observe::Observe},

@@ -16,7 +16,7 @@ use tonic::{
 use tonic_types::StatusExt;
 
 use crate::{
-    callers::CallerRole,
+    auth::CallerRole,
     config::{Settings, parse_duration},
     grpc::proto::{Expiration, api_keys_client::ApiKeysClient},
 };
@@ -64,7 +64,7 @@ pub enum CallerTokenCommand {
     /// Print a new token for a caller, once, and the line that admits it to the callers file.
     New {
         /// The caller's name, as logs and rate limits will know it (a-z, 0-9, '.', '_', '-').
-        #[arg(value_parser = |name: &str| crate::callers::check_name(name).map(|()| name.to_owned()))]
+        #[arg(value_parser = |name: &str| crate::auth::check_name(name).map(|()| name.to_owned()))]
         name: String,
         /// `gateway` may call ValidateKey (and Envoy's Check) only; `admin` may also manage keys.
         #[arg(long, value_enum)]

@@ -25,7 +25,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{domain::Validation, index::Syncer, net::Connections, store::Store};
+use crate::{domain::Validation, net::Connections};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -210,17 +210,17 @@ impl Metrics {
         self
     }
 
-    /// Registers the counters of `syncer`'s flushes.
-    pub fn with_flushes_of(mut self, syncer: &Syncer) -> Self {
+    /// Registers the counters of the index's flushes: failed ones, and answers dropped.
+    pub fn with_flush_counters(mut self, failures: Counter, dropped: Counter) -> Self {
         self.registry.register(
             "flush_failures",
             "Flushes of last-used times and usage that failed (each is retried by the next)",
-            syncer.flush_failures.clone(),
+            failures,
         );
         self.registry.register(
             "usage_dropped_answers",
             "ValidateKey answers counted but dropped: the backlog held while the database was unavailable was full",
-            syncer.usage_dropped.clone(),
+            dropped,
         );
         self
     }
@@ -247,12 +247,12 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read now.
-    pub fn render(&self, syncer: &Syncer, store: &Store) -> String {
-        self.index_keys.set(syncer.index().len() as i64);
-        self.sync_age.set(syncer.staleness().as_secs_f64());
-        let (connections, idle) = store.pool_use();
-        self.pool_connections.set(i64::from(connections));
-        self.pool_idle.set(idle as i64);
+    pub fn render(&self, readings: Readings) -> String {
+        self.index_keys.set(readings.index_keys as i64);
+        self.sync_age.set(readings.sync_age.as_secs_f64());
+        self.pool_connections
+            .set(i64::from(readings.pool_connections));
+        self.pool_idle.set(readings.pool_idle as i64);
         if let Some((connections, open)) = &self.connections {
             open.set(connections.open() as i64);
         }
@@ -261,6 +261,18 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// What the gauges show, read at each scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Readings {
+    /// Keys in the validation index, tombstones included.
+    pub index_keys: usize,
+    /// Time since the index's last successful sync started.
+    pub sync_age: Duration,
+    /// Open database connections, and how many of them are idle.
+    pub pool_connections: u32,
+    pub pool_idle: usize,
 }
 
 /// How the metrics listener is held in bounds: it is plain HTTP/1, often reachable from the
@@ -280,8 +292,7 @@ pub struct ListenerLimits {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    syncer: Arc<Syncer>,
-    store: Store,
+    read: impl Fn() -> Readings + Clone + Send + Sync + 'static,
     limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -309,7 +320,7 @@ pub async fn serve(
             // Over a cap: dropping the stream closes it.
             continue;
         };
-        let (metrics, syncer, store) = (metrics.clone(), syncer.clone(), store.clone());
+        let (metrics, read) = (metrics.clone(), read.clone());
         let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let response = if request.uri().path() != "/metrics" {
                 reply(
@@ -319,7 +330,7 @@ pub async fn serve(
             } else if request.method() != Method::GET {
                 reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
             } else {
-                let mut response = reply(StatusCode::OK, metrics.render(&syncer, &store));
+                let mut response = reply(StatusCode::OK, metrics.render(read()));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static(

@@ -477,9 +477,9 @@ async fn a_callers_file_others_may_write_stops_the_binary_with_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let callers = dir.path().join("callers");
-    let line = apikeys::callers::file_line(
+    let line = apikeys::auth::file_line(
         "billing-admin",
-        apikeys::callers::CallerRole::Admin,
+        apikeys::auth::CallerRole::Admin,
         &crate::scan::caller_token(),
     );
     std::fs::write(&callers, format!("{line}\n")).unwrap();

@@ -14,7 +14,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use apikeys::callers::CallerToken;
+use apikeys::auth::CallerToken;
 use http_body_util::BodyExt;
 use tonic::{body::Body, transport::Channel};
 use tower::Service;

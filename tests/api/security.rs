@@ -4,7 +4,7 @@ use std::{num::NonZeroU32, time::Duration};
 
 use apikeys::{
     app::{Application, StartupError},
-    callers::{CallerRole, CallerToken, file_line},
+    auth::{CallerRole, CallerToken, file_line},
     clock::ManualClock,
     config::Settings,
     grpc::{

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use apikeys::{
-    callers::{CallerRole, file_line},
+    auth::{CallerRole, file_line},
     clock::ManualClock,
     grpc::proto::{
         CreateKeyRequest, Expiration, ValidateKeyRequest, ValidationResult,

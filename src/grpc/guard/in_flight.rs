@@ -137,12 +137,12 @@ mod tests {
     #[test]
     fn one_caller_cannot_hold_more_than_its_share() {
         let guard = InFlight::new(10, 2, Duration::from_secs(1));
-        let token = crate::callers::CallerToken::generate();
+        let token = crate::auth::CallerToken::generate();
         let line = format!(
             "gw gateway blake3:{}\n",
             blake3::hash(token.expose().as_bytes()).to_hex()
         );
-        let callers = crate::callers::Callers::parse(&line).unwrap();
+        let callers = crate::auth::Callers::parse(&line).unwrap();
         let caller = callers.authenticate(token.expose()).unwrap().clone();
         let request = || {
             let mut request = http::Request::builder()

@@ -1,12 +1,11 @@
 //! Checks every call passes before it reaches a service, as tower layers with one job each,
-//! outermost first: [`Authenticate`] admits only known callers in a role that may make the
+//! outermost first: [`Authenticate`](crate::auth::Authenticate) admits only known callers in a role that may make the
 //! call; [`InFlight`] sheds calls over the server's limit or over the caller's fair share of
 //! it, and gives up on request bodies that do not arrive; [`HealthWatches`] caps open health
 //! watches; [`ManagementRate`] holds each caller, and each caller in each workspace, to a
 //! rate of management calls. Health is exempt from all but the watch cap: Kubernetes probes
 //! carry no credentials and must see an overloaded server as alive.
 
-mod authenticate;
 mod body;
 mod in_flight;
 mod rate;
@@ -22,12 +21,11 @@ use std::{
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-pub use authenticate::Authenticate;
 pub use in_flight::InFlight;
 pub use rate::{ManagementRate, Rate};
 pub use watches::HealthWatches;
 
-use crate::{callers::Caller, net::ConnectionInfo};
+use crate::{auth::Caller, net::ConnectionInfo};
 
 const API_PREFIX: &str = "/cloodot.apikeys.v1.ApiKeys/";
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -48,7 +46,7 @@ pub enum Rpc<'a> {
 }
 
 impl<'a> Rpc<'a> {
-    fn of(path: &'a str) -> Self {
+    pub(crate) fn of(path: &'a str) -> Self {
         if path.starts_with(HEALTH_PREFIX) {
             Self::Health
         } else if path == super::EXT_AUTHZ_CHECK_PATH {
@@ -77,7 +75,7 @@ enum Party {
 }
 
 impl Party {
-    /// The party of a call that passed [`Authenticate`]; `None` only for a connection the
+    /// The party of a call that passed [`Authenticate`](crate::auth::Authenticate); `None` only for a connection the
     /// server did not accept itself (in-process tests of a layer).
     fn of(extensions: &http::Extensions) -> Option<Self> {
         match extensions.get::<Arc<Caller>>() {

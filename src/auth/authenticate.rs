@@ -5,10 +5,10 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use tonic::{Status, body::Body};
 
-use super::{Check, Rpc};
+use super::{CallerRole, Callers};
 use crate::{
-    callers::{CallerRole, Callers},
     error::ApiError,
+    grpc::guard::{Check, Rpc},
     net::ConnectionInfo,
 };
 
@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn two_authorization_values_are_refused_even_if_the_first_is_right() {
-        let token = crate::callers::CallerToken::generate();
+        let token = crate::auth::CallerToken::generate();
         let line = format!(
             "backend admin blake3:{}\n",
             blake3::hash(token.expose().as_bytes()).to_hex()

@@ -1,0 +1,11 @@
+//! Who may call: the callers file and its tokens, and the layer that admits only the callers
+//! it lists, in a role that may make the call.
+
+mod authenticate;
+mod callers;
+
+pub use authenticate::Authenticate;
+pub use callers::{
+    Caller, CallerRole, CallerToken, Callers, CallersFileError, TOKEN_PREFIX, check_name,
+    file_line, new_token_instructions,
+};
