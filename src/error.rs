@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// `ErrorInfo.domain` of every error this service returns.
-pub const ERROR_DOMAIN: &str = "apikeys.cloodot";
+pub(crate) const ERROR_DOMAIN: &str = "apikeys.cloodot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -40,7 +40,7 @@ pub enum TlsError {
 
 /// The TLS configuration in force, and the file contents it was built from.
 #[derive(Debug)]
-pub struct ReloadableTls {
+pub(crate) struct ReloadableTls {
     files: TlsFiles,
     current: RwLock<Loaded>,
 }
@@ -53,7 +53,7 @@ struct Loaded {
 
 impl ReloadableTls {
     /// Loads the files; a problem with them stops the start-up.
-    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+    pub(crate) fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let loaded = build(&files)?;
         Ok(Self {
             files,
@@ -61,13 +61,13 @@ impl ReloadableTls {
         })
     }
 
-    pub fn is_mutual(&self) -> bool {
+    pub(crate) fn is_mutual(&self) -> bool {
         self.files.client_ca.is_some()
     }
 
     /// Builds a new configuration from the files if their contents changed (or if `force`);
     /// returns whether it did. On error the configuration in force stays.
-    pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
+    pub(crate) fn reload(&self, force: bool) -> Result<bool, TlsError> {
         let contents = read_all(&self.files)?;
         if !force && self.read().contents == contents {
             return Ok(false);
@@ -93,7 +93,7 @@ impl ReloadableTls {
 
     /// Reloads on SIGHUP and whenever the files' contents change (checked every `poll`),
     /// until the task is aborted.
-    pub fn watch(self: &Arc<Self>, poll: Duration) -> JoinHandle<()> {
+    pub(crate) fn watch(self: &Arc<Self>, poll: Duration) -> JoinHandle<()> {
         let tls = self.clone();
         // Installed before this returns, so a SIGHUP sent once the server says it serves is
         // never met by the default action (which ends the process).

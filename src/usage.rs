@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use crate::domain::Validation;
 
 /// One hour, in microseconds.
-pub const HOUR_US: i64 = 3_600_000_000;
+pub(crate) const HOUR_US: i64 = 3_600_000_000;
 
 /// The start of the hour holding `time_us`.
-pub fn hour_start(time_us: i64) -> i64 {
+pub(crate) fn hour_start(time_us: i64) -> i64 {
     time_us - time_us.rem_euclid(HOUR_US)
 }
 

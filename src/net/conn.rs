@@ -27,7 +27,7 @@ const PREFACE_LEN: usize = 24;
 /// What every request on a connection carries in its extensions (one reference count per
 /// call).
 #[derive(Debug, Clone)]
-pub struct ConnectionInfo(Arc<Shared>);
+pub(crate) struct ConnectionInfo(Arc<Shared>);
 
 #[derive(Debug)]
 struct Shared {
@@ -41,16 +41,16 @@ struct Shared {
 }
 
 impl ConnectionInfo {
-    pub fn peer_ip(&self) -> IpAddr {
+    pub(crate) fn peer_ip(&self) -> IpAddr {
         self.0.peer.ip
     }
 
-    pub fn peer(&self) -> &Arc<Peer> {
+    pub(crate) fn peer(&self) -> &Arc<Peer> {
         &self.0.peer
     }
 
     /// The client's certificate, leaf first, when it presented one.
-    pub fn certificates(&self) -> Option<&[CertificateDer<'static>]> {
+    pub(crate) fn certificates(&self) -> Option<&[CertificateDer<'static>]> {
         self.0.certificates.as_deref()
     }
 
@@ -67,7 +67,7 @@ impl ConnectionInfo {
 /// A connection's I/O with its [`ConnectionInfo`], holding its place among the open
 /// connections until hyper drops it.
 #[derive(Debug)]
-pub struct Conn<IO> {
+pub(crate) struct Conn<IO> {
     io: IO,
     info: ConnectionInfo,
     _slot: Slot,

@@ -30,7 +30,7 @@ use tokio::{
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-pub use conn::{Conn, ConnectionInfo};
+pub(crate) use conn::{Conn, ConnectionInfo};
 
 use crate::tls::ReloadableTls;
 
@@ -94,14 +94,14 @@ fn descriptor_limit() -> Option<u64> {
 
 /// One client IP with connections open: what it holds of the server.
 #[derive(Debug)]
-pub struct Peer {
+pub(crate) struct Peer {
     ip: IpAddr,
     /// Calls in flight from this IP, for its fair share when no callers file names callers.
     pub(crate) in_flight: AtomicUsize,
 }
 
 impl Peer {
-    pub fn ip(&self) -> IpAddr {
+    pub(crate) fn ip(&self) -> IpAddr {
         self.ip
     }
 }
@@ -254,14 +254,14 @@ impl Drop for Slot {
 
 /// Connections ready for the gRPC server, plain or TLS.
 #[derive(Debug)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     Plain(ReceiverStream<io::Result<Conn<TcpStream>>>),
     Tls(ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>>),
 }
 
 /// Accepts connections on `listener` within `connections`' limits and hands them over, TLS
 /// ones once their handshake is done, until the task is aborted or the receiver dropped.
-pub fn accept(
+pub(crate) fn accept(
     listener: TcpListener,
     connections: Arc<Connections>,
     tls: Option<Arc<ReloadableTls>>,
