@@ -13,7 +13,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestDb, as_owner};
+use crate::support::{TestDb, as_owner};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_apikeys");
 

@@ -8,7 +8,7 @@ use apikeys::{
 };
 use serde_json::Value;
 
-use crate::{helpers::spawn_app, scan::remember, security::spawn_guarded};
+use crate::{scan::remember, security::spawn_guarded, support::spawn_app};
 
 #[derive(Debug)]
 struct Run {

@@ -3,7 +3,7 @@ use apikeys::grpc::proto::{CreateKeyRequest, Expiration, KeyStatus, ValidationRe
 use chrono::{DateTime, Months, TimeDelta, Utc};
 use tonic::{Code, Request};
 
-use crate::helpers::{as_actor, as_owner, assert_error, spawn_app};
+use crate::support::{as_actor, as_owner, assert_error, spawn_app};
 
 fn request(workspace: &str, name: &str, expiration: Expiration) -> CreateKeyRequest {
     CreateKeyRequest {

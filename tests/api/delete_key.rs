@@ -1,7 +1,7 @@
 use apikeys::grpc::proto::{DeleteKeyRequest, Expiration, ListKeysRequest, ValidationResult};
 use tonic::{Code, Request};
 
-use crate::helpers::{as_actor, as_owner, assert_error, spawn_app};
+use crate::support::{as_actor, as_owner, assert_error, spawn_app};
 
 fn delete(workspace: &str, key_id: &str) -> DeleteKeyRequest {
     DeleteKeyRequest {

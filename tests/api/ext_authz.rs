@@ -22,9 +22,9 @@ use serde_json::Value;
 use tonic::{Code, Request};
 
 use crate::{
-    helpers::{TestApp, TestDb, as_owner, spawn_app, spawn_app_with},
     lifecycle::timestamp,
     security::spawn_guarded,
+    support::{TestApp, TestDb, as_owner, spawn_app, spawn_app_with},
 };
 
 /// A request as Envoy sends it: headers (lower-case names), the peer's address and the

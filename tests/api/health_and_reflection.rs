@@ -6,7 +6,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
-use crate::helpers::spawn_app;
+use crate::support::spawn_app;
 
 #[tokio::test]
 async fn health_is_serving_for_the_server_and_the_service() {
@@ -58,7 +58,7 @@ async fn health_turns_not_serving_when_shutdown_begins() {
 }
 
 /// What `grpcurl list` and `grpcurl describe` ask.
-async fn reflect(app: &crate::helpers::TestApp, request: MessageRequest) -> MessageResponse {
+async fn reflect(app: &crate::support::TestApp, request: MessageRequest) -> MessageResponse {
     let mut client = ServerReflectionClient::new(app.channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -153,7 +153,7 @@ async fn the_older_v1alpha_reflection_answers_too() {
 #[tokio::test]
 async fn tests_run_on_the_backend_they_were_asked_for() {
     let app = spawn_app().await;
-    let expected = match std::env::var(crate::helpers::POSTGRES_ENV) {
+    let expected = match std::env::var(crate::support::POSTGRES_ENV) {
         Ok(url) if !url.is_empty() => sea_orm::DatabaseBackend::Postgres,
         _ => sea_orm::DatabaseBackend::Sqlite,
     };

@@ -16,8 +16,8 @@ use tonic_types::StatusExt;
 
 use crate::{
     binary::{BIN, Process},
-    helpers::{TestDb, as_owner, assert_error, spawn_app_with},
     security::spawn_guarded,
+    support::{TestDb, as_owner, assert_error, spawn_app_with},
 };
 
 fn channel(addr: std::net::SocketAddr) -> Channel {

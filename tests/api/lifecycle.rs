@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use prost_types::{Duration, FieldMask, Timestamp};
 use tonic::{Code, Status};
 
-use crate::helpers::{
+use crate::support::{
     REFUSED_ACTORS, TestApp, as_actor, as_owner, as_role, assert_error, spawn_app, spawn_app_on,
 };
 

@@ -2,7 +2,7 @@ use apikeys::grpc::proto::{Expiration, KeyStatus, ListKeysRequest};
 use chrono::TimeDelta;
 use tonic::{Code, Request};
 
-use crate::helpers::{as_actor, as_owner, assert_error, spawn_app};
+use crate::support::{as_actor, as_owner, assert_error, spawn_app};
 
 fn list(workspace: &str, page_size: i32, page_token: &str) -> ListKeysRequest {
     ListKeysRequest {

@@ -15,11 +15,11 @@ use sea_orm::{ConnectionTrait, Database};
 use tonic::{Code, Status};
 
 use crate::{
-    helpers::{
+    lifecycle::timestamp,
+    support::{
         REFUSED_ACTORS, TestApp, TestDb, as_actor, as_owner, as_role, assert_error, spawn_app,
         spawn_app_on, spawn_app_with,
     },
-    lifecycle::timestamp,
 };
 
 impl TestApp {

@@ -5,7 +5,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use apikeys::clock::ManualClock;
 
-use crate::helpers::{TestDb, as_owner, spawn_app, spawn_app_with};
+use crate::support::{TestDb, as_owner, spawn_app, spawn_app_with};
 
 /// One HTTP/1.1 GET: the status line, the headers and the body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {

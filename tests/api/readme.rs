@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use tonic::Request;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::spawn_app;
+use crate::support::spawn_app;
 
 /// Values that differ on every run; the README shows an example of each.
 const VARYING: [&str; 10] = [

@@ -10,7 +10,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TcpCut, TestApp, TestDb, as_owner, spawn_app, spawn_app_with};
+use crate::support::{TcpCut, TestApp, TestDb, as_owner, spawn_app, spawn_app_with};
 
 /// The revocation bound promised for other replicas.
 const BOUND: Duration = Duration::from_secs(1);

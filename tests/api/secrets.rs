@@ -4,11 +4,11 @@ use apikeys::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, Expiration, ListKeysRequest, ValidateKeyRequest,
 };
 
-use crate::helpers::{as_owner, captured_logs, spawn_app};
+use crate::support::{as_owner, captured_logs, spawn_app};
 
 /// Runs every RPC, including failing ones, around one key and its rotation; returns both
 /// secrets.
-async fn exercise_every_rpc() -> (crate::helpers::TestApp, [String; 2]) {
+async fn exercise_every_rpc() -> (crate::support::TestApp, [String; 2]) {
     let mut app = spawn_app().await;
     let (key, secret) = app
         .create_key("acme", "log probe", Expiration::Expiration30Days)

@@ -25,8 +25,8 @@ use tonic_reflection::pb::v1::{
 };
 use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, TestDb, as_owner, assert_error, captured_logs, spawn_app_with};
 use crate::scan::caller_token;
+use crate::support::{TestApp, TestDb, as_owner, assert_error, captured_logs, spawn_app_with};
 
 /// A server with a callers file listing one admin and one gateway.
 pub(crate) struct Guarded {

@@ -19,8 +19,8 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-use crate::helpers::{TestApp, TestDb, as_owner, spawn_app_with};
 use crate::scan::{Recording, caller_token};
+use crate::support::{TestApp, TestDb, as_owner, spawn_app_with};
 
 /// A certificate authority that signs server and client certificates.
 pub(crate) struct Ca {

@@ -15,8 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     binary::{command, start_command, terminate},
-    helpers::{TestDb, as_owner},
     scan::remember,
+    support::{TestDb, as_owner},
 };
 
 /// Keeps every export it receives.

@@ -11,7 +11,7 @@ use tonic::{
     transport::Channel,
 };
 
-use crate::helpers::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with};
+use crate::support::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with};
 
 const VALIDATE_KEY: &str = "/cloodot.apikeys.v1.ApiKeys/ValidateKey";
 const CREATE_KEY: &str = "/cloodot.apikeys.v1.ApiKeys/CreateKey";

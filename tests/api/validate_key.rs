@@ -11,7 +11,7 @@ use apikeys::{
 };
 use chrono::{TimeDelta, Utc};
 
-use crate::helpers::{TestDb, as_owner, spawn_app, spawn_app_on};
+use crate::support::{TestDb, as_owner, spawn_app, spawn_app_on};
 
 /// Inputs a gateway may pass on: empty, huge, other vendors' keys, typos.
 fn garbage(valid: &str) -> Vec<String> {

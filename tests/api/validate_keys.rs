@@ -13,8 +13,8 @@ use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Code, Request, Streaming, transport::Channel};
 use tonic_types::StatusExt as _;
 
-use crate::helpers::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with};
 use crate::replicas::delete;
+use crate::support::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with};
 
 /// An open stream: requests go in by `send`, answers come out of `answers`.
 struct Stream {

@@ -23,7 +23,7 @@ use tonic::Status;
 use super::{Client, connect, events, listed_ids, report, scale, server, validate_all};
 use crate::{
     binary::start_command,
-    helpers::{TestDb, as_owner},
+    support::{TestDb, as_owner},
 };
 
 const WORKSPACE: &str = "crash";

@@ -27,8 +27,8 @@ use apikeys::grpc::proto::{
 use tonic::transport::Channel;
 
 use crate::{
-    helpers::{POSTGRES_ENV, as_owner},
     scan::Recording,
+    support::{POSTGRES_ENV, as_owner},
 };
 
 pub(crate) const FULL_ENV: &str = "APIKEYS_RELIABILITY";
@@ -172,7 +172,7 @@ pub(crate) async fn events(
 
 /// The `apikeys` binary on `db`, its management rate limit out of the load's way (the limit
 /// has tests of its own).
-pub(crate) fn server(db: &crate::helpers::TestDb) -> std::process::Command {
+pub(crate) fn server(db: &crate::support::TestDb) -> std::process::Command {
     let mut command = crate::binary::command(db);
     command
         .env("APIKEYS_MANAGEMENT_RATE", "1000000")

@@ -29,7 +29,7 @@ use tonic::{Code, Response, Status};
 use tonic_types::StatusExt;
 
 use super::{Client, report, scale};
-use crate::helpers::{TestDb, as_actor, spawn_app_with};
+use crate::support::{TestDb, as_actor, spawn_app_with};
 
 const NAMES: [&str; 4] = ["ci", "  Zapier – prod  ", "k", "billing sync"];
 const SCOPES: [&str; 4] = ["admin.all", "billing", "orders:read", "orders:write"];

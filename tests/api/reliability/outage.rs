@@ -28,7 +28,7 @@ use tonic_health::pb::{
 };
 
 use super::{Client, backend, listed_ids, report, scale, validate_all};
-use crate::helpers::{TestDb, as_owner, spawn_app_with};
+use crate::support::{TestDb, as_owner, spawn_app_with};
 
 const BOUND: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(100);

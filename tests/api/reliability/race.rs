@@ -20,7 +20,7 @@ use apikeys::{
 };
 
 use super::{Client, report, scale};
-use crate::helpers::{TestApp, TestDb, as_owner, spawn_app_with};
+use crate::support::{TestApp, TestDb, as_owner, spawn_app_with};
 
 /// The bound promised for other replicas (README, "Revocation").
 const BOUND: Duration = Duration::from_secs(1);

@@ -25,7 +25,7 @@ use tonic::{Response, Status};
 use super::{Client, backend, connect, report, scale, server};
 use crate::{
     binary::{start_command, terminate},
-    helpers::{TestDb, as_owner},
+    support::{TestDb, as_owner},
 };
 
 const WORKSPACE: &str = "soak";
