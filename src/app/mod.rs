@@ -240,24 +240,14 @@ impl Application {
             },
             "serving gRPC"
         );
-        let server = async move {
-            match incoming {
-                Incoming::Plain(plain) => server.serve_with_incoming_shutdown(plain, signal).await,
-                Incoming::Tls(tls) => server.serve_with_incoming_shutdown(tls, signal).await,
-            }
-        };
-        let grace = self.settings.shutdown_grace;
-        tokio::select! {
-            served = server => served?,
-            // Long-lived streams (health watches) would hold a graceful drain open forever.
-            () = async {
-                if stopping_rx.await.is_ok() {
-                    tokio::time::sleep(grace).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
-        }
+        serve(
+            server,
+            incoming,
+            signal,
+            stopping_rx,
+            self.settings.shutdown_grace,
+        )
+        .await?;
         drop(accept_tasks);
         // The sync loops end with a last flush of last-used times and usage.
         let _ = stop_tasks.send(true);
@@ -343,6 +333,35 @@ impl Application {
             .with_draining(draining);
         (api, ext_authz)
     }
+}
+
+/// Serves until the shutdown `signal` has run and the drain has ended, or its `grace` (from
+/// when `stopping` fired) has passed.
+async fn serve(
+    server: tonic::transport::server::Router<router::Layers>,
+    incoming: Incoming,
+    signal: impl Future<Output = ()> + Send + 'static,
+    stopping: tokio::sync::oneshot::Receiver<()>,
+    grace: std::time::Duration,
+) -> Result<(), StartupError> {
+    let server = async move {
+        match incoming {
+            Incoming::Plain(plain) => server.serve_with_incoming_shutdown(plain, signal).await,
+            Incoming::Tls(tls) => server.serve_with_incoming_shutdown(tls, signal).await,
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        // Long-lived streams (health watches) would hold a graceful drain open forever.
+        () = async {
+            if stopping.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::warn!(?grace, "calls still open after the shutdown grace; closing them"),
+    }
+    Ok(())
 }
 
 /// Tasks that must not outlive the server.

@@ -23,7 +23,7 @@ use crate::{
 const MAX_HEADER_BYTES: u32 = 16 * 1024;
 
 /// The layers of [`server`], outermost last.
-type Layers = Stack<
+pub(super) type Layers = Stack<
     Guard<(
         ((Deadline, Authenticate), InFlight),
         (HealthWatches, ManagementRate),

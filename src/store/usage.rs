@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, QueryResult, Statement,
+    TransactionTrait,
+};
 
 use super::{
     Store, StoreError,
@@ -58,6 +61,72 @@ fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
         deleted: count("deleted")?,
         insufficient_scope: count("insufficient_scope")?,
     })
+}
+
+/// Merges our sketches into those the upsert returned (a new row holds ours already) and
+/// writes back the ones that changed, a chunk per statement.
+async fn merge_sketches(
+    txn: &DatabaseTransaction,
+    backend: DatabaseBackend,
+    chunk: &[&KeyHour],
+    stored: Vec<QueryResult>,
+    per_statement: usize,
+) -> Result<(), DbErr> {
+    // A new row holds our sketch already; an existing one returns its own to merge.
+    let ours: HashMap<(&str, i64), &DistinctIps> = chunk
+        .iter()
+        .filter(|hour| !hour.usage.client_ips.is_empty())
+        .map(|hour| {
+            (
+                (hour.key_id.as_str(), hour.usage.start_time_us),
+                &hour.usage.client_ips,
+            )
+        })
+        .collect();
+    let mut merged_rows = Vec::new();
+    for row in stored {
+        let key_id: String = row.try_get("", "key_id")?;
+        let start: i64 = row.try_get("", "start_time_us")?;
+        let Some(ips) = ours.get(&(key_id.as_str(), start)) else {
+            continue;
+        };
+        let bytes: Option<Vec<u8>> = row.try_get("", "client_ips")?;
+        let stored = decode_ips(bytes.as_deref(), &key_id);
+        let mut merged = stored.clone();
+        merged.merge(ips);
+        if merged != stored {
+            merged_rows.push((key_id, start, merged.to_bytes()));
+        }
+    }
+    for merged_rows in binary_chunks(&merged_rows, per_statement) {
+        // One statement for the chunk's changed sketches.
+        let mut placeholders = Placeholders::new(backend);
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(merged_rows.len() * 5);
+        let mut cases = String::new();
+        let mut keys = Vec::with_capacity(merged_rows.len());
+        for (key_id, start, bytes) in merged_rows {
+            let (k, t, b) = (
+                placeholders.next(),
+                placeholders.next(),
+                placeholders.next(),
+            );
+            cases.push_str(&format!(
+                " WHEN key_id = {k} AND start_time_us = {t} THEN {b}"
+            ));
+            keys.push(format!("({k}, {t})"));
+            values.push(key_id.clone().into());
+            values.push((*start).into());
+            values.push(bytes.clone().into());
+        }
+        let sql = format!(
+            "UPDATE api_key_usage SET client_ips = CASE{cases} ELSE client_ips END \
+             WHERE (key_id, start_time_us) IN ({})",
+            keys.join(", ")
+        );
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+    }
+    Ok(())
 }
 
 /// A stored sketch; one that cannot be read counts as empty (and is logged), never fails a
@@ -118,60 +187,7 @@ impl Store {
             let stored = txn
                 .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
                 .await?;
-            // A new row holds our sketch already; an existing one returns its own to merge.
-            let ours: HashMap<(&str, i64), &DistinctIps> = chunk
-                .iter()
-                .filter(|hour| !hour.usage.client_ips.is_empty())
-                .map(|hour| {
-                    (
-                        (hour.key_id.as_str(), hour.usage.start_time_us),
-                        &hour.usage.client_ips,
-                    )
-                })
-                .collect();
-            let mut merged_rows = Vec::new();
-            for row in stored {
-                let key_id: String = row.try_get("", "key_id")?;
-                let start: i64 = row.try_get("", "start_time_us")?;
-                let Some(ips) = ours.get(&(key_id.as_str(), start)) else {
-                    continue;
-                };
-                let bytes: Option<Vec<u8>> = row.try_get("", "client_ips")?;
-                let stored = decode_ips(bytes.as_deref(), &key_id);
-                let mut merged = stored.clone();
-                merged.merge(ips);
-                if merged != stored {
-                    merged_rows.push((key_id, start, merged.to_bytes()));
-                }
-            }
-            for merged_rows in binary_chunks(&merged_rows, PER_STATEMENT) {
-                // One statement for the chunk's changed sketches.
-                let mut placeholders = Placeholders::new(backend);
-                let mut values: Vec<sea_orm::Value> = Vec::with_capacity(merged_rows.len() * 5);
-                let mut cases = String::new();
-                let mut keys = Vec::with_capacity(merged_rows.len());
-                for (key_id, start, bytes) in merged_rows {
-                    let (k, t, b) = (
-                        placeholders.next(),
-                        placeholders.next(),
-                        placeholders.next(),
-                    );
-                    cases.push_str(&format!(
-                        " WHEN key_id = {k} AND start_time_us = {t} THEN {b}"
-                    ));
-                    keys.push(format!("({k}, {t})"));
-                    values.push(key_id.clone().into());
-                    values.push((*start).into());
-                    values.push(bytes.clone().into());
-                }
-                let sql = format!(
-                    "UPDATE api_key_usage SET client_ips = CASE{cases} ELSE client_ips END \
-                     WHERE (key_id, start_time_us) IN ({})",
-                    keys.join(", ")
-                );
-                txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-                    .await?;
-            }
+            merge_sketches(&txn, backend, chunk, stored, PER_STATEMENT).await?;
         }
         txn.commit().await?;
         Ok(())

@@ -1,35 +1,35 @@
+//! The ApiKeys service: each call's fields parsed into domain values, the key service
+//! asked, its answer shown on the wire.
+
+mod convert;
+mod stream;
+
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::field::Empty;
 
+use self::convert::{
+    actor, api_key, expiry, grace_period, key_event, page_size, time, timestamp, usage_range,
+};
+use self::stream::Validations;
 use super::proto::{
-    self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
+    ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
     DisableKeyRequest, EnableKeyRequest, GetKeyRequest, GetKeyUsageRequest, GetKeyUsageResponse,
-    KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest, ListKeyEventsResponse,
-    ListKeysRequest, ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest,
-    UsageBucket, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
-    ValidateKeysResponse, ValidationResult, api_keys_server::ApiKeys,
+    ListKeyEventsRequest, ListKeyEventsResponse, ListKeysRequest, ListKeysResponse,
+    RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, UsageBucket, ValidateKeyRequest,
+    ValidateKeyResponse, ValidateKeysRequest, ValidationResult, api_keys_server::ApiKeys,
 };
 use crate::{
     domain::{
-        Actor, EventCursor, EventKind, Expiration, Expiry, InvalidInput, Key, KeyId, KeyName,
-        PageCursor, Scopes, Validation, WorkspaceId,
+        EventCursor, InvalidInput, KeyId, KeyName, PageCursor, Scopes, Validation, WorkspaceId,
     },
     error::ApiError,
     grpc::guard::ManagementRate,
-    observability::metrics::Metrics,
-    observability::telemetry,
-    service::{DEFAULT_PAGE_SIZE, KeyEdit, KeyService, MAX_GRACE_PERIOD},
-    usage::{UsageCounts, hour_start},
+    observability::{metrics::Metrics, telemetry},
+    service::{KeyEdit, KeyService},
+    usage::UsageCounts,
 };
-
-/// Metadata naming the person a management call acts for.
-const ACTOR_ID_HEADER: &str = "x-actor-id";
-const ACTOR_ROLE_HEADER: &str = "x-actor-role";
-/// GetKeyUsage's longest range: a quarter and a bit, enough for the product's 90 days.
-const MAX_USAGE_RANGE_US: i64 = 93 * 24 * 3_600_000_000;
 
 /// ValidateKey's request limit: ample for any key (junk below it is answered MALFORMED),
 /// a quarter of what other calls may send.
@@ -345,19 +345,11 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<Streaming<ValidateKeysRequest>>,
     ) -> Result<Response<Validations>, Status> {
-        let draining = self.draining.clone().map(|mut draining| -> DrainFuture {
-            Box::pin(async move {
-                // An error means the server is gone, which is draining too.
-                let _ = draining.wait_for(|draining| *draining).await;
-            })
-        });
-        Ok(Response::new(Validations {
-            service: self.clone(),
-            requests: request.into_inner(),
-            draining,
-            since_drain_check: 0,
-            ended: false,
-        }))
+        Ok(Response::new(Validations::new(
+            self.clone(),
+            request.into_inner(),
+            self.draining.clone(),
+        )))
     }
 
     #[tracing::instrument(name = "ListKeyEvents", skip_all, fields(workspace_id, key_id))]
@@ -447,278 +439,10 @@ impl ApiKeys for ApiKeysService {
     }
 }
 
-/// The answers of a ValidateKeys stream: each request judged when it is read, so a key
-/// deleted before then is never VALID. Polled only when the connection can take more
-/// answers, so a client that stops reading stops being read from (HTTP/2 flow control does
-/// the rest): nothing here buffers. The first error ends the stream.
-pub struct Validations {
-    service: ApiKeysService,
-    requests: Streaming<ValidateKeysRequest>,
-    /// Ready once the server drains: looked at whenever the client has nothing more for
-    /// now, and every [`DRAIN_CHECK_EVERY`] requests of a client that never pauses.
-    draining: Option<DrainFuture>,
-    since_drain_check: u32,
-    ended: bool,
-}
-
-type DrainFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-const DRAIN_CHECK_EVERY: u32 = 256;
-
-impl Validations {
-    /// Whether the server drains (and if not, a wake-up when it does).
-    fn drained(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        self.since_drain_check = 0;
-        self.draining
-            .as_mut()
-            .is_some_and(|draining| draining.as_mut().poll(cx).is_ready())
-    }
-
-    fn end_draining(&mut self) -> Status {
-        self.ended = true;
-        ApiError::ShuttingDown.into()
-    }
-
-    fn answer(&self, request: ValidateKeysRequest) -> Result<ValidateKeysResponse, Status> {
-        let id = request.request_id;
-        let request = request
-            .request
-            .ok_or(ApiError::RequestMissing)
-            .map_err(|err| err.in_stream(id))?;
-        let response = self
-            .service
-            .judge(&request)
-            .map_err(|err| err.in_stream(id))?;
-        Ok(ValidateKeysResponse {
-            request_id: id,
-            response: Some(response),
-        })
-    }
-}
-
-impl tokio_stream::Stream for Validations {
-    type Item = Result<ValidateKeysResponse, Status>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        let this = &mut *self;
-        this.since_drain_check += 1;
-        if this.since_drain_check >= DRAIN_CHECK_EVERY && this.drained(cx) {
-            return Poll::Ready(Some(Err(this.end_draining())));
-        }
-        let answer = match std::pin::Pin::new(&mut this.requests).poll_next(cx) {
-            Poll::Pending if this.drained(cx) => Err(this.end_draining()),
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(request)) => request.and_then(|request| this.answer(request)),
-        };
-        self.ended = answer.is_err();
-        Poll::Ready(Some(answer))
-    }
-}
-
-impl std::fmt::Debug for Validations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Validations").finish_non_exhaustive()
-    }
-}
-
 /// A validation as the wire names it, counted in the metrics.
 pub(crate) fn answered(validation: Validation, metrics: Option<&Metrics>) -> ValidationResult {
     if let Some(metrics) = metrics {
         metrics.validation(validation);
     }
     validation.into()
-}
-
-impl From<Validation> for ValidationResult {
-    fn from(validation: Validation) -> Self {
-        match validation {
-            Validation::Valid => Self::Valid,
-            Validation::Malformed => Self::Malformed,
-            Validation::NotFound => Self::NotFound,
-            Validation::Expired => Self::Expired,
-            Validation::Disabled => Self::Disabled,
-            Validation::Deleted => Self::Deleted,
-            Validation::InsufficientScope => Self::InsufficientScope,
-        }
-    }
-}
-
-fn page_size(size: i32) -> Result<u64, ApiError> {
-    match size {
-        size if size < 0 => Err(InvalidInput::PageSizeNegative.into()),
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        size => Ok(size as u64),
-    }
-}
-
-/// `[start, end)` in microseconds, the start rounded down to its hour.
-fn usage_range(
-    start: Option<prost_types::Timestamp>,
-    end: Option<prost_types::Timestamp>,
-) -> Result<(i64, i64), InvalidInput> {
-    let micros = |at: Option<prost_types::Timestamp>| {
-        let at = at?;
-        let nanos = u32::try_from(at.nanos)
-            .ok()
-            .filter(|n| *n < 1_000_000_000)?;
-        Some(DateTime::from_timestamp(at.seconds, nanos)?.timestamp_micros())
-    };
-    let (Some(start), Some(end)) = (micros(start), micros(end)) else {
-        return Err(InvalidInput::TimeRangeInvalid);
-    };
-    if start >= end || end - start > MAX_USAGE_RANGE_US {
-        return Err(InvalidInput::TimeRangeInvalid);
-    }
-    Ok((hour_start(start), end))
-}
-
-fn key_event(event: crate::domain::KeyEvent) -> KeyEvent {
-    let kind = match event.kind {
-        EventKind::Created => KeyEventType::Created,
-        EventKind::Updated => KeyEventType::Updated,
-        EventKind::Disabled => KeyEventType::Disabled,
-        EventKind::Enabled => KeyEventType::Enabled,
-        EventKind::Rotated => KeyEventType::Rotated,
-        EventKind::Deleted => KeyEventType::Deleted,
-    };
-    KeyEvent {
-        id: format!("evt_{}", event.id),
-        workspace_id: event.workspace.into(),
-        key_id: event.key_id.into(),
-        r#type: kind.into(),
-        actor_id: event.actor_id,
-        actor_role: event.actor_role,
-        create_time: Some(time(event.time)),
-        new_key_id: event.new_key_id.map(String::from).unwrap_or_default(),
-        changed_fields: event.changed_fields,
-    }
-}
-
-fn actor(metadata: &MetadataMap) -> Result<Actor, ApiError> {
-    // One value or none: never the first of several (ActorError::Duplicated says why).
-    let header = |name: &'static str| {
-        let mut values = metadata.get_all(name).iter();
-        let first = values.next();
-        match values.next() {
-            Some(_) => Err(crate::domain::ActorError::Duplicated(name)),
-            None => Ok(first.and_then(|value| value.to_str().ok())),
-        }
-    };
-    Ok(Actor::parse(
-        header(ACTOR_ID_HEADER)?,
-        header(ACTOR_ROLE_HEADER)?,
-    )?)
-}
-
-/// Exactly one of a preset and a custom time.
-fn expiry(preset: i32, custom: Option<prost_types::Timestamp>) -> Result<Expiry, InvalidInput> {
-    match custom {
-        None => expiration(preset).map(Expiry::Preset),
-        Some(_) if preset != proto::Expiration::Unspecified as i32 => {
-            Err(InvalidInput::ExpirationConflict)
-        }
-        Some(at) => {
-            let nanos = u32::try_from(at.nanos)
-                .ok()
-                .filter(|nanos| *nanos < 1_000_000_000)
-                .ok_or(InvalidInput::ExpireTimeInvalid)?;
-            // Kept to the microsecond, as stored. Beyond chrono's range (±262,000 years) is
-            // far in the past or the future.
-            match DateTime::from_timestamp(at.seconds, nanos / 1000 * 1000) {
-                Some(at) => Ok(Expiry::At(at)),
-                None if at.seconds < 0 => Err(InvalidInput::ExpireTimeInPast),
-                None => Err(InvalidInput::ExpireTimeTooFar),
-            }
-        }
-    }
-}
-
-/// 0 to 7 days, kept to the microsecond; absent is 0.
-fn grace_period(
-    duration: Option<prost_types::Duration>,
-) -> Result<chrono::TimeDelta, InvalidInput> {
-    let duration = duration.unwrap_or_default();
-    let grace = (duration.seconds >= 0 && (0..1_000_000_000).contains(&duration.nanos))
-        .then(|| chrono::TimeDelta::new(duration.seconds, duration.nanos as u32 / 1000 * 1000))
-        .flatten()
-        .filter(|grace| *grace <= MAX_GRACE_PERIOD);
-    grace.ok_or(InvalidInput::GracePeriodInvalid)
-}
-
-fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
-    match proto::Expiration::try_from(value) {
-        Ok(proto::Expiration::Unspecified) => Err(InvalidInput::ExpirationUnspecified),
-        Ok(proto::Expiration::Never) => Ok(Expiration::Never),
-        Ok(proto::Expiration::Expiration30Days) => Ok(Expiration::Days30),
-        Ok(proto::Expiration::Expiration90Days) => Ok(Expiration::Days90),
-        Ok(proto::Expiration::Expiration1Year) => Ok(Expiration::OneYear),
-        Err(_) => Err(InvalidInput::ExpirationUnknown),
-    }
-}
-
-fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
-    let status = KeyStatus::from(key.status(now));
-    ApiKey {
-        masked_key: key.masked(),
-        create_time: Some(time(key.create_time)),
-        expire_time: key.expire_time.map(time),
-        last_used_time: key.last_used_time.map(time),
-        status: status.into(),
-        scopes: key.scopes.into_vec(),
-        id: key.id.into(),
-        workspace_id: key.workspace.into(),
-        name: key.name.into(),
-        created_by: key.created_by,
-    }
-}
-
-fn time(at: DateTime<Utc>) -> prost_types::Timestamp {
-    timestamp(at.timestamp_micros())
-}
-
-fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
-
-impl From<crate::domain::KeyStatus> for KeyStatus {
-    fn from(status: crate::domain::KeyStatus) -> Self {
-        match status {
-            crate::domain::KeyStatus::Active => Self::Active,
-            crate::domain::KeyStatus::Disabled => Self::Disabled,
-            crate::domain::KeyStatus::Expired => Self::Expired,
-            // Never shown: the API answers NOT_FOUND for a deleted key.
-            crate::domain::KeyStatus::Deleted => Self::Unspecified,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_answer_has_its_own_proto_value_and_metric_label() {
-        let mut seen = std::collections::HashSet::new();
-        for validation in Validation::ALL {
-            let result = ValidationResult::from(validation);
-            assert!(seen.insert(result), "{validation:?}");
-            assert_eq!(
-                crate::observability::metrics::result_label(validation),
-                result.as_str_name()
-            );
-        }
-        // Every proto value but UNSPECIFIED is an answer.
-        assert!(ValidationResult::try_from(seen.len() as i32 + 1).is_err());
-    }
 }

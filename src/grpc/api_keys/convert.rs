@@ -1,0 +1,208 @@
+//! Between the wire and the domain: requests' fields parsed into domain values, domain
+//! values shown as proto messages. Every enum crossing is an exhaustive match.
+
+use chrono::{DateTime, Utc};
+use tonic::metadata::MetadataMap;
+
+use crate::{
+    domain::{Actor, EventKind, Expiration, Expiry, InvalidInput, Key, Validation},
+    error::ApiError,
+    grpc::proto::{self, ApiKey, KeyEvent, KeyEventType, KeyStatus, ValidationResult},
+    service::{DEFAULT_PAGE_SIZE, MAX_GRACE_PERIOD},
+    usage::hour_start,
+};
+
+/// Metadata naming the person a management call acts for.
+const ACTOR_ID_HEADER: &str = "x-actor-id";
+const ACTOR_ROLE_HEADER: &str = "x-actor-role";
+/// GetKeyUsage's longest range: a quarter and a bit, enough for the product's 90 days.
+const MAX_USAGE_RANGE_US: i64 = 93 * 24 * 3_600_000_000;
+
+impl From<Validation> for ValidationResult {
+    fn from(validation: Validation) -> Self {
+        match validation {
+            Validation::Valid => Self::Valid,
+            Validation::Malformed => Self::Malformed,
+            Validation::NotFound => Self::NotFound,
+            Validation::Expired => Self::Expired,
+            Validation::Disabled => Self::Disabled,
+            Validation::Deleted => Self::Deleted,
+            Validation::InsufficientScope => Self::InsufficientScope,
+        }
+    }
+}
+
+pub(super) fn page_size(size: i32) -> Result<u64, ApiError> {
+    match size {
+        size if size < 0 => Err(InvalidInput::PageSizeNegative.into()),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        size => Ok(size as u64),
+    }
+}
+
+/// `[start, end)` in microseconds, the start rounded down to its hour.
+pub(super) fn usage_range(
+    start: Option<prost_types::Timestamp>,
+    end: Option<prost_types::Timestamp>,
+) -> Result<(i64, i64), InvalidInput> {
+    let micros = |at: Option<prost_types::Timestamp>| {
+        let at = at?;
+        let nanos = u32::try_from(at.nanos)
+            .ok()
+            .filter(|n| *n < 1_000_000_000)?;
+        Some(DateTime::from_timestamp(at.seconds, nanos)?.timestamp_micros())
+    };
+    let (Some(start), Some(end)) = (micros(start), micros(end)) else {
+        return Err(InvalidInput::TimeRangeInvalid);
+    };
+    if start >= end || end - start > MAX_USAGE_RANGE_US {
+        return Err(InvalidInput::TimeRangeInvalid);
+    }
+    Ok((hour_start(start), end))
+}
+
+pub(super) fn key_event(event: crate::domain::KeyEvent) -> KeyEvent {
+    let kind = match event.kind {
+        EventKind::Created => KeyEventType::Created,
+        EventKind::Updated => KeyEventType::Updated,
+        EventKind::Disabled => KeyEventType::Disabled,
+        EventKind::Enabled => KeyEventType::Enabled,
+        EventKind::Rotated => KeyEventType::Rotated,
+        EventKind::Deleted => KeyEventType::Deleted,
+    };
+    KeyEvent {
+        id: format!("evt_{}", event.id),
+        workspace_id: event.workspace.into(),
+        key_id: event.key_id.into(),
+        r#type: kind.into(),
+        actor_id: event.actor_id,
+        actor_role: event.actor_role,
+        create_time: Some(time(event.time)),
+        new_key_id: event.new_key_id.map(String::from).unwrap_or_default(),
+        changed_fields: event.changed_fields,
+    }
+}
+
+pub(super) fn actor(metadata: &MetadataMap) -> Result<Actor, ApiError> {
+    // One value or none: never the first of several (ActorError::Duplicated says why).
+    let header = |name: &'static str| {
+        let mut values = metadata.get_all(name).iter();
+        let first = values.next();
+        match values.next() {
+            Some(_) => Err(crate::domain::ActorError::Duplicated(name)),
+            None => Ok(first.and_then(|value| value.to_str().ok())),
+        }
+    };
+    Ok(Actor::parse(
+        header(ACTOR_ID_HEADER)?,
+        header(ACTOR_ROLE_HEADER)?,
+    )?)
+}
+
+/// Exactly one of a preset and a custom time.
+pub(super) fn expiry(
+    preset: i32,
+    custom: Option<prost_types::Timestamp>,
+) -> Result<Expiry, InvalidInput> {
+    match custom {
+        None => expiration(preset).map(Expiry::Preset),
+        Some(_) if preset != proto::Expiration::Unspecified as i32 => {
+            Err(InvalidInput::ExpirationConflict)
+        }
+        Some(at) => {
+            let nanos = u32::try_from(at.nanos)
+                .ok()
+                .filter(|nanos| *nanos < 1_000_000_000)
+                .ok_or(InvalidInput::ExpireTimeInvalid)?;
+            // Kept to the microsecond, as stored. Beyond chrono's range (±262,000 years) is
+            // far in the past or the future.
+            match DateTime::from_timestamp(at.seconds, nanos / 1000 * 1000) {
+                Some(at) => Ok(Expiry::At(at)),
+                None if at.seconds < 0 => Err(InvalidInput::ExpireTimeInPast),
+                None => Err(InvalidInput::ExpireTimeTooFar),
+            }
+        }
+    }
+}
+
+/// 0 to 7 days, kept to the microsecond; absent is 0.
+pub(super) fn grace_period(
+    duration: Option<prost_types::Duration>,
+) -> Result<chrono::TimeDelta, InvalidInput> {
+    let duration = duration.unwrap_or_default();
+    let grace = (duration.seconds >= 0 && (0..1_000_000_000).contains(&duration.nanos))
+        .then(|| chrono::TimeDelta::new(duration.seconds, duration.nanos as u32 / 1000 * 1000))
+        .flatten()
+        .filter(|grace| *grace <= MAX_GRACE_PERIOD);
+    grace.ok_or(InvalidInput::GracePeriodInvalid)
+}
+
+fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
+    match proto::Expiration::try_from(value) {
+        Ok(proto::Expiration::Unspecified) => Err(InvalidInput::ExpirationUnspecified),
+        Ok(proto::Expiration::Never) => Ok(Expiration::Never),
+        Ok(proto::Expiration::Expiration30Days) => Ok(Expiration::Days30),
+        Ok(proto::Expiration::Expiration90Days) => Ok(Expiration::Days90),
+        Ok(proto::Expiration::Expiration1Year) => Ok(Expiration::OneYear),
+        Err(_) => Err(InvalidInput::ExpirationUnknown),
+    }
+}
+
+pub(super) fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
+    let status = KeyStatus::from(key.status(now));
+    ApiKey {
+        masked_key: key.masked(),
+        create_time: Some(time(key.create_time)),
+        expire_time: key.expire_time.map(time),
+        last_used_time: key.last_used_time.map(time),
+        status: status.into(),
+        scopes: key.scopes.into_vec(),
+        id: key.id.into(),
+        workspace_id: key.workspace.into(),
+        name: key.name.into(),
+        created_by: key.created_by,
+    }
+}
+
+pub(super) fn time(at: DateTime<Utc>) -> prost_types::Timestamp {
+    timestamp(at.timestamp_micros())
+}
+
+pub(super) fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+impl From<crate::domain::KeyStatus> for KeyStatus {
+    fn from(status: crate::domain::KeyStatus) -> Self {
+        match status {
+            crate::domain::KeyStatus::Active => Self::Active,
+            crate::domain::KeyStatus::Disabled => Self::Disabled,
+            crate::domain::KeyStatus::Expired => Self::Expired,
+            // Never shown: the API answers NOT_FOUND for a deleted key.
+            crate::domain::KeyStatus::Deleted => Self::Unspecified,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_has_its_own_proto_value_and_metric_label() {
+        let mut seen = std::collections::HashSet::new();
+        for validation in Validation::ALL {
+            let result = ValidationResult::from(validation);
+            assert!(seen.insert(result), "{validation:?}");
+            assert_eq!(
+                crate::observability::metrics::result_label(validation),
+                result.as_str_name()
+            );
+        }
+        // Every proto value but UNSPECIFIED is an answer.
+        assert!(ValidationResult::try_from(seen.len() as i32 + 1).is_err());
+    }
+}
