@@ -88,54 +88,51 @@ pub(super) async fn list(session: &mut Session<'_>, workspace: String) -> Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// Shows one key.
-pub(super) async fn get(
-    session: &mut Session<'_>,
-    workspace: String,
-    key_id: String,
-) -> Result<ExitCode, String> {
-    let connection = session.connection;
-    let (client, out) = (&mut session.client, &mut session.out);
-    let request = GetKeyRequest {
-        workspace_id: workspace,
-        key_id,
-    };
-    let key = client.get_key(connection.request(request)?).await;
-    show(out, connection, &key.map_err(explain)?.into_inner())?;
-    Ok(ExitCode::SUCCESS)
+/// What `get`, `disable` and `enable` do to the key they name, before showing it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum OneKey {
+    Get,
+    Disable,
+    Enable,
 }
 
-/// Disables a key.
-pub(super) async fn disable(
+/// Gets, disables or enables a key, and shows it.
+pub(super) async fn one(
     session: &mut Session<'_>,
-    workspace: String,
+    action: OneKey,
+    workspace_id: String,
     key_id: String,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
-    let (client, out) = (&mut session.client, &mut session.out);
-    let request = DisableKeyRequest {
-        workspace_id: workspace,
-        key_id,
+    let client = &mut session.client;
+    let key = match action {
+        OneKey::Get => {
+            let request = GetKeyRequest {
+                workspace_id,
+                key_id,
+            };
+            client.get_key(connection.request(request)?).await
+        }
+        OneKey::Disable => {
+            let request = DisableKeyRequest {
+                workspace_id,
+                key_id,
+            };
+            client.disable_key(connection.request(request)?).await
+        }
+        OneKey::Enable => {
+            let request = EnableKeyRequest {
+                workspace_id,
+                key_id,
+            };
+            client.enable_key(connection.request(request)?).await
+        }
     };
-    let key = client.disable_key(connection.request(request)?).await;
-    show(out, connection, &key.map_err(explain)?.into_inner())?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Enables a key again.
-pub(super) async fn enable(
-    session: &mut Session<'_>,
-    workspace: String,
-    key_id: String,
-) -> Result<ExitCode, String> {
-    let connection = session.connection;
-    let (client, out) = (&mut session.client, &mut session.out);
-    let request = EnableKeyRequest {
-        workspace_id: workspace,
-        key_id,
-    };
-    let key = client.enable_key(connection.request(request)?).await;
-    show(out, connection, &key.map_err(explain)?.into_inner())?;
+    show(
+        &mut session.out,
+        connection,
+        &key.map_err(explain)?.into_inner(),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@ mod render;
 use std::{io::StdoutLock, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use keys::OneKey;
 use tonic::{
     Request, Status,
     metadata::MetadataValue,
@@ -252,11 +253,15 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             scopes,
         } => keys::create(session, workspace, name, expires, scopes).await,
         KeysCommand::List { workspace } => keys::list(session, workspace).await,
-        KeysCommand::Get { workspace, key_id } => keys::get(session, workspace, key_id).await,
-        KeysCommand::Disable { workspace, key_id } => {
-            keys::disable(session, workspace, key_id).await
+        KeysCommand::Get { workspace, key_id } => {
+            keys::one(session, OneKey::Get, workspace, key_id).await
         }
-        KeysCommand::Enable { workspace, key_id } => keys::enable(session, workspace, key_id).await,
+        KeysCommand::Disable { workspace, key_id } => {
+            keys::one(session, OneKey::Disable, workspace, key_id).await
+        }
+        KeysCommand::Enable { workspace, key_id } => {
+            keys::one(session, OneKey::Enable, workspace, key_id).await
+        }
         KeysCommand::Rotate {
             workspace,
             key_id,
