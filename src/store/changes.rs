@@ -1,13 +1,15 @@
 //! The change feed: every row changed after a cursor, in revision order, for the replicas'
 //! indexes.
 
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QuerySelect, Statement};
+use sea_orm::{
+    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    sea_query::{Expr, ExprTrait},
+};
 
 use super::{
     IndexRow, Store, StoreError,
     entity::key::{Column, Entity},
     index_row::INDEX_COLUMNS,
-    sql::Placeholders,
 };
 
 /// Where a catch-up read stopped: the last `(revision, id)` applied.
@@ -28,37 +30,26 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<IndexRow>, StoreError> {
         // Only the columns the index keeps: the start-up load reads every row through here.
-        let backend = self.backend();
-        let mut placeholders = Placeholders::new(backend);
-        let mut values: Vec<sea_orm::Value> =
-            vec![cursor.revision.into(), cursor.id.clone().into()];
-        let mut sql = format!(
-            "SELECT {} FROM api_keys WHERE (revision, id) > ({}, {})",
-            INDEX_COLUMNS.join(", "),
-            placeholders.next(),
-            placeholders.next()
-        );
-        if let Some(within) = within {
-            sql.push_str(&format!(
-                " AND revision BETWEEN {} AND {}",
-                placeholders.next(),
-                placeholders.next()
-            ));
-            values.extend([(*within.start()).into(), (*within.end()).into()]);
-        }
-        sql.push_str(&format!(
-            " ORDER BY revision, id LIMIT {}",
-            placeholders.next()
-        ));
-        values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?;
-        Ok(rows
+        let columns = INDEX_COLUMNS
             .iter()
-            .map(IndexRow::decode)
-            .collect::<Result<_, _>>()?)
+            .filter_map(|name| name.parse::<Column>().ok());
+        Ok(Entity::find()
+            .select_only()
+            .columns(columns)
+            .filter(
+                Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(
+                    [Expr::val(cursor.revision), Expr::val(cursor.id.as_str())],
+                )),
+            )
+            .apply_if(within, |query, within| {
+                query.filter(Column::Revision.between(*within.start(), *within.end()))
+            })
+            .order_by_asc(Column::Revision)
+            .order_by_asc(Column::Id)
+            .limit(limit)
+            .into_model::<IndexRow>()
+            .all(&self.db)
+            .await?)
     }
 
     /// The newest revision any row carries (0 for none).

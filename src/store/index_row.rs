@@ -90,6 +90,13 @@ impl IndexRow {
     }
 }
 
+/// The change feed's rows, selected as [`INDEX_COLUMNS`] in order.
+impl sea_orm::FromQueryResult for IndexRow {
+    fn from_query_result(row: &QueryResult, _prefix: &str) -> Result<Self, DbErr> {
+        Self::decode(row)
+    }
+}
+
 impl SelectedRow for QueryResult {
     type Error = DbErr;
     fn text(&self, at: usize) -> Result<String, DbErr> {
