@@ -30,12 +30,9 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<IndexRow>, StoreError> {
         // Only the columns the index keeps: the start-up load reads every row through here.
-        let columns = INDEX_COLUMNS
-            .iter()
-            .filter_map(|name| name.parse::<Column>().ok());
         Ok(Entity::find()
             .select_only()
-            .columns(columns)
+            .exprs(INDEX_COLUMNS.map(Expr::col))
             .filter(
                 Expr::tuple([Expr::col(Column::Revision), Expr::col(Column::Id)]).gt(Expr::tuple(
                     [Expr::val(cursor.revision), Expr::val(cursor.id.as_str())],

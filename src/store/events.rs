@@ -6,10 +6,7 @@ use sea_orm::{
     QueryOrder, QuerySelect, QueryTrait, sea_query::ExprTrait,
 };
 
-use super::{
-    Store, StoreError,
-    entity::{event, key::Model as KeyRow},
-};
+use super::{Store, StoreError, entity::event};
 use crate::domain::{Actor, EventKind, KeyEvent, KeyField, KeyId, WorkspaceId};
 
 /// An event to record with a change, in its transaction; the store adds the key, the
@@ -41,14 +38,15 @@ impl NewEvent {
 pub(super) async fn record_event(
     txn: &DatabaseTransaction,
     revision: i64,
-    key: &KeyRow,
+    workspace: &WorkspaceId,
+    key_id: &KeyId,
     event: NewEvent,
 ) -> Result<(), DbErr> {
     let changed_fields: Vec<&str> = event.changed_fields.iter().map(|f| f.as_str()).collect();
     event::Entity::insert(event::ActiveModel {
         id: Set(revision),
-        workspace_id: Set(key.workspace_id.clone()),
-        key_id: Set(key.id.clone()),
+        workspace_id: Set(workspace.clone()),
+        key_id: Set(key_id.clone()),
         kind: Set(event.kind),
         actor_id: Set(event.actor_id),
         actor_role: Set(event.actor_role.to_owned()),

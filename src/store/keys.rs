@@ -86,7 +86,7 @@ impl Store {
         let row = Entity::insert(key.into_model(revision))
             .exec_with_returning(&txn)
             .await?;
-        record_event(&txn, revision, &row, event).await?;
+        record_event(&txn, revision, &row.workspace_id, &row.id, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
         Ok(row.into())
@@ -119,7 +119,7 @@ impl Store {
     ) -> Result<Option<Changed>, E> {
         let txn = self.db.begin().await.map_err(StoreError::from)?;
         let revision = self.next_revision(&txn).await?;
-        let Some(row) = Entity::find_by_id(id.clone())
+        let Some(stored) = Entity::find_by_id(id.clone())
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .one(&txn)
             .await
@@ -127,7 +127,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        let stored = Key::from(row.clone());
+        let stored = Key::from(stored);
         let Some(change) = decide(&stored)? else {
             // Dropping the transaction gives the revision back.
             return Ok(Some(Changed {
@@ -153,11 +153,11 @@ impl Store {
             expire_time,
             rotated_to,
         } = change.update;
-        record_event(&txn, revision, &row, change.event)
+        record_event(&txn, revision, workspace, id, change.event)
             .await
             .map_err(StoreError::from)?;
         let mut update = ActiveModel {
-            id: sea_orm::ActiveValue::Unchanged(row.id.clone()),
+            id: sea_orm::ActiveValue::Unchanged(id.clone()),
             revision: Set(revision),
             ..Default::default()
         };
@@ -248,7 +248,7 @@ impl Store {
         let Some(row) = Entity::find_by_id(id.clone()).one(&txn).await? else {
             return Ok(None);
         };
-        record_event(&txn, revision, &row, event).await?;
+        record_event(&txn, revision, workspace, id, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
         Ok(Some(row.into()))
