@@ -323,7 +323,7 @@ impl Settings {
     }
 
     /// How connections to the gRPC port are held in bounds.
-    pub fn connection_limits(&self) -> crate::net::ConnectionLimits {
+    pub(crate) fn connection_limits(&self) -> crate::net::ConnectionLimits {
         crate::net::ConnectionLimits {
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
@@ -333,7 +333,7 @@ impl Settings {
     }
 
     /// The TLS files, when TLS is on.
-    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+    pub(crate) fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
                 cert: cert.clone(),

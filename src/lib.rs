@@ -1,4 +1,8 @@
 //! apikeys: a gRPC service that owns API keys for Cloodot workspaces.
+//!
+//! The modules and items made `pub` are what the binary, the benches, the fuzz targets and the
+//! tests use; everything else is `pub(crate)`, and `unreachable_pub` keeps it so.
+#![warn(unreachable_pub)]
 
 pub mod app;
 pub mod auth;

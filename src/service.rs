@@ -17,11 +17,11 @@ use crate::{
 };
 
 /// ListKeys page size when the caller gives none.
-pub const DEFAULT_PAGE_SIZE: u64 = 50;
+pub(crate) const DEFAULT_PAGE_SIZE: u64 = 50;
 /// ListKeys never returns more than this many keys at once.
-pub const MAX_PAGE_SIZE: u64 = 1000;
+pub(crate) const MAX_PAGE_SIZE: u64 = 1000;
 /// RotateKey's longest grace period for the old key.
-pub const MAX_GRACE_PERIOD: TimeDelta = TimeDelta::days(7);
+pub(crate) const MAX_GRACE_PERIOD: TimeDelta = TimeDelta::days(7);
 /// A key's last use is noted in memory at most this often; a flush writes it within about a
 /// second more.
 const LAST_USED_RESOLUTION: TimeDelta = TimeDelta::seconds(1);
@@ -36,14 +36,14 @@ pub struct KeyService {
 
 /// What UpdateKey changes; `None` leaves a field as it is.
 #[derive(Debug, Default)]
-pub struct KeyEdit {
+pub(crate) struct KeyEdit {
     pub name: Option<KeyName>,
     pub scopes: Option<Scopes>,
 }
 
 /// RotateKey's result.
 #[derive(Debug)]
-pub struct Rotated {
+pub(crate) struct Rotated {
     pub key: Key,
     pub secret: Secret,
     pub old_key: Key,
@@ -57,13 +57,13 @@ pub struct ValidateOutcome {
 }
 
 #[derive(Debug)]
-pub struct Page {
+pub(crate) struct Page {
     pub keys: Vec<Key>,
     pub next: Option<PageCursor>,
 }
 
 #[derive(Debug)]
-pub struct EventPage {
+pub(crate) struct EventPage {
     pub events: Vec<KeyEvent>,
     /// The id of the last event, when another page follows.
     pub next: Option<i64>,
@@ -71,7 +71,7 @@ pub struct EventPage {
 
 /// GetKeyUsage's answer.
 #[derive(Debug)]
-pub struct KeyUsage {
+pub(crate) struct KeyUsage {
     pub hours: Vec<HourUsage>,
     /// The key as stored, with the last use this replica saw.
     pub key: Key,
@@ -90,12 +90,12 @@ impl KeyService {
     }
 
     /// The current time, at the microsecond precision the database keeps.
-    pub fn now(&self) -> DateTime<Utc> {
+    pub(crate) fn now(&self) -> DateTime<Utc> {
         let now = self.clock.now();
         DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
     }
 
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
@@ -130,7 +130,7 @@ impl KeyService {
         Ok((key, secret))
     }
 
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         workspace: &WorkspaceId,
         page_size: u64,
@@ -166,7 +166,7 @@ impl KeyService {
     }
 
     /// A live key of the workspace.
-    pub async fn get(&self, workspace: &WorkspaceId, id: &KeyId) -> Result<Key, ApiError> {
+    pub(crate) async fn get(&self, workspace: &WorkspaceId, id: &KeyId) -> Result<Key, ApiError> {
         match self.store.get(workspace, id).await? {
             Some(mut key) if !key.is_deleted() => {
                 self.note_unflushed_use(&mut key);
@@ -203,7 +203,7 @@ impl KeyService {
         Ok(changed)
     }
 
-    pub async fn update(
+    pub(crate) async fn update(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
@@ -240,7 +240,7 @@ impl KeyService {
     }
 
     /// Disables (`true`) or enables (`false`) a key; doing it twice changes nothing.
-    pub async fn set_disabled(
+    pub(crate) async fn set_disabled(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
@@ -279,7 +279,7 @@ impl KeyService {
     }
 
     /// Issues a successor to an active key and makes the old one expire after `grace`.
-    pub async fn rotate(
+    pub(crate) async fn rotate(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
@@ -347,7 +347,7 @@ impl KeyService {
         })
     }
 
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
@@ -364,7 +364,7 @@ impl KeyService {
     }
 
     /// A workspace's events, or one key's, newest first, after the event `before`.
-    pub async fn events(
+    pub(crate) async fn events(
         &self,
         workspace: &WorkspaceId,
         key: Option<&KeyId>,
@@ -387,7 +387,7 @@ impl KeyService {
     }
 
     /// A key's hourly usage in `[from_us, to_us)`; the key may be deleted.
-    pub async fn usage(
+    pub(crate) async fn usage(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,

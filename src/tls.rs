@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 /// Where the server's certificate chain, its key and (for mutual TLS) the CA that signs
 /// client certificates are read from. PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,

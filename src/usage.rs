@@ -16,7 +16,7 @@ pub(crate) fn hour_start(time_us: i64) -> i64 {
 /// One key's answers in one hour, by answer. Unknown and malformed keys belong to no
 /// workspace and are counted only as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UsageCounts {
+pub(crate) struct UsageCounts {
     pub valid: u64,
     pub expired: u64,
     pub disabled: u64,
@@ -25,7 +25,7 @@ pub struct UsageCounts {
 }
 
 impl UsageCounts {
-    pub fn add(&mut self, result: Validation) {
+    pub(crate) fn add(&mut self, result: Validation) {
         let count = match result {
             Validation::Valid => &mut self.valid,
             Validation::Expired => &mut self.expired,
@@ -39,7 +39,7 @@ impl UsageCounts {
     }
 
     /// Every answer counted.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         let Self {
             valid,
             expired,
@@ -51,7 +51,7 @@ impl UsageCounts {
     }
 
     /// Adds `other`'s counts.
-    pub fn merge(&mut self, other: &Self) {
+    pub(crate) fn merge(&mut self, other: &Self) {
         let Self {
             valid,
             expired,
@@ -69,7 +69,7 @@ impl UsageCounts {
 
 /// One key's answers in one hour.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HourUsage {
+pub(crate) struct HourUsage {
     pub start_time_us: i64,
     pub counts: UsageCounts,
     pub client_ips: DistinctIps,
@@ -78,7 +78,7 @@ pub struct HourUsage {
 }
 
 impl HourUsage {
-    pub fn new(start_time_us: i64) -> Self {
+    pub(crate) fn new(start_time_us: i64) -> Self {
         Self {
             start_time_us,
             counts: UsageCounts::default(),
@@ -88,7 +88,7 @@ impl HourUsage {
     }
 
     /// An hour as stored.
-    pub fn stored(start_time_us: i64, counts: UsageCounts, client_ips: DistinctIps) -> Self {
+    pub(crate) fn stored(start_time_us: i64, counts: UsageCounts, client_ips: DistinctIps) -> Self {
         Self {
             start_time_us,
             counts,
@@ -97,7 +97,7 @@ impl HourUsage {
         }
     }
 
-    pub fn count(&mut self, result: Validation, client_ip: Option<IpAddr>) {
+    pub(crate) fn count(&mut self, result: Validation, client_ip: Option<IpAddr>) {
         self.counts.add(result);
         if let Some(ip) = client_ip
             && self.last_ip != Some(ip)
@@ -108,7 +108,7 @@ impl HourUsage {
     }
 
     /// Adds `other`, of the same key and hour.
-    pub fn merge(&mut self, other: &Self) {
+    pub(crate) fn merge(&mut self, other: &Self) {
         self.counts.merge(&other.counts);
         self.client_ips.merge(&other.client_ips);
     }
@@ -119,7 +119,7 @@ impl HourUsage {
 /// there were. Mergeable, so each replica and each flush adds its own. Few registers are set
 /// for a key used from a few IPs, so those are kept as (register, rank) pairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DistinctIps(Registers);
+pub(crate) struct DistinctIps(Registers);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Registers {
@@ -141,10 +141,10 @@ impl Default for DistinctIps {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("not an encoded distinct-IP sketch")]
-pub struct SketchDecodeError;
+pub(crate) struct SketchDecodeError;
 
 impl DistinctIps {
-    pub fn insert(&mut self, ip: IpAddr) {
+    pub(crate) fn insert(&mut self, ip: IpAddr) {
         // An IPv4 address and its IPv4-mapped IPv6 form are one client.
         let octets = match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -193,18 +193,18 @@ impl DistinctIps {
         }
     }
 
-    pub fn merge(&mut self, other: &Self) {
+    pub(crate) fn merge(&mut self, other: &Self) {
         for (register, rank) in other.pairs() {
             self.set(register, rank);
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         matches!(&self.0, Registers::Sparse(pairs) if pairs.is_empty())
     }
 
     /// The estimated number of distinct IPs inserted.
-    pub fn estimate(&self) -> u64 {
+    pub(crate) fn estimate(&self) -> u64 {
         let pairs = self.pairs();
         let m = REGISTERS as f64;
         let zeros = (REGISTERS - pairs.len()) as f64;
@@ -225,14 +225,14 @@ impl DistinctIps {
     }
 
     /// As stored: (register, rank) pairs while few, else the 256 registers.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         match &self.0 {
             Registers::Sparse(pairs) => pairs.iter().flat_map(|(at, rank)| [*at, *rank]).collect(),
             Registers::Dense(registers) => registers.to_vec(),
         }
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SketchDecodeError> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, SketchDecodeError> {
         if let Ok(registers) = <[u8; REGISTERS]>::try_from(bytes) {
             if registers.iter().any(|rank| *rank > MAX_RANK) {
                 return Err(SketchDecodeError);

@@ -12,6 +12,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic_health::server::HealthReporter;
 
 pub use self::health::LIVENESS_NAME;
+pub use crate::tls::TlsError;
 use crate::{
     auth::{Callers, CallersFileError},
     clock::{Clock, SystemClock},
@@ -51,7 +52,7 @@ pub enum StartupError {
     )]
     CertificateCallersWithoutMutualTls,
     #[error("cannot set up TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] TlsError),
     #[error("cannot open the database: {0}")]
     Database(#[source] StoreError),
     #[error("cannot run migrations: {0}")]
@@ -148,10 +149,6 @@ impl Application {
             tls,
             settings: settings.clone(),
         })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.addr.port()
     }
 
     pub fn local_addr(&self) -> SocketAddr {

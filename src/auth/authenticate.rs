@@ -18,10 +18,10 @@ use crate::{
 /// the network authenticates callers itself. Two `authorization` values are refused either
 /// way: a proxy that appends its own to a client's would otherwise be spoofable.
 #[derive(Debug, Clone)]
-pub struct Authenticate(Option<Arc<Callers>>);
+pub(crate) struct Authenticate(Option<Arc<Callers>>);
 
 impl Authenticate {
-    pub fn new(callers: Option<Callers>) -> Self {
+    pub(crate) fn new(callers: Option<Callers>) -> Self {
         Self(callers.map(Arc::new))
     }
 }

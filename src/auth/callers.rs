@@ -25,7 +25,7 @@ use crate::domain::base62;
 
 /// Prefix of every caller token, so a leaked one is recognisable (and never mistaken for an
 /// API key, which starts `clo_`).
-pub const TOKEN_PREFIX: &str = "cct_";
+pub(crate) const TOKEN_PREFIX: &str = "cct_";
 /// 43 base62 characters: 256 bits of randomness.
 const TOKEN_RANDOM_LEN: usize = 43;
 const HASH_PREFIX: &str = "blake3:";
@@ -86,7 +86,7 @@ impl CallerToken {
     }
 
     /// `blake3:<hex>`, as written in the callers file.
-    pub fn hash_line(&self) -> String {
+    pub(crate) fn hash_line(&self) -> String {
         format!("{HASH_PREFIX}{}", blake3::hash(self.0.as_bytes()).to_hex())
     }
 }
@@ -176,7 +176,7 @@ pub enum CallersFileError {
 }
 
 impl Callers {
-    pub fn load(path: &Path) -> Result<Self, CallersFileError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, CallersFileError> {
         let read = |source| CallersFileError::Read {
             path: path.display().to_string(),
             source,
@@ -250,13 +250,13 @@ impl Callers {
     }
 
     /// The caller whose token this is, if any.
-    pub fn authenticate(&self, token: &str) -> Option<&Arc<Caller>> {
+    pub(crate) fn authenticate(&self, token: &str) -> Option<&Arc<Caller>> {
         self.by_hash.get(blake3::hash(token.as_bytes()).as_bytes())
     }
 
     /// The caller a client certificate names in its subject alternative names, if any. The
     /// certificate must already be verified (mutual TLS against the client CA).
-    pub fn authenticate_certificate(
+    pub(crate) fn authenticate_certificate(
         &self,
         certificate: &rustls::pki_types::CertificateDer<'_>,
     ) -> Option<&Arc<Caller>> {
@@ -270,16 +270,12 @@ impl Callers {
     }
 
     /// Whether any caller is known by certificate, which only mutual TLS can present.
-    pub fn names_certificates(&self) -> bool {
+    pub(crate) fn names_certificates(&self) -> bool {
         !self.by_san.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_hash.len() + self.by_san.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

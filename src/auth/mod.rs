@@ -4,8 +4,8 @@
 mod authenticate;
 mod callers;
 
-pub use authenticate::Authenticate;
+pub(crate) use authenticate::Authenticate;
 pub use callers::{
-    Caller, CallerRole, CallerToken, Callers, CallersFileError, TOKEN_PREFIX, check_name,
-    file_line, new_token_instructions,
+    Caller, CallerRole, CallerToken, Callers, CallersFileError, check_name, file_line,
+    new_token_instructions,
 };

@@ -8,14 +8,14 @@ pub struct Actor {
 
 /// The roles that may manage keys; the product reserves Developer settings to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Owner,
     Admin,
 }
 
 impl Role {
     /// As `x-actor-role` spells it, and as the audit trail records it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Owner => "owner",
             Self::Admin => "admin",
@@ -66,11 +66,11 @@ impl Actor {
         })
     }
 
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
-    pub fn role(&self) -> Role {
+    pub(crate) fn role(&self) -> Role {
         self.role
     }
 }

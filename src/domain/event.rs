@@ -25,13 +25,13 @@ pub enum EventKind {
 
 /// A field UpdateKey changed, as the audit trail names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyField {
+pub(crate) enum KeyField {
     Name,
     Scopes,
 }
 
 impl KeyField {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Name => "name",
             Self::Scopes => "scopes",
@@ -41,7 +41,7 @@ impl KeyField {
 
 /// One change to a key, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyEvent {
+pub(crate) struct KeyEvent {
     /// The revision the change took: unique, and in the order changes committed.
     pub id: i64,
     pub workspace: WorkspaceId,

@@ -4,7 +4,7 @@ use super::InvalidInput;
 
 /// How long a new key stays valid; the server turns it into an `expire_time`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiration {
+pub(crate) enum Expiration {
     Never,
     Days30,
     Days90,
@@ -13,7 +13,7 @@ pub enum Expiration {
 
 impl Expiration {
     /// When a key created at `now` expires; `None` for never.
-    pub fn expire_time(self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn expire_time(self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             Self::Never => None,
             Self::Days30 => Some(now + TimeDelta::days(30)),
@@ -27,7 +27,7 @@ impl Expiration {
 
 /// When a new key stops being valid: a preset, or a custom time (GitHub-style).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
+pub(crate) enum Expiry {
     Preset(Expiration),
     At(DateTime<Utc>),
 }
@@ -38,7 +38,10 @@ const CUSTOM_EXPIRY_MAX_MONTHS: u32 = 60;
 impl Expiry {
     /// When a key created at `now` expires; `None` for never. A custom time must lie after
     /// `now` and at most five years ahead.
-    pub fn expire_time(self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, InvalidInput> {
+    pub(crate) fn expire_time(
+        self,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, InvalidInput> {
         match self {
             Self::Preset(preset) => Ok(preset.expire_time(now)),
             Self::At(at) if at <= now => Err(InvalidInput::ExpireTimeInPast),

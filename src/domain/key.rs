@@ -9,7 +9,7 @@ use super::{KeyHash, KeyId, KeyName, KeyStatus, Scopes, WorkspaceId, masked_key}
 /// A key as stored, tombstone or not. Never the key itself: only its hash and last four
 /// characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Key {
+pub(crate) struct Key {
     pub id: KeyId,
     pub workspace: WorkspaceId,
     pub name: KeyName,
@@ -38,7 +38,7 @@ pub struct Key {
 
 impl Key {
     /// The key's status at `now`, by [`KeyStatus::at`].
-    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+    pub(crate) fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         KeyStatus::at(
             self.is_deleted(),
             self.is_disabled(),
@@ -48,26 +48,26 @@ impl Key {
         )
     }
 
-    pub fn is_deleted(&self) -> bool {
+    pub(crate) fn is_deleted(&self) -> bool {
         self.delete_time.is_some()
     }
 
-    pub fn is_disabled(&self) -> bool {
+    pub(crate) fn is_disabled(&self) -> bool {
         self.disable_time.is_some()
     }
 
     /// Whether the key has expired by `now` (exactly at its expiry time, it has).
-    pub fn has_expired(&self, now: DateTime<Utc>) -> bool {
+    pub(crate) fn has_expired(&self, now: DateTime<Utc>) -> bool {
         self.expire_time.is_some_and(|at| at <= now)
     }
 
     /// The masked preview of the key, for lists: its prefix and last four characters.
-    pub fn masked(&self) -> String {
+    pub(crate) fn masked(&self) -> String {
         masked_key(&self.suffix)
     }
 
     /// Notes a use this replica saw that may not be stored yet.
-    pub fn note_use(&mut self, at: DateTime<Utc>, ip: Option<IpAddr>) {
+    pub(crate) fn note_use(&mut self, at: DateTime<Utc>, ip: Option<IpAddr>) {
         if Some(at) > self.last_used_time {
             self.last_used_time = Some(at);
             self.last_used_ip = ip;

@@ -6,7 +6,7 @@ const VS16: char = '\u{FE0F}';
 
 /// How a text would look to the person reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Legibility {
+pub(crate) enum Legibility {
     /// Every character shows as itself.
     Legible,
     /// Nothing shows: empty, spaces, or only characters that are invisible.
@@ -24,7 +24,7 @@ pub enum Legibility {
 /// marks and emoji are legible. U+200D ZWJ is legible only between two pictographs (👩‍💻),
 /// where emoji need it; elsewhere it is invisible, so Persian or Indic text must do without
 /// explicit joiners. Variation selectors are legible after a visible character (❤️, 葛󠄀).
-pub fn legibility(text: &str) -> Legibility {
+pub(crate) fn legibility(text: &str) -> Legibility {
     let mut hidden = false;
     let mut visible = false;
     let mut previous: Option<char> = None;

@@ -16,15 +16,16 @@ mod secret;
 mod validation;
 mod workspace_id;
 
-pub use actor::{Actor, ActorError, Role};
-pub use event::{EventKind, KeyEvent, KeyField};
-pub use expiration::{Expiration, Expiry};
-pub use invalid_input::InvalidInput;
-pub use key::Key;
+pub use actor::{Actor, ActorError};
+pub(crate) use event::{EventKind, KeyEvent, KeyField};
+pub(crate) use expiration::{Expiration, Expiry};
+pub(crate) use invalid_input::InvalidInput;
+pub(crate) use key::Key;
 pub use key_id::KeyId;
 pub use key_name::KeyName;
-pub use legibility::{Legibility, legibility};
-pub use page_token::{EventCursor, PageCursor};
+pub(crate) use legibility::{Legibility, legibility};
+pub(crate) use page_token::EventCursor;
+pub use page_token::PageCursor;
 pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{
     KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,

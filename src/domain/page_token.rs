@@ -51,7 +51,7 @@ impl PageCursor {
 /// filter it was issued for, the workspace and the key (or none): a token from one key's
 /// trail would otherwise page on through another's from the wrong place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventCursor {
+pub(crate) struct EventCursor {
     pub before: i64,
 }
 
@@ -59,7 +59,7 @@ const EVENT_VERSION: u8 = 2;
 const EVENT_TOKEN_LEN: usize = 1 + TAG_LEN + 8;
 
 impl EventCursor {
-    pub fn encode(&self, workspace: &WorkspaceId, key: Option<&KeyId>) -> String {
+    pub(crate) fn encode(&self, workspace: &WorkspaceId, key: Option<&KeyId>) -> String {
         let mut bytes = Vec::with_capacity(EVENT_TOKEN_LEN);
         bytes.push(EVENT_VERSION);
         bytes.extend_from_slice(&filter_tag(workspace, key));
@@ -67,7 +67,7 @@ impl EventCursor {
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(
+    pub(crate) fn decode(
         token: &str,
         workspace: &WorkspaceId,
         key: Option<&KeyId>,

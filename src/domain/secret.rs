@@ -41,7 +41,7 @@ impl Secret {
     }
 
     /// The last characters of the key, kept for the masked preview.
-    pub fn suffix(&self) -> &str {
+    pub(crate) fn suffix(&self) -> &str {
         &self.0[KEY_LEN - SUFFIX_LEN..]
     }
 }

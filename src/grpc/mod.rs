@@ -2,7 +2,7 @@
 
 mod api_keys;
 pub(crate) mod codec;
-pub mod ext_authz;
+pub(crate) mod ext_authz;
 pub mod guard;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// A key's scopes, sorted; keys with the same scopes share one.
-pub type ScopeSet = Arc<[Box<str>]>;
+pub(crate) type ScopeSet = Arc<[Box<str>]>;
 
 /// What the index knows of one key: about 200 bytes with the map's own overhead and its
 /// name (see BENCHMARKS.md).
@@ -88,7 +88,7 @@ struct Unflushed {
 
 /// What a flush takes of one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyActivity {
+pub(crate) struct KeyActivity {
     pub key_id: String,
     pub workspace_id: String,
     /// The last valid use and its client IP, when it moved since the last flush.
@@ -118,10 +118,10 @@ pub struct Found {
 /// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
 /// cannot pick them (a presented key is hashed before lookup).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PrehashedKeys;
+pub(crate) struct PrehashedKeys;
 
 #[derive(Debug, Default)]
-pub struct PrehashedHasher(u64);
+pub(crate) struct PrehashedHasher(u64);
 
 impl BuildHasher for PrehashedKeys {
     type Hasher = PrehashedHasher;
@@ -190,16 +190,12 @@ impl KeyIndex {
     }
 
     /// Makes room for `additional` more keys at once, instead of growing step by step.
-    pub fn reserve(&self, additional: usize) {
+    pub(crate) fn reserve(&self, additional: usize) {
         self.keys.pin().reserve(additional);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     /// Applies a row as stored. A row older than what the index holds is ignored, so a slow
@@ -368,14 +364,14 @@ impl KeyIndex {
     }
 
     /// The last valid use this replica has seen of the key, if any.
-    pub fn last_used_us(&self, hash: &KeyHash) -> Option<i64> {
+    pub(crate) fn last_used_us(&self, hash: &KeyHash) -> Option<i64> {
         let keys = self.keys.pin();
         let used = keys.get(hash.as_bytes())?.last_used_us();
         (used != i64::MIN).then_some(used)
     }
 
     /// The last valid use this replica has seen of the key, with its client IP.
-    pub fn last_seen_use(&self, hash: &KeyHash) -> Option<(i64, Option<IpAddr>)> {
+    pub(crate) fn last_seen_use(&self, hash: &KeyHash) -> Option<(i64, Option<IpAddr>)> {
         let keys = self.keys.pin();
         let activity = keys.get(hash.as_bytes())?.activity.get()?;
         let at = activity.last_used_us.load(Ordering::Relaxed);
@@ -383,7 +379,7 @@ impl KeyIndex {
     }
 
     /// Takes what was noted since the last call: last uses that moved, and counted hours.
-    pub fn take_activity(&self) -> Vec<KeyActivity> {
+    pub(crate) fn take_activity(&self) -> Vec<KeyActivity> {
         let pending = std::mem::take(&mut *lock(&self.pending));
         let rolled = std::mem::take(&mut *lock(&self.rolled));
         let keys = self.keys.pin();

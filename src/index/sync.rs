@@ -76,7 +76,7 @@ impl Syncer {
         }
     }
 
-    pub fn index(&self) -> &Arc<KeyIndex> {
+    pub(crate) fn index(&self) -> &Arc<KeyIndex> {
         &self.index
     }
 
@@ -172,19 +172,19 @@ impl Syncer {
     }
 
     /// How long ago the last successful sync started.
-    pub fn staleness(&self) -> Duration {
+    pub(crate) fn staleness(&self) -> Duration {
         let last = Duration::from_millis(self.last_sync_ms.load(Ordering::Acquire));
         self.epoch.elapsed().saturating_sub(last)
     }
 
     /// Whether the index may still answer: its last sync is within the bound.
-    pub fn is_fresh(&self) -> bool {
+    pub(crate) fn is_fresh(&self) -> bool {
         self.staleness() <= self.settings.staleness_bound
     }
 
     /// Starts the background loops; they end when `stop` turns true. The receiver turns
     /// false while the index is stale and true again once it is fresh: what health reports.
-    pub fn spawn(
+    pub(crate) fn spawn(
         self: &Arc<Self>,
         stop: watch::Receiver<bool>,
     ) -> (watch::Receiver<bool>, Vec<JoinHandle<()>>) {

@@ -40,7 +40,7 @@ const RESERVED_DESCRIPTORS: u64 = 64;
 
 /// How connections are held in bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     /// Open connections in all; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Open connections from one client IP.
@@ -55,7 +55,7 @@ impl ConnectionLimits {
     /// The limits with `max_connections` lowered, if need be, to what the process's
     /// descriptor limit allows once `others` (other listeners' connections) and our own
     /// reserve are kept back, so the cap (not `EMFILE`) is what turns connections away.
-    pub fn within_descriptor_limit(self, others: usize) -> Self {
+    pub(crate) fn within_descriptor_limit(self, others: usize) -> Self {
         match descriptor_limit() {
             Some(limit) => {
                 let reserved = RESERVED_DESCRIPTORS + others as u64;
@@ -108,7 +108,7 @@ impl Peer {
 
 /// Why a connection was closed by the server before the client closed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Over `max_connections`.
     Limit,
     /// Over `max_connections_per_ip`.
@@ -120,14 +120,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Self; 4] = [
+    pub(crate) const ALL: [Self; 4] = [
         Self::Limit,
         Self::PeerLimit,
         Self::HandshakeTimeout,
         Self::Idle,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Limit => "limit",
             Self::PeerLimit => "peer_limit",
@@ -139,7 +139,7 @@ impl Refusal {
 
 /// Every open connection, by peer, and the counts the metrics show.
 #[derive(Debug)]
-pub struct Connections {
+pub(crate) struct Connections {
     limits: ConnectionLimits,
     open: Mutex<Open>,
     /// Connections the server closed, by [`Refusal`]: Prometheus counters, which the metrics
@@ -149,7 +149,7 @@ pub struct Connections {
 
 /// The label of a [`Refusal`] in the metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabel {
+pub(crate) struct RefusalLabel {
     reason: &'static str,
 }
 
@@ -161,7 +161,7 @@ struct Open {
 }
 
 impl Connections {
-    pub fn new(limits: ConnectionLimits) -> Arc<Self> {
+    pub(crate) fn new(limits: ConnectionLimits) -> Arc<Self> {
         let refused = Family::default();
         // Every reason is shown from the start, at zero.
         for why in Refusal::ALL {
@@ -176,22 +176,9 @@ impl Connections {
         })
     }
 
-    pub fn limits(&self) -> ConnectionLimits {
-        self.limits
-    }
-
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.lock().total
-    }
-
-    /// Connections the server closed for `why`, since start.
-    pub fn refused(&self, why: Refusal) -> u64 {
-        self.refused
-            .get_or_create(&RefusalLabel {
-                reason: why.as_str(),
-            })
-            .get()
     }
 
     fn count(&self, why: Refusal) {

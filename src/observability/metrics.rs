@@ -123,7 +123,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("apikeys");
         let rpcs = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -194,7 +194,7 @@ impl Metrics {
     }
 
     /// Registers the gRPC port's connection counts.
-    pub fn with_connections_of(mut self, connections: &Arc<Connections>) -> Self {
+    pub(crate) fn with_connections_of(mut self, connections: &Arc<Connections>) -> Self {
         let open = Gauge::default();
         self.registry.register(
             "connections_open",
@@ -211,7 +211,7 @@ impl Metrics {
     }
 
     /// Registers the counters of the index's flushes: failed ones, and answers dropped.
-    pub fn with_flush_counters(mut self, failures: Counter, dropped: Counter) -> Self {
+    pub(crate) fn with_flush_counters(mut self, failures: Counter, dropped: Counter) -> Self {
         self.registry.register(
             "flush_failures",
             "Flushes of last-used times and usage that failed (each is retried by the next)",
@@ -226,7 +226,7 @@ impl Metrics {
     }
 
     /// Counts one ValidateKey answer.
-    pub fn validation(&self, result: Validation) {
+    pub(crate) fn validation(&self, result: Validation) {
         self.validations.of(result).inc();
     }
 
@@ -247,7 +247,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read now.
-    pub fn render(&self, readings: Readings) -> String {
+    pub(crate) fn render(&self, readings: Readings) -> String {
         self.index_keys.set(readings.index_keys as i64);
         self.sync_age.set(readings.sync_age.as_secs_f64());
         self.pool_connections
@@ -265,7 +265,7 @@ impl Metrics {
 
 /// What the gauges show, read at each scrape.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Readings {
+pub(crate) struct Readings {
     /// Keys in the validation index, tombstones included.
     pub index_keys: usize,
     /// Time since the index's last successful sync started.
@@ -278,7 +278,7 @@ pub struct Readings {
 /// How the metrics listener is held in bounds: it is plain HTTP/1, often reachable from the
 /// whole cluster.
 #[derive(Debug, Clone, Copy)]
-pub struct ListenerLimits {
+pub(crate) struct ListenerLimits {
     /// Open connections; more are closed at once. One client IP may hold an eighth of them
     /// (at least one), so a client that keeps reopening slow sockets cannot keep the scraper
     /// out.
@@ -289,7 +289,7 @@ pub struct ListenerLimits {
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     read: impl Fn() -> Readings + Clone + Send + Sync + 'static,

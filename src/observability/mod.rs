@@ -1,6 +1,6 @@
 //! What operators see: Prometheus metrics, traces and logs, and the outermost layer that
 //! counts, times and traces every call.
 
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod observe;
 pub mod telemetry;

@@ -93,7 +93,7 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// The layer; a pass-through when neither metrics nor traces are on.
 #[derive(Debug, Clone)]
-pub struct Observe(pub Option<Arc<Metrics>>);
+pub(crate) struct Observe(pub Option<Arc<Metrics>>);
 
 impl<S> Layer<S> for Observe {
     type Service = Observed<S>;
@@ -107,7 +107,7 @@ impl<S> Layer<S> for Observe {
 }
 
 #[derive(Debug, Clone)]
-pub struct Observed<S> {
+pub(crate) struct Observed<S> {
     metrics: Option<Arc<Metrics>>,
     inner: S,
 }

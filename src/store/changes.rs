@@ -14,7 +14,7 @@ use super::{
 
 /// Where a catch-up read stopped: the last `(revision, id)` applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ChangeCursor {
+pub(crate) struct ChangeCursor {
     pub revision: i64,
     pub id: String,
 }
@@ -23,7 +23,7 @@ impl Store {
     /// Rows changed after `cursor`, in `(revision, id)` order, at most `limit`: what a
     /// replica's index has not applied yet. From the default cursor, every row.
     /// With `within`, only rows whose revision lies in that range (a slice of a parallel load).
-    pub async fn changes_since(
+    pub(crate) async fn changes_since(
         &self,
         cursor: &ChangeCursor,
         within: Option<std::ops::RangeInclusive<i64>>,
@@ -50,7 +50,7 @@ impl Store {
     }
 
     /// The newest revision any row carries (0 for none).
-    pub async fn max_revision(&self) -> Result<i64, StoreError> {
+    pub(crate) async fn max_revision(&self) -> Result<i64, StoreError> {
         let max: Option<Option<i64>> = Entity::find()
             .select_only()
             .column_as(Column::Revision.max(), "max")

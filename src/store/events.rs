@@ -12,7 +12,7 @@ use crate::domain::{Actor, EventKind, KeyEvent, KeyField, KeyId, WorkspaceId};
 /// An event to record with a change, in its transaction; the store adds the key, the
 /// workspace and the id (the change's revision).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEvent {
+pub(crate) struct NewEvent {
     pub kind: EventKind,
     pub actor_id: String,
     pub actor_role: &'static str,
@@ -22,7 +22,7 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    pub fn new(kind: EventKind, actor: &Actor, time: DateTime<Utc>) -> Self {
+    pub(crate) fn new(kind: EventKind, actor: &Actor, time: DateTime<Utc>) -> Self {
         Self {
             kind,
             actor_id: actor.id().to_owned(),
@@ -62,7 +62,7 @@ pub(super) async fn record_event(
 impl Store {
     /// A workspace's events (or one key's, the rotation that issued it included), newest
     /// first, older than the event `before`; at most `limit`.
-    pub async fn events(
+    pub(crate) async fn events(
         &self,
         workspace: &WorkspaceId,
         key: Option<&KeyId>,

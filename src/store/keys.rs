@@ -16,7 +16,7 @@ use crate::domain::{Key, KeyHash, KeyId, KeyName, PageCursor, Scopes, WorkspaceI
 
 /// A key to insert, already validated and hashed.
 #[derive(Debug)]
-pub struct NewKey<'a> {
+pub(crate) struct NewKey<'a> {
     pub id: &'a KeyId,
     pub workspace: &'a WorkspaceId,
     pub name: KeyName,
@@ -52,7 +52,7 @@ impl NewKey<'_> {
 
 /// What a change sets on an existing key; `None` leaves a column as it is.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct KeyUpdate {
+pub(crate) struct KeyUpdate {
     pub name: Option<KeyName>,
     pub scopes: Option<Scopes>,
     pub disable_time: Option<Option<DateTime<Utc>>>,
@@ -63,7 +63,7 @@ pub struct KeyUpdate {
 /// A change to a key, decided from the key as stored: an update of its row and, for a
 /// rotation, a key to insert with it; and the event that records it.
 #[derive(Debug)]
-pub struct Change<'a> {
+pub(crate) struct Change<'a> {
     pub update: KeyUpdate,
     pub insert: Option<NewKey<'a>>,
     pub event: NewEvent,
@@ -71,7 +71,7 @@ pub struct Change<'a> {
 
 /// The outcome of [`Store::change`]: the key as now stored, and the key inserted with it.
 #[derive(Debug)]
-pub struct Changed {
+pub(crate) struct Changed {
     pub key: Key,
     pub inserted: Option<Key>,
     /// False when the decision was to change nothing.
@@ -80,7 +80,7 @@ pub struct Changed {
 
 impl Store {
     /// Inserts a key with its `created` event.
-    pub async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<Key, StoreError> {
+    pub(crate) async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<Key, StoreError> {
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
         let row = Entity::insert(key.into_model(revision))
@@ -94,7 +94,7 @@ impl Store {
 
     /// A key of the workspace as stored, tombstone or not; `None` when the workspace has no
     /// key with that id.
-    pub async fn get(
+    pub(crate) async fn get(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
@@ -111,7 +111,7 @@ impl Store {
     /// between the read and the write) and answers what to change, nothing (`Ok(None)`), or
     /// an error, which rolls everything back. `Ok(None)` from here: no key with that id in
     /// the workspace.
-    pub async fn change<'a, E: From<StoreError>>(
+    pub(crate) async fn change<'a, E: From<StoreError>>(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,
@@ -191,7 +191,7 @@ impl Store {
     }
 
     /// Live keys of a workspace, newest first, after `cursor`; at most `limit`.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         workspace: &WorkspaceId,
         cursor: Option<&PageCursor>,
@@ -224,7 +224,7 @@ impl Store {
 
     /// Tombstones a live key of the workspace, with its `deleted` event, and returns it as
     /// now stored; `None` when there is no such live key (nothing is changed then).
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,

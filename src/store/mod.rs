@@ -24,15 +24,15 @@ use sea_orm::{
 use crate::usage::HOUR_US;
 use sql::Placeholders;
 
-pub use changes::ChangeCursor;
+pub(crate) use changes::ChangeCursor;
 use entity::key::Entity;
 /// A row of `api_keys` as stored, for operators' checks and tests; the service works on
 /// [`Key`](crate::domain::Key).
-pub use entity::key::Model as KeyRow;
-pub use events::NewEvent;
+pub(crate) use entity::key::Model as KeyRow;
+pub(crate) use events::NewEvent;
 pub use index_row::IndexRow;
-pub use keys::{Change, Changed, KeyUpdate, NewKey};
-pub use usage::KeyHour;
+pub(crate) use keys::{Change, Changed, KeyUpdate, NewKey};
+pub(crate) use usage::KeyHour;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -73,7 +73,7 @@ impl From<DbErr> for StoreError {
 const MIGRATION_LOCK: i64 = 0x0061_7069_6b65_7973;
 
 /// The PostgreSQL channel on which every write announces its revision.
-pub const CHANGES_CHANNEL: &str = "apikeys_changes";
+pub(crate) const CHANGES_CHANNEL: &str = "apikeys_changes";
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -135,7 +135,7 @@ impl Store {
     }
 
     /// Connections open in the pool, and how many of them are idle.
-    pub fn pool_use(&self) -> (u32, usize) {
+    pub(crate) fn pool_use(&self) -> (u32, usize) {
         match self.backend() {
             DatabaseBackend::Postgres => {
                 let pool = self.db.get_postgres_connection_pool();
@@ -150,7 +150,7 @@ impl Store {
     }
 
     /// The URL this store connected with (it may hold a password: never log it).
-    pub fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
@@ -187,7 +187,7 @@ impl Store {
 
     /// Deletes events older than `cutoff_us` and usage hours that ended before it; returns
     /// how many of each.
-    pub async fn prune(&self, cutoff_us: i64) -> Result<(u64, u64), StoreError> {
+    pub(crate) async fn prune(&self, cutoff_us: i64) -> Result<(u64, u64), StoreError> {
         use entity::event::{Column as EventColumn, Entity as Events};
         let events = Events::delete_many()
             .filter(EventColumn::CreateTimeUs.lt(cutoff_us))
@@ -212,7 +212,7 @@ impl Store {
 
     /// The file of a SQLite database, as SQLite itself names it; `None` for PostgreSQL and
     /// for an in-memory SQLite database.
-    pub async fn sqlite_file(&self) -> Result<Option<PathBuf>, StoreError> {
+    pub(crate) async fn sqlite_file(&self) -> Result<Option<PathBuf>, StoreError> {
         if self.backend() != DatabaseBackend::Sqlite {
             return Ok(None);
         }
@@ -235,7 +235,7 @@ impl Store {
 
     /// Reads every row of the SQLite file at `path` in one snapshot, handing each to `each`,
     /// and returns the highest revision read. Blocking: run it off the async workers.
-    pub fn scan_sqlite_file(
+    pub(crate) fn scan_sqlite_file(
         path: &std::path::Path,
         each: impl FnMut(IndexRow),
     ) -> Result<i64, StoreError> {
@@ -245,7 +245,7 @@ impl Store {
     }
 
     /// How many keys are stored, tombstones included.
-    pub async fn count(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn count(&self) -> Result<u64, StoreError> {
         Ok(Entity::find().count(&self.db).await?)
     }
 

@@ -19,7 +19,7 @@ use crate::{
 
 /// One key's answers in one hour, to add to what is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyHour {
+pub(crate) struct KeyHour {
     pub key_id: String,
     pub workspace_id: String,
     pub usage: HourUsage,
@@ -145,7 +145,7 @@ fn decode_ips(bytes: Option<&[u8]>, key_id: &str) -> DistinctIps {
 impl Store {
     /// Adds each key's hour to what is stored, in one transaction: counts are summed and the
     /// client-IP sketches merged, so every replica and every flush adds its own share.
-    pub async fn record_usage(&self, hours: &[KeyHour]) -> Result<(), StoreError> {
+    pub(crate) async fn record_usage(&self, hours: &[KeyHour]) -> Result<(), StoreError> {
         const PER_STATEMENT: usize = 128;
         let backend = self.backend();
         let mut hours: Vec<&KeyHour> = hours.iter().collect();
@@ -194,7 +194,7 @@ impl Store {
     }
 
     /// A key's stored hours in `[from_us, to_us)`, oldest first.
-    pub async fn usage(
+    pub(crate) async fn usage(
         &self,
         workspace: &WorkspaceId,
         id: &KeyId,

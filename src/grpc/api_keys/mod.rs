@@ -137,12 +137,12 @@ impl ApiKeysService {
     }
 
     /// Counts ValidateKey answers by result in `metrics`.
-    pub fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
+    pub(crate) fn with_metrics(self, metrics: Option<Arc<Metrics>>) -> Self {
         Self { metrics, ..self }
     }
 
     /// Ends ValidateKeys streams (UNAVAILABLE, `SHUTTING_DOWN`) once `draining` turns true.
-    pub fn with_draining(self, draining: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub(crate) fn with_draining(self, draining: tokio::sync::watch::Receiver<bool>) -> Self {
         Self {
             draining: Some(draining),
             ..self

@@ -26,11 +26,11 @@ use crate::{
 };
 
 /// Upstream request headers naming the key that was accepted.
-pub const KEY_ID_HEADER: &str = "x-cloodot-key-id";
-pub const WORKSPACE_ID_HEADER: &str = "x-cloodot-workspace-id";
-pub const KEY_SCOPES_HEADER: &str = "x-cloodot-key-scopes";
+pub(crate) const KEY_ID_HEADER: &str = "x-cloodot-key-id";
+pub(crate) const WORKSPACE_ID_HEADER: &str = "x-cloodot-workspace-id";
+pub(crate) const KEY_SCOPES_HEADER: &str = "x-cloodot-key-scopes";
 /// The per-route `context_extensions` entry listing the scopes a route needs.
-pub const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
+pub(crate) const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
 
 /// How gateways present keys.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use crate::{error::ApiError, net::ConnectionInfo};
 /// body has not fully arrived within `body_timeout` is answered DEADLINE_EXCEEDED
 /// (`REQUEST_BODY_TIMEOUT`), freeing its place long before the request timeout.
 #[derive(Debug, Clone)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     /// Calls in flight on the whole server, of at most `limit`: one atomic add each way.
     all: Arc<AtomicUsize>,
     limit: usize,
@@ -30,7 +30,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn new(limit: usize, per_caller: usize, body_timeout: Duration) -> Self {
+    pub(crate) fn new(limit: usize, per_caller: usize, body_timeout: Duration) -> Self {
         Self {
             all: Arc::new(AtomicUsize::new(0)),
             limit,
@@ -52,7 +52,7 @@ impl InFlight {
 /// given back with its answer; a stream's is kept in the answer's body until the stream ends
 /// or is cancelled.
 #[derive(Debug)]
-pub struct Place {
+pub(crate) struct Place {
     all: Arc<AtomicUsize>,
     party: Option<Party>,
     streaming: bool,

@@ -21,9 +21,9 @@ use std::{
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-pub use in_flight::InFlight;
+pub(crate) use in_flight::InFlight;
 pub use rate::{ManagementRate, Rate};
-pub use watches::HealthWatches;
+pub(crate) use watches::HealthWatches;
 
 use crate::{auth::Caller, net::ConnectionInfo};
 
@@ -33,7 +33,7 @@ const HEALTH_WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
 /// What a call is, from its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rpc<'a> {
+pub(crate) enum Rpc<'a> {
     Health,
     /// ValidateKey, or Envoy's Check.
     Validate,
@@ -96,7 +96,7 @@ impl Party {
 
 /// One check on a call: `Err` answers the call with that status; `Ok` lets it through,
 /// holding the value until the service has answered.
-pub trait Check: Clone + Send + Sync + 'static {
+pub(crate) trait Check: Clone + Send + Sync + 'static {
     type Hold: Send + 'static;
     /// `rpc` is what [`Rpc::of`] makes of the request's path, worked out once per call.
     fn check(&self, rpc: Rpc<'_>, request: &mut http::Request<Body>) -> Result<Self::Hold, Status>;
@@ -141,7 +141,7 @@ impl<A: Check, B: Check> Check for (A, B) {
 /// A call past it is answered CANCELLED, as tonic answers. Clients' own deadlines
 /// (`grpc-timeout`) are still honoured, by tonic, on every call.
 #[derive(Debug, Clone, Copy)]
-pub struct Deadline(pub std::time::Duration);
+pub(crate) struct Deadline(pub std::time::Duration);
 
 impl Check for Deadline {
     type Hold = ();
@@ -193,7 +193,7 @@ impl<H: Unpin> http_body::Body for Holding<H> {
 
 /// The layer of a [`Check`].
 #[derive(Debug, Clone)]
-pub struct Guard<C>(pub C);
+pub(crate) struct Guard<C>(pub C);
 
 impl<C: Clone, S> Layer<S> for Guard<C> {
     type Service = Guarded<C, S>;
@@ -207,7 +207,7 @@ impl<C: Clone, S> Layer<S> for Guard<C> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Guarded<C, S> {
+pub(crate) struct Guarded<C, S> {
     check: C,
     inner: S,
 }

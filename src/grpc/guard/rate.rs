@@ -61,7 +61,7 @@ impl ManagementRate {
 
     /// Counts a management call of the caller in `extensions` against its rate in
     /// `workspace`.
-    pub fn check_workspace(
+    pub(crate) fn check_workspace(
         &self,
         extensions: &http::Extensions,
         workspace: &WorkspaceId,

@@ -15,14 +15,14 @@ use crate::{error::ApiError, net::ConnectionInfo};
 /// memory behind them. Over either cap a watch is answered RESOURCE_EXHAUSTED
 /// (`HEALTH_WATCHES_EXHAUSTED`); health Check, which probes use, is never capped.
 #[derive(Debug, Clone)]
-pub struct HealthWatches {
+pub(crate) struct HealthWatches {
     open: Arc<AtomicUsize>,
     max: usize,
     per_connection: usize,
 }
 
 impl HealthWatches {
-    pub fn new(max: usize, per_connection: usize) -> Self {
+    pub(crate) fn new(max: usize, per_connection: usize) -> Self {
         Self {
             open: Arc::default(),
             max,
@@ -33,7 +33,7 @@ impl HealthWatches {
 
 /// One open watch, counted until its stream ends.
 #[derive(Debug)]
-pub struct Watch {
+pub(crate) struct Watch {
     open: Arc<AtomicUsize>,
     connection: ConnectionInfo,
 }

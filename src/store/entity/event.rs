@@ -7,7 +7,7 @@ use crate::domain::{EventKind, KeyId, WorkspaceId};
 #[sea_orm::model]
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "api_key_events")]
-pub struct Model {
+pub(crate) struct Model {
     /// The revision the change took: unique, and in the order changes committed.
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: i64,
