@@ -102,6 +102,10 @@ async fn reflection_lists_every_service_and_describes_the_api() {
         "cloodot.apikeys.v1.ApiKeys",
         "cloodot.apikeys.v1.CreateKeyRequest",
         "grpc.health.v1.Health",
+        // What error details carry, so grpcurl prints a refusal's reason and retry delay.
+        "google.rpc.ErrorInfo",
+        "google.rpc.RetryInfo",
+        "google.rpc.BadRequest",
     ] {
         let response = reflect(&app, MessageRequest::FileContainingSymbol(symbol.into())).await;
         let MessageResponse::FileDescriptorResponse(files) = response else {

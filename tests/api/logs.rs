@@ -435,6 +435,34 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
         .await
         .unwrap();
     assert_eq!(first.buckets, usage.buckets[..1]);
+
+    // No range is the last 24 hours; an end alone, the day before it.
+    let in_range = |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| {
+        let mut client = app.client.clone();
+        let key_id = key.id.clone();
+        async move {
+            client
+                .get_key_usage(as_owner(GetKeyUsageRequest {
+                    workspace_id: "acme".into(),
+                    key_id,
+                    start_time: start.map(timestamp),
+                    end_time: end.map(timestamp),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .buckets
+        }
+    };
+    assert_eq!(in_range(None, None).await, usage.buckets);
+    let end = first_hour + TimeDelta::minutes(30);
+    assert_eq!(in_range(None, Some(end)).await, usage.buckets[..1]);
+    assert_eq!(
+        in_range(Some(first_hour + TimeDelta::hours(1)), None).await,
+        usage.buckets[1..]
+    );
+    clock.advance(TimeDelta::hours(25));
+    assert_eq!(in_range(None, None).await, []);
 }
 
 #[tokio::test]
@@ -557,8 +585,8 @@ async fn logs_need_an_owner_or_admin_and_stay_in_their_workspace() {
 
     let hour = TimeDelta::hours(1);
     for (start, end) in [
-        (None, Some(now)),
-        (Some(now), None),
+        // The end defaults to now, so a start in the future is after it.
+        (Some(now + hour), None),
         (Some(now), Some(now)),
         (Some(now), Some(now - hour)),
         (Some(now - TimeDelta::days(94)), Some(now)),

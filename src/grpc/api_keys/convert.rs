@@ -17,6 +17,8 @@ const ACTOR_ID_HEADER: &str = "x-actor-id";
 const ACTOR_ROLE_HEADER: &str = "x-actor-role";
 /// GetKeyUsage's longest range: a quarter and a bit, enough for the product's 90 days.
 const MAX_USAGE_RANGE_US: i64 = 93 * 24 * 3_600_000_000;
+/// GetKeyUsage's range when the request leaves out its start.
+const DEFAULT_USAGE_RANGE_US: i64 = 24 * 3_600_000_000;
 
 impl From<Validation> for ValidationResult {
     fn from(validation: Validation) -> Self {
@@ -41,19 +43,26 @@ pub(super) fn page_size(size: i32) -> Result<u64, ApiError> {
 }
 
 /// `[start, end)` in microseconds, the start rounded down to its hour.
+/// The range GetKeyUsage reads: `end` absent is now, `start` absent is a day before the end,
+/// so a request with neither is the last 24 hours.
 pub(super) fn usage_range(
     start: Option<prost_types::Timestamp>,
     end: Option<prost_types::Timestamp>,
+    now: DateTime<Utc>,
 ) -> Result<(i64, i64), InvalidInput> {
-    let micros = |at: Option<prost_types::Timestamp>| {
-        let at = at?;
+    let micros = |at: prost_types::Timestamp| {
         let nanos = u32::try_from(at.nanos)
             .ok()
             .filter(|n| *n < 1_000_000_000)?;
         Some(DateTime::from_timestamp(at.seconds, nanos)?.timestamp_micros())
     };
-    let (Some(start), Some(end)) = (micros(start), micros(end)) else {
-        return Err(InvalidInput::TimeRangeInvalid);
+    let end = match end {
+        None => now.timestamp_micros(),
+        Some(end) => micros(end).ok_or(InvalidInput::TimeRangeInvalid)?,
+    };
+    let start = match start {
+        None => end.saturating_sub(DEFAULT_USAGE_RANGE_US),
+        Some(start) => micros(start).ok_or(InvalidInput::TimeRangeInvalid)?,
     };
     if start >= end || end - start > MAX_USAGE_RANGE_US {
         return Err(InvalidInput::TimeRangeInvalid);

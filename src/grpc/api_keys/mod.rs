@@ -401,8 +401,8 @@ impl ApiKeys for ApiKeysService {
             self.key_of(&request, &key.workspace_id, &key.key_id)?
         };
         let request = request.into_inner();
-        let (from_us, to_us) =
-            usage_range(request.start_time, request.end_time).map_err(ApiError::from)?;
+        let (from_us, to_us) = usage_range(request.start_time, request.end_time, self.keys.now())
+            .map_err(ApiError::from)?;
         let usage = self.keys.usage(&workspace, &id, from_us, to_us).await?;
         Ok(Response::new(GetKeyUsageResponse {
             buckets: usage
