@@ -12,7 +12,6 @@ mod lifecycle;
 mod list_keys;
 mod logs;
 mod metrics;
-mod readme;
 mod reliability;
 mod replicas;
 mod scan;
