@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Runs every grpcurl example in README.md with the real grpcurl, in order, and checks each
-answer against the output printed under it.
+"""Runs every grpcurl (and `buf curl`) example in README.md with the real tool, in order, and
+checks each answer against the output printed under it.
 
-    python3 clients/grpcurl/readme.py target/release/apikeys     # grpcurl on PATH
+    python3 clients/grpcurl/readme.py target/release/apikeys     # grpcurl and buf on PATH
 
 It starts two servers of its own on loopback, each on a fresh SQLite database: one as the
 README's "cargo run --release" (no callers file, at 127.0.0.1:50051 in the README), and one
@@ -64,11 +64,11 @@ def examples(text):
     pairs = []
     found = blocks(text)
     for (lang, command), following in zip(found, found[1:] + [("", "")]):
-        if lang != "sh" or "grpcurl " not in command:
+        if lang != "sh" or not ("grpcurl " in command or "buf curl " in command):
             continue
         out_lang, output = following
         if out_lang not in ("json", "text"):
-            sys.exit(f"README: a grpcurl example without its output:\n{command}")
+            sys.exit(f"README: an example without its output:\n{command}")
         pairs.append((command, out_lang, output))
     return pairs
 
@@ -221,7 +221,7 @@ def main():
             for server in (plain, guarded):
                 server.terminate()
                 server.wait(timeout=30)
-    print(f"all {len(pairs)} README grpcurl examples answer as printed")
+    print(f"all {len(pairs)} README grpcurl and buf curl examples answer as printed")
 
 
 def check(run, n, method, done, out_lang, output):

@@ -90,5 +90,19 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         // The details errors carry (ErrorInfo, RetryInfo, BadRequest), so grpcurl and
         // `buf curl` print their reasons instead of "not recognized".
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(error_details())
+}
+
+/// `google/rpc/error_details.proto` as tonic-types compiled it, under its canonical name
+/// (tonic-types names it `error_details.proto`, which clients that know the file by its real
+/// name do not match).
+fn error_details() -> prost_types::FileDescriptorSet {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .unwrap_or_default();
+    set.file.retain(|file| file.name() == "error_details.proto");
+    for file in &mut set.file {
+        file.name = Some("google/rpc/error_details.proto".to_owned());
+    }
+    set
 }
