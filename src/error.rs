@@ -13,6 +13,10 @@ use crate::{
 /// `ErrorInfo.domain` of every error this service returns.
 pub(crate) const ERROR_DOMAIN: &str = "apikeys.cloodot";
 
+/// The message of [`ApiError::RequestUndecodable`], by which the metrics tell those apart.
+pub(crate) const UNDECODABLE_MESSAGE: &str =
+    "the request message is not a valid protobuf encoding of this RPC's request";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// INVALID_ARGUMENT, reason from [`InvalidInput::reason`], `metadata.field` naming the field.
@@ -85,7 +89,7 @@ pub enum ApiError {
     RequestTooLarge { rpc: &'static str, limit: usize },
     /// INVALID_ARGUMENT (`REQUEST_UNDECODABLE`): the request is not protobuf of the RPC's
     /// request message (invalid UTF-8 in a string, a truncated field). Carries nothing of it.
-    #[error("the request message is not a valid protobuf encoding of this RPC's request")]
+    #[error("{}", UNDECODABLE_MESSAGE)]
     RequestUndecodable,
     /// UNAVAILABLE (`SHUTTING_DOWN`): this replica is draining; reconnect (to another).
     #[error("the server is shutting down; reconnect and resend what was not answered")]

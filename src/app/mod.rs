@@ -265,14 +265,16 @@ impl Application {
         stop: watch::Receiver<bool>,
     ) -> Option<(Arc<Metrics>, AbortOnDrop)> {
         let (listener, addr) = self.metrics.take()?;
-        let metrics = Arc::new(
-            Metrics::new()
-                .with_flush_counters(
-                    self.syncer.flush_failures.clone(),
-                    self.syncer.usage_dropped.clone(),
-                )
-                .with_connections_of(connections),
-        );
+        let mut metrics = Metrics::new()
+            .with_flush_counters(
+                self.syncer.flush_failures.clone(),
+                self.syncer.usage_dropped.clone(),
+            )
+            .with_connections_of(connections);
+        if self.store.backend() == sea_orm::DatabaseBackend::Postgres {
+            metrics = metrics.with_listener(self.syncer.listener_connected.clone());
+        }
+        let metrics = Arc::new(metrics);
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
         let (syncer, store) = (self.syncer.clone(), self.store.clone());
         let read = move || {

@@ -30,5 +30,5 @@ pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{
     KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,
 };
-pub use validation::{KeyStatus, Validation};
+pub use validation::{CheckDecision, KeyStatus, Validation};
 pub use workspace_id::WorkspaceId;

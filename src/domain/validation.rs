@@ -46,6 +46,49 @@ pub enum Validation {
     InsufficientScope,
 }
 
+/// How a gateway's authorization check (Envoy's ext_authz `Check`) ended: allowed, or denied
+/// and why. Its [`reason`](Self::reason) is the denial body's `reason` and the decision
+/// metric's label alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckDecision {
+    /// A valid key with every scope the route requires.
+    Allowed,
+    /// No configured header carried a key.
+    MissingKey,
+    /// The route's `required_scopes` is not a list of scopes: the gateway is misconfigured.
+    RouteMisconfigured,
+    /// The index could not answer (stale): denied, failing closed.
+    Unavailable,
+    /// The key was not accepted, for this answer.
+    Refused(Validation),
+}
+
+impl CheckDecision {
+    /// Whether the request may go upstream.
+    pub fn allowed(self) -> bool {
+        matches!(self, Self::Allowed)
+    }
+
+    /// Why, in lower case: the answer's proto name without its prefix for a refused key.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Allowed => "valid",
+            Self::MissingKey => "missing_key",
+            Self::RouteMisconfigured => "route_misconfigured",
+            Self::Unavailable => "unavailable",
+            Self::Refused(answer) => match answer {
+                Validation::Valid => "valid",
+                Validation::Malformed => "malformed",
+                Validation::NotFound => "not_found",
+                Validation::Expired => "expired",
+                Validation::Disabled => "disabled",
+                Validation::Deleted => "deleted",
+                Validation::InsufficientScope => "insufficient_scope",
+            },
+        }
+    }
+}
+
 impl Validation {
     /// Every answer, for what is made once per answer (metric series, tests).
     pub const ALL: [Self; 7] = [

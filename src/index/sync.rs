@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use sea_orm::{DatabaseBackend, sqlx::postgres::PgListener};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -53,6 +53,8 @@ pub struct Syncer {
     pub(crate) flush_failures: Counter,
     /// Answers counted in memory but dropped, the unwritten backlog being full.
     pub(crate) usage_dropped: Counter,
+    /// 1 while the PostgreSQL change listener is connected and listening, else 0.
+    pub(crate) listener_connected: Gauge,
 }
 
 /// What a flush took but could not write yet.
@@ -73,6 +75,7 @@ impl Syncer {
             last_sync_ms: AtomicU64::new(0),
             flush_failures: Counter::default(),
             usage_dropped: Counter::default(),
+            listener_connected: Gauge::default(),
         }
     }
 
@@ -284,16 +287,22 @@ impl Syncer {
     ) -> Result<(), sea_orm::sqlx::Error> {
         let mut listener = PgListener::connect(url).await?;
         listener.listen(CHANGES_CHANNEL).await?;
-        // Anything announced while we were not listening is caught up now.
-        self.catch_up_quietly().await;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                // `None`: the connection dropped and came back; notifications may be lost.
-                notification = listener.try_recv() => { notification?; }
-            }
+        self.listener_connected.set(1);
+        let listened = async {
+            // Anything announced while we were not listening is caught up now.
             self.catch_up_quietly().await;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    // `None`: the connection dropped and came back; notifications may be lost.
+                    notification = listener.try_recv() => { notification?; }
+                }
+                self.catch_up_quietly().await;
+            }
         }
+        .await;
+        self.listener_connected.set(0);
+        listened
     }
 
     async fn catch_up_quietly(&self) {

@@ -14,7 +14,10 @@ use http_body_util::Full;
 use hyper::{Method, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{
+        EncodeLabelSet,
+        text::{encode_eof, encode_registry},
+    },
     metrics::{
         counter::Counter,
         family::Family,
@@ -25,7 +28,11 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{domain::Validation, net::Connections};
+use super::process::ProcessCollector;
+use crate::{
+    domain::{CheckDecision, Validation},
+    net::Connections,
+};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -34,8 +41,24 @@ struct RpcLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
 }
 
 /// The methods whose successful calls are counted without a family lookup.
@@ -55,11 +78,7 @@ struct ValidationCounters {
 }
 
 impl ValidationCounters {
-    fn new(family: &Family<ResultLabels, Counter>) -> Self {
-        let series = |result| {
-            let result = result_label(result);
-            family.get_or_create(&ResultLabels { result }).clone()
-        };
+    fn new(series: impl Fn(Validation) -> Counter) -> Self {
         Self {
             valid: series(Validation::Valid),
             malformed: series(Validation::Malformed),
@@ -84,6 +103,51 @@ impl ValidationCounters {
     }
 }
 
+/// One series per ext_authz decision, made at start, found by an exhaustive match.
+#[derive(Debug)]
+struct CheckCounters {
+    allowed: Counter,
+    missing_key: Counter,
+    route_misconfigured: Counter,
+    unavailable: Counter,
+    refused: ValidationCounters,
+}
+
+impl CheckCounters {
+    fn new(family: &Family<DecisionLabels, Counter>) -> Self {
+        let series = |decision: CheckDecision| {
+            let labels = DecisionLabels {
+                decision: if decision.allowed() {
+                    "allowed"
+                } else {
+                    "denied"
+                },
+                reason: decision.reason(),
+            };
+            family.get_or_create(&labels).clone()
+        };
+        Self {
+            allowed: series(CheckDecision::Allowed),
+            missing_key: series(CheckDecision::MissingKey),
+            route_misconfigured: series(CheckDecision::RouteMisconfigured),
+            unavailable: series(CheckDecision::Unavailable),
+            // A VALID answer without its key is denied (failing closed), so it has a series
+            // of its own too.
+            refused: ValidationCounters::new(|answer| series(CheckDecision::Refused(answer))),
+        }
+    }
+
+    fn of(&self, decision: CheckDecision) -> &Counter {
+        match decision {
+            CheckDecision::Allowed => &self.allowed,
+            CheckDecision::MissingKey => &self.missing_key,
+            CheckDecision::RouteMisconfigured => &self.route_misconfigured,
+            CheckDecision::Unavailable => &self.unavailable,
+            CheckDecision::Refused(answer) => self.refused.of(answer),
+        }
+    }
+}
+
 /// An answer's `result` label: its name in the proto, as the wire shows it.
 pub(crate) fn result_label(result: Validation) -> &'static str {
     match result {
@@ -101,13 +165,18 @@ pub(crate) fn result_label(result: Validation) -> &'static str {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The standard `process_*` metrics, unprefixed.
+    process: Registry,
     rpcs: Family<RpcLabels, Counter>,
+    undecodable: Family<MethodLabels, Counter>,
     durations: Family<RpcLabels, Histogram>,
     /// The series of the calls on every gateway request, answered OK, looked up once: a
     /// family lookup hashes its labels under a lock, twice per call.
     hot: [(&'static str, Counter, Histogram); 3],
     /// ValidateKey's answers: an atomic add per call.
     validations: ValidationCounters,
+    /// ext_authz Check's decisions, likewise.
+    checks: CheckCounters,
     index_keys: Gauge,
     sync_age: Gauge<f64, AtomicU64>,
     pool_connections: Gauge,
@@ -131,6 +200,12 @@ impl Metrics {
             "gRPC calls answered, by method and status code",
             rpcs.clone(),
         );
+        let undecodable = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "undecodable_requests",
+            "Requests that were not protobuf of their RPC's request at all (INVALID_ARGUMENT, REQUEST_UNDECODABLE), by method: a broken or hostile client, apart from bad fields",
+            undecodable.clone(),
+        );
         // 50 µs to about 3.3 s.
         let durations = Family::<RpcLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.000_05, 2.0, 17))) as fn() -> Histogram,
@@ -146,7 +221,28 @@ impl Metrics {
             "ValidateKey answers, by result",
             results.clone(),
         );
-        let validations = ValidationCounters::new(&results);
+        let validations = ValidationCounters::new(|result| {
+            let result = result_label(result);
+            results.get_or_create(&ResultLabels { result }).clone()
+        });
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "ext_authz_decisions",
+            "Envoy ext_authz Check decisions, by decision (allowed, denied) and reason (a denial's reason, as its body says)",
+            decisions.clone(),
+        );
+        let checks = CheckCounters::new(&decisions);
+        // A gauge at 1, as Prometheus' own build_info: the OpenMetrics `info` type is not
+        // understood by the classic text parsers (promtool's among them).
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running build, by version", build);
+        let mut process = Registry::default();
+        process.register_collector(Box::new(ProcessCollector));
         let index_keys = Gauge::default();
         registry.register(
             "index_keys",
@@ -181,10 +277,13 @@ impl Metrics {
         });
         Self {
             registry,
+            process,
             rpcs,
+            undecodable,
             durations,
             hot,
             validations,
+            checks,
             index_keys,
             sync_age,
             pool_connections,
@@ -225,6 +324,28 @@ impl Metrics {
         self
     }
 
+    /// Registers the PostgreSQL change listener's state.
+    pub(crate) fn with_listener(mut self, connected: Gauge) -> Self {
+        self.registry.register(
+            "db_listener_connected",
+            "1 while the PostgreSQL change listener (LISTEN) is connected; 0 means changes from other replicas arrive by polling only",
+            connected,
+        );
+        self
+    }
+
+    /// Counts one request that did not decode.
+    pub(crate) fn undecodable(&self, method: &'static str) {
+        self.undecodable
+            .get_or_create(&MethodLabels { method })
+            .inc();
+    }
+
+    /// Counts one ext_authz decision.
+    pub(crate) fn check_decision(&self, decision: CheckDecision) {
+        self.checks.of(decision).inc();
+    }
+
     /// Counts one ValidateKey answer.
     pub(crate) fn validation(&self, result: Validation) {
         self.validations.of(result).inc();
@@ -258,7 +379,9 @@ impl Metrics {
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &self.process))
+            .and_then(|()| encode_eof(&mut text));
         text
     }
 }
@@ -288,7 +411,14 @@ pub(crate) struct ListenerLimits {
     pub header_timeout: Duration,
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
+/// What `GET /` answers: what the listener serves, and where health is.
+const INDEX_PAGE: &str = "apikeys metrics\n\
+    \n\
+    GET /metrics   Prometheus metrics, OpenMetrics text format (apikeys_*, process_*)\n\
+    \n\
+    Health is gRPC health (grpc.health.v1.Health) on the gRPC port, not here.\n";
+
+/// Serves `GET /metrics` (and a page at `/` saying so) on `listener` until `stop` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -322,7 +452,10 @@ pub(crate) async fn serve(
         };
         let (metrics, read) = (metrics.clone(), read.clone());
         let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let response = if request.uri().path() != "/metrics" {
+            let path = request.uri().path();
+            let response = if path == "/" && request.method() == Method::GET {
+                reply(StatusCode::OK, INDEX_PAGE)
+            } else if path != "/metrics" {
                 reply(
                     StatusCode::NOT_FOUND,
                     "not found: metrics are at /metrics\n",

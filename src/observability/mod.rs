@@ -3,4 +3,5 @@
 
 pub(crate) mod metrics;
 pub mod observe;
+mod process;
 pub mod telemetry;

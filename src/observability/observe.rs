@@ -50,6 +50,15 @@ fn method_of(path: &str) -> &'static str {
     }
 }
 
+/// Whether an INVALID_ARGUMENT answer is for a request that was not protobuf at all
+/// (`REQUEST_UNDECODABLE`): a broken or hostile client rather than a bad field.
+fn is_undecodable(response: &http::Response<Body>) -> bool {
+    response.headers().get("grpc-message").is_some_and(|message| {
+        percent_encoding::percent_decode(message.as_bytes())
+            .eq(crate::error::UNDECODABLE_MESSAGE.bytes())
+    })
+}
+
 /// The status of a response: its `grpc-status` header (every error tonic or a guard answers
 /// is trailers-only, so its status is in the headers); without one, the call succeeded and
 /// its `OK` comes in the trailers.
@@ -193,6 +202,9 @@ where
             let code = code_of(response);
             if let Some(metrics) = call.metrics {
                 metrics.rpc(call.method, code, call.started);
+                if code == "INVALID_ARGUMENT" && is_undecodable(response) {
+                    metrics.undecodable(call.method);
+                }
             }
             let span = this.response.span();
             span.record("rpc.grpc.status_code", code);

@@ -136,3 +136,84 @@ async fn odd_paths_do_not_grow_the_series() {
         5.0
     );
 }
+
+#[tokio::test]
+async fn operators_see_the_build_the_process_each_gateway_decision_and_the_listener() {
+    let db = TestDb::new().await;
+    let postgres = db.sqlite_dir().is_none();
+    let mut app = spawn_app_with(db, ManualClock::new(chrono::Utc::now()), |settings| {
+        settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let metrics = app.metrics_addr.expect("metrics listen");
+    let (head, index) = get(metrics, "/").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(index.contains("GET /metrics"), "{index}");
+
+    let before = scrape(metrics).await;
+    let (_, secret) = app.create_key("acme", "gateway", Expiration::Never).await;
+    let bearer = format!("Bearer {secret}");
+    let decisions = [
+        (vec![("authorization", bearer.as_str())], None),
+        (
+            vec![("authorization", bearer.as_str())],
+            Some("orders:write"),
+        ),
+        (
+            vec![("authorization", bearer.as_str())],
+            Some("not a scope!"),
+        ),
+        (vec![], None),
+        (vec![("authorization", "Bearer clo_garbage")], None),
+    ];
+    for (headers, scopes) in decisions {
+        app.check(crate::ext_authz::check_request(&headers, scopes))
+            .await;
+    }
+    let after = scrape(metrics).await;
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    for (decision, reason) in [
+        ("allowed", "valid"),
+        ("denied", "insufficient_scope"),
+        ("denied", "route_misconfigured"),
+        ("denied", "missing_key"),
+        ("denied", "malformed"),
+    ] {
+        let series = format!(
+            r#"apikeys_ext_authz_decisions_total{{decision="{decision}",reason="{reason}"}}"#
+        );
+        assert_eq!(moved(&series), 1.0, "{series}");
+    }
+    // Every decision's series is there from the start, at 0 until it happens.
+    assert!(before.contains(
+        r#"apikeys_ext_authz_decisions_total{decision="denied",reason="unavailable"} 0"#
+    ));
+
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        after.contains(&format!(r#"apikeys_build_info{{version="{version}"}} 1"#)),
+        "{after}"
+    );
+    assert!(sample(&after, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&after, "process_open_fds") > 0.0);
+    assert!(sample(&after, "process_max_fds") >= sample(&after, "process_open_fds"));
+    assert!(sample(&after, "process_threads") >= 1.0);
+    let started = sample(&after, "process_start_time_seconds");
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!((now - 3600.0..=now + 1.0).contains(&started), "{started}");
+    assert!(after.contains("process_cpu_seconds_total "), "{after}");
+
+    // The PostgreSQL change listener's state; SQLite has none.
+    if postgres {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sample(&scrape(metrics).await, "apikeys_db_listener_connected") != 1.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the listener never connected"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    } else {
+        assert!(!after.contains("apikeys_db_listener_connected"));
+    }
+}

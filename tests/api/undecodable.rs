@@ -116,27 +116,43 @@ async fn the_answer_to_an_undecodable_request_carries_nothing_of_it() {
 }
 
 #[tokio::test]
-async fn undecodable_requests_are_counted_as_invalid_argument_not_internal() {
+async fn undecodable_requests_are_counted_as_invalid_argument_not_internal_and_apart() {
     let db = TestDb::new().await;
     let app = spawn_app_with(db, ManualClock::new(chrono::Utc::now()), |settings| {
         settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
 
-    for path in [VALIDATE_KEY, CHECK] {
+    for path in [VALIDATE_KEY, CHECK, CREATE_KEY] {
         send(&app.channel, path, GARBAGE).await.unwrap_err();
     }
+    // A request that decodes but has a bad field is INVALID_ARGUMENT, not undecodable.
+    let empty_name = [0x0a, 0x04, b'a', b'c', b'm', b'e'];
+    let status = send(&app.channel, CREATE_KEY, &empty_name)
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "NAME_EMPTY");
 
     let text = scrape(app.metrics_addr.expect("metrics listen")).await;
-    for method in ["ValidateKey", "ext_authz.Check"] {
-        let count = |code: &str| {
-            let series = format!(r#"apikeys_rpcs_total{{method="{method}",code="{code}"}} "#);
-            text.lines()
-                .find_map(|line| line.strip_prefix(&series))
-                .map_or(0.0, |value| value.trim().parse::<f64>().unwrap())
+    let count = |series: String| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{series} ")))
+            .map_or(0.0, |value| value.trim().parse::<f64>().unwrap())
+    };
+    for (method, invalid) in [
+        ("ValidateKey", 1.0),
+        ("ext_authz.Check", 1.0),
+        ("CreateKey", 2.0),
+    ] {
+        let rpcs = |code: &str| {
+            count(format!(
+                r#"apikeys_rpcs_total{{method="{method}",code="{code}"}}"#
+            ))
         };
-        assert_eq!(count("INVALID_ARGUMENT"), 1.0, "{method}\n{text}");
-        assert_eq!(count("INTERNAL"), 0.0, "{method}");
+        assert_eq!(rpcs("INVALID_ARGUMENT"), invalid, "{method}\n{text}");
+        assert_eq!(rpcs("INTERNAL"), 0.0, "{method}");
+        let undecodable = format!(r#"apikeys_undecodable_requests_total{{method="{method}"}}"#);
+        assert_eq!(count(undecodable), 1.0, "{method}\n{text}");
     }
 }
 

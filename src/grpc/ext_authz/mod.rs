@@ -18,7 +18,7 @@ use self::{request::AttributeContext, response::header};
 pub(crate) use self::{request::CheckRequest, response::CheckResponse};
 
 use crate::{
-    domain::{InvalidInput, Validation},
+    domain::{CheckDecision, InvalidInput, Validation},
     error::ApiError,
     observability::metrics::Metrics,
     observability::telemetry,
@@ -97,8 +97,16 @@ impl ExtAuthzService {
         })
     }
 
-    /// The decision on one request: every outcome is a `CheckResponse`.
+    /// The decision on one request, counted: every outcome is a `CheckResponse`.
     pub(crate) fn decide(&self, request: &CheckRequest) -> CheckResponse {
+        let (response, decision) = self.decision(request);
+        if let Some(metrics) = &self.metrics {
+            metrics.check_decision(decision);
+        }
+        response
+    }
+
+    fn decision(&self, request: &CheckRequest) -> (CheckResponse, CheckDecision) {
         let absent = AttributeContext::default();
         let attributes = request.attributes.as_ref().unwrap_or(&absent);
         // As ValidateKey's: a span only for a trace exporter.
@@ -107,7 +115,8 @@ impl ExtAuthzService {
         let _entered = span.enter();
         let Some((header, key)) = self.presented(attributes) else {
             span.record("result", "MISSING");
-            return unauthenticated("missing_key", None);
+            let decision = CheckDecision::MissingKey;
+            return (unauthenticated(decision.reason(), None), decision);
         };
         let required: Vec<&str> = match attributes.context_extension(REQUIRED_SCOPES_EXTENSION) {
             None => Vec::new(),
@@ -127,12 +136,14 @@ impl ExtAuthzService {
                 // Fail closed: a stale index (or anything else) never lets a request through.
                 let status = Status::from(err);
                 tracing::warn!(code = ?status.code(), "cannot decide; denying");
-                return denied(
+                let decision = CheckDecision::Unavailable;
+                let response = denied(
                     Code::Unavailable,
                     HttpStatusCode::ServiceUnavailable,
-                    json!({"error": "temporarily_unavailable", "reason": "unavailable"}),
+                    json!({"error": "temporarily_unavailable", "reason": decision.reason()}),
                     None,
                 );
+                return (response, decision);
             }
         };
         let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
@@ -140,8 +151,9 @@ impl ExtAuthzService {
         if let Some(found) = &outcome.key {
             span.record("key_id", found.id.as_str());
         }
-        let reason = reason_of(outcome.result);
-        match (outcome.result, outcome.key) {
+        let refused = CheckDecision::Refused(outcome.result);
+        let reason = refused.reason();
+        let response = match (outcome.result, outcome.key) {
             (Validation::Valid, Some(found)) => {
                 let mut remove = Vec::with_capacity(2);
                 if self.settings.hide_credentials {
@@ -157,7 +169,10 @@ impl ExtAuthzService {
                     Some(scopes) => headers.push(response::header(KEY_SCOPES_HEADER, scopes)),
                     None => remove.push(Bytes::from_static(KEY_SCOPES_HEADER.as_bytes())),
                 }
-                CheckResponse::allowed(headers, remove)
+                return (
+                    CheckResponse::allowed(headers, remove),
+                    CheckDecision::Allowed,
+                );
             }
             (Validation::InsufficientScope, _) => denied(
                 Code::PermissionDenied,
@@ -178,35 +193,25 @@ impl ExtAuthzService {
                 | Validation::Deleted,
                 _,
             ) => unauthenticated(reason, Some("invalid_token")),
-        }
+        };
+        (response, refused)
     }
 }
 
 /// A route whose `context_extensions.required_scopes` is not a list of scopes: the
 /// gateway's configuration is at fault, whatever the key.
-fn route_misconfigured() -> CheckResponse {
+fn route_misconfigured() -> (CheckResponse, CheckDecision) {
     tracing::error!(
         "a route's context_extensions.required_scopes is not a list of scopes; denying"
     );
-    denied(
+    let decision = CheckDecision::RouteMisconfigured;
+    let response = denied(
         Code::Internal,
         HttpStatusCode::InternalServerError,
-        json!({"error": "server_error", "reason": "route_misconfigured"}),
+        json!({"error": "server_error", "reason": decision.reason()}),
         None,
-    )
-}
-
-/// A denial's `reason`: the answer's proto name in lower case, without its prefix.
-fn reason_of(result: Validation) -> &'static str {
-    match result {
-        Validation::Valid => "valid",
-        Validation::Malformed => "malformed",
-        Validation::NotFound => "not_found",
-        Validation::Expired => "expired",
-        Validation::Disabled => "disabled",
-        Validation::Deleted => "deleted",
-        Validation::InsufficientScope => "insufficient_scope",
-    }
+    );
+    (response, decision)
 }
 
 /// 401 with RFC 6750's challenge: bare when no key was presented, `error="invalid_token"`
@@ -249,7 +254,11 @@ mod tests {
             let expected = name
                 .trim_start_matches("VALIDATION_RESULT_")
                 .to_ascii_lowercase();
-            assert_eq!(reason_of(validation), expected, "{name}");
+            assert_eq!(
+                CheckDecision::Refused(validation).reason(),
+                expected,
+                "{name}"
+            );
         }
     }
 }
