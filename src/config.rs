@@ -28,6 +28,17 @@ pub struct Settings {
     )]
     pub database_url: String,
 
+    /// Connections the database pool may open (PostgreSQL; SQLite uses as many). Each replica
+    /// also holds one more, outside the pool, for the change listener (LISTEN).
+    #[arg(
+        long,
+        env = "APIKEYS_DATABASE_POOL_SIZE",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..=1000),
+        global = true
+    )]
+    pub database_pool_size: u32,
+
     /// Log format: `text` for people, `json` for log pipelines. Levels come from RUST_LOG
     /// (default `info`).
     #[arg(long, env = "APIKEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -36,11 +36,13 @@ async fn main() -> ExitCode {
         }
     };
     let result = match command {
-        Command::Migrate => connect_and_migrate(&cli.settings.database_url)
-            .await
-            .map(|_| {
-                tracing::info!("migrations are up to date");
-            }),
+        Command::Migrate => {
+            connect_and_migrate(&cli.settings.database_url, cli.settings.database_pool_size)
+                .await
+                .map(|_| {
+                    tracing::info!("migrations are up to date");
+                })
+        }
         Command::Serve => match Application::build(&cli.settings).await {
             Ok(app) => {
                 app.run_until_stopped(apikeys::app::signal::shutdown())

@@ -74,7 +74,7 @@ fn harness() -> &'static Harness {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("fuzz.db").display());
         let settings = Settings::new("127.0.0.1:0".parse().expect("an address"), url.clone());
         let (server, authz) = runtime.block_on(async {
-            let store = Store::connect(&url).await.expect("the database");
+            let store = Store::connect(&url, 4).await.expect("the database");
             store.migrate().await.expect("migrations");
             let syncer = Arc::new(Syncer::new(
                 store.clone(),

@@ -90,7 +90,7 @@ impl Application {
         Self::build_with_clock(settings, Arc::new(SystemClock)).await
     }
 
-    /// Connects, migrates and binds. Bind to port 0 and read [`Self::port`] in tests.
+    /// Connects, migrates and binds. Bind to port 0 and read [`Self::local_addr`] in tests.
     pub async fn build_with_clock(
         settings: &Settings,
         clock: Arc<dyn Clock>,
@@ -101,7 +101,8 @@ impl Application {
             .transpose()?
             .map(Arc::new);
         let callers = caller_authentication(settings)?;
-        let store = connect_and_migrate(&settings.database_url).await?;
+        let store =
+            connect_and_migrate(&settings.database_url, settings.database_pool_size).await?;
         let syncer = Arc::new(Syncer::new(
             store.clone(),
             Arc::new(KeyIndex::recording_usage(settings.record_usage)),
@@ -376,8 +377,11 @@ impl Drop for AbortOnDrop {
 
 /// Opens the database and brings its schema up to date: `apikeys migrate`, and the first step
 /// of every start.
-pub async fn connect_and_migrate(database_url: &str) -> Result<Store, StartupError> {
-    let store = Store::connect(database_url)
+pub async fn connect_and_migrate(
+    database_url: &str,
+    pool_size: u32,
+) -> Result<Store, StartupError> {
+    let store = Store::connect(database_url, pool_size)
         .await
         .map_err(StartupError::Database)?;
     store.migrate().await.map_err(StartupError::Migrations)?;

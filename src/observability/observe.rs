@@ -53,10 +53,13 @@ fn method_of(path: &str) -> &'static str {
 /// Whether an INVALID_ARGUMENT answer is for a request that was not protobuf at all
 /// (`REQUEST_UNDECODABLE`): a broken or hostile client rather than a bad field.
 fn is_undecodable(response: &http::Response<Body>) -> bool {
-    response.headers().get("grpc-message").is_some_and(|message| {
-        percent_encoding::percent_decode(message.as_bytes())
-            .eq(crate::error::UNDECODABLE_MESSAGE.bytes())
-    })
+    response
+        .headers()
+        .get("grpc-message")
+        .is_some_and(|message| {
+            percent_encoding::percent_decode(message.as_bytes())
+                .eq(crate::error::UNDECODABLE_MESSAGE.bytes())
+        })
 }
 
 /// The status of a response: its `grpc-status` header (every error tonic or a guard answers

@@ -34,6 +34,8 @@ pub use index_row::IndexRow;
 pub(crate) use keys::{Change, Changed, KeyUpdate, NewKey};
 pub(crate) use usage::KeyHour;
 
+/// What the pool's PostgreSQL connections call themselves.
+const APPLICATION_NAME: &str = "apikeys";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached (connection refused, pool exhausted, I/O): the caller
@@ -83,7 +85,9 @@ pub struct Store {
 
 impl Store {
     /// Connects (creating a SQLite file if the URL says `mode=rwc`).
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// Opens a pool of at most `pool_size` connections. On PostgreSQL each one names itself
+    /// `apikeys` (`application_name`, as `pg_stat_activity` shows it) unless the URL names it.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         // Before SQLite would create the database file readable by all (0644).
         sqlite_file::prepare(url)
             .map_err(|err| DbErr::Conn(RuntimeErr::Internal(err.to_string())))?;
@@ -93,6 +97,11 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             // Statements are logged by our own spans; sqlx's per-query lines are noise at info.
             .sqlx_logging_level(tracing::log::LevelFilter::Debug)
+            .max_connections(pool_size)
+            .map_sqlx_postgres_opts(|o| match o.get_application_name() {
+                Some(_) => o,
+                None => o.application_name(APPLICATION_NAME),
+            })
             // WAL lets readers proceed while a write commits; sqlx's default busy timeout
             // (5 s) makes concurrent writers wait their turn instead of failing.
             .map_sqlx_sqlite_opts(|o| {

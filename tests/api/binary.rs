@@ -114,7 +114,7 @@ async fn migrate_runs_the_migrations_and_exits() {
     let db = TestDb::new().await;
     let status = command(&db).arg("migrate").status().unwrap();
     assert!(status.success());
-    let store = apikeys::store::Store::connect(&db.url).await.unwrap();
+    let store = apikeys::store::Store::connect(&db.url, 4).await.unwrap();
     assert!(
         store.all_rows().await.unwrap().is_empty(),
         "the api_keys table exists"

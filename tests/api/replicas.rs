@@ -393,3 +393,61 @@ async fn expiry_and_the_end_of_a_grace_period_need_no_sync() {
         ValidationResult::Expired
     );
 }
+
+#[tokio::test]
+async fn every_connection_names_itself_and_the_pool_keeps_to_its_size_on_postgres() {
+    let db = TestDb::new().await;
+    if db.sqlite_dir().is_some() {
+        return; // pg_stat_activity is PostgreSQL's.
+    }
+    let admin = Database::connect(db.url.as_str()).await.unwrap();
+    let mut app = spawn_app_with(
+        db,
+        apikeys::clock::ManualClock::new(chrono::Utc::now()),
+        |s| {
+            s.database_pool_size = 3;
+        },
+    )
+    .await;
+    // Enough concurrent management calls to want more connections than the pool may open.
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            let mut app = app.client.clone();
+            async move {
+                app.create_key(crate::support::as_owner(
+                    apikeys::grpc::proto::CreateKeyRequest {
+                        workspace_id: "acme".into(),
+                        name: format!("k{i}"),
+                        expiration: Expiration::Never.into(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap();
+            }
+        })
+        .collect();
+    futures_util::future::join_all(calls).await;
+    app.create_key("acme", "last", Expiration::Never).await;
+
+    let names = admin
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        ))
+        .await
+        .unwrap();
+    let names: Vec<String> = names
+        .iter()
+        .map(|row| row.try_get("", "application_name").unwrap())
+        .collect();
+    let pooled = names.iter().filter(|name| *name == "apikeys").count();
+    assert!((1..=3).contains(&pooled), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|name| name == "apikeys" || name == "apikeys-listener"),
+        "a connection without its name: {names:?}"
+    );
+}

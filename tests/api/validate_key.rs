@@ -67,7 +67,7 @@ async fn garbage_is_malformed_not_an_error() {
 #[tokio::test]
 async fn validation_is_answered_without_the_database() {
     let db = TestDb::new().await;
-    let store = Store::connect(&db.url).await.unwrap();
+    let store = Store::connect(&db.url, 4).await.unwrap();
     store.migrate().await.unwrap();
     let syncer = Arc::new(Syncer::new(
         store.clone(),
@@ -189,7 +189,7 @@ async fn a_graceful_shutdown_writes_the_last_uses() {
     app.validate(&secret).await;
     let (db, _) = app.stop().await;
 
-    let store = Store::connect(&db.url).await.unwrap();
+    let store = Store::connect(&db.url, 4).await.unwrap();
     assert!(
         store.all_rows().await.unwrap()[0]
             .last_used_time_us

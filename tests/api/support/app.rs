@@ -102,7 +102,7 @@ impl TestApp {
 
     /// A second connection to the same database, to look at what is stored.
     pub(crate) async fn store(&self) -> Store {
-        Store::connect(&self.db.url)
+        Store::connect(&self.db.url, 4)
             .await
             .expect("connect to the test database")
     }
