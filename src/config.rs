@@ -241,6 +241,12 @@ pub struct Settings {
     #[arg(long, env = "APIKEYS_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub tls_reload_interval: Duration,
 
+    /// How often the callers file is checked for new contents, so a caller added or removed
+    /// takes effect without a restart; SIGHUP reloads it at once. A file that fails to load
+    /// is logged and the callers in force stay.
+    #[arg(long, env = "APIKEYS_CALLERS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub callers_reload_interval: Duration,
+
     /// Where to serve Prometheus metrics over plain HTTP (`GET /metrics`), e.g.
     /// `0.0.0.0:9090`; off when unset. The metrics hold no secret, key or workspace.
     #[arg(long, env = "APIKEYS_METRICS_LISTEN", global = true)]

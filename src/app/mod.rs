@@ -14,7 +14,7 @@ use tonic_health::server::HealthReporter;
 pub use self::health::LIVENESS_NAME;
 pub use crate::tls::TlsError;
 use crate::{
-    auth::{Callers, CallersFileError},
+    auth::{LiveCallers, ReloadError},
     clock::{Clock, SystemClock},
     config::Settings,
     grpc::{
@@ -46,11 +46,7 @@ pub enum StartupError {
     )]
     InsecureListen { addr: SocketAddr },
     #[error(transparent)]
-    Callers(#[from] CallersFileError),
-    #[error(
-        "the callers file names callers by certificate (san:), which needs mutual TLS: set --tls-client-ca"
-    )]
-    CertificateCallersWithoutMutualTls,
+    Callers(#[from] ReloadError),
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] TlsError),
     #[error("cannot open the database: {0}")]
@@ -80,7 +76,7 @@ pub struct Application {
     store: Store,
     clock: Arc<dyn Clock>,
     syncer: Arc<Syncer>,
-    callers: Option<Callers>,
+    callers: Option<Arc<LiveCallers>>,
     tls: Option<Arc<ReloadableTls>>,
     settings: Settings,
 }
@@ -206,6 +202,10 @@ impl Application {
             let _ = draining_tx.send(true);
             let _ = stopping_tx.send(());
         };
+        let callers_watch = self
+            .callers
+            .as_ref()
+            .map(|callers| callers.watch(self.settings.callers_reload_interval));
         let server = router::server(
             &self.settings,
             metrics,
@@ -225,6 +225,7 @@ impl Application {
         if let Some(tls) = &self.tls {
             accept_tasks.push(tls.watch(self.settings.tls_reload_interval));
         }
+        accept_tasks.extend(callers_watch);
         let accept_tasks = AbortOnDrop(accept_tasks);
         // Only now: tests and operators take this line to mean connections are accepted and
         // SIGHUP reloads.
@@ -390,7 +391,7 @@ pub async fn connect_and_migrate(
 
 /// The callers file, if any; refuses to go on when nothing would authenticate callers on a
 /// port the network can reach.
-fn caller_authentication(settings: &Settings) -> Result<Option<Callers>, StartupError> {
+fn caller_authentication(settings: &Settings) -> Result<Option<Arc<LiveCallers>>, StartupError> {
     let mutual_tls = settings.tls_files().is_some_and(|f| f.client_ca.is_some());
     let Some(path) = &settings.callers_file else {
         if mutual_tls {
@@ -411,12 +412,12 @@ fn caller_authentication(settings: &Settings) -> Result<Option<Callers>, Startup
         }
         return Ok(None);
     };
-    let callers = Callers::load(path)?;
-    if callers.names_certificates() && !mutual_tls {
-        return Err(StartupError::CertificateCallersWithoutMutualTls);
-    }
-    tracing::info!(callers = callers.len(), "caller authentication on");
-    Ok(Some(callers))
+    let callers = LiveCallers::load(path.clone(), mutual_tls)?;
+    tracing::info!(
+        callers = callers.current().len(),
+        "caller authentication on"
+    );
+    Ok(Some(Arc::new(callers)))
 }
 
 #[cfg(test)]

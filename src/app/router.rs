@@ -8,7 +8,7 @@ use tower::layer::util::{Identity, Stack};
 
 use super::{MAX_REQUEST_BYTES, StartupError};
 use crate::{
-    auth::{Authenticate, Callers},
+    auth::{Authenticate, LiveCallers},
     config::Settings,
     grpc::{
         ApiKeysRoutes, ApiKeysService, ExtAuthzServer, ExtAuthzService,
@@ -42,7 +42,7 @@ pub(super) struct Services {
 pub(super) fn server(
     limits: &Settings,
     metrics: Option<Arc<Metrics>>,
-    callers: Option<Callers>,
+    callers: Option<Arc<LiveCallers>>,
     management_rate: ManagementRate,
     services: Services,
 ) -> Result<Router<Layers>, StartupError> {

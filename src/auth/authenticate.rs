@@ -5,7 +5,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use tonic::{Status, body::Body};
 
-use super::{CallerRole, Callers};
+use super::{CallerRole, LiveCallers};
 use crate::{
     error::ApiError,
     grpc::guard::{Check, Rpc},
@@ -18,11 +18,11 @@ use crate::{
 /// the network authenticates callers itself. Two `authorization` values are refused either
 /// way: a proxy that appends its own to a client's would otherwise be spoofable.
 #[derive(Debug, Clone)]
-pub(crate) struct Authenticate(Option<Arc<Callers>>);
+pub(crate) struct Authenticate(Option<Arc<LiveCallers>>);
 
 impl Authenticate {
-    pub(crate) fn new(callers: Option<Callers>) -> Self {
-        Self(callers.map(Arc::new))
+    pub(crate) fn new(callers: Option<Arc<LiveCallers>>) -> Self {
+        Self(callers)
     }
 }
 
@@ -45,9 +45,10 @@ impl Check for Authenticate {
         if duplicated {
             return Err(ApiError::CredentialsDuplicated.into());
         }
-        let Some(callers) = &self.0 else {
+        let Some(live) = &self.0 else {
             return Ok(());
         };
+        let callers = live.current();
         // A token, when presented, must be right; without one, a client certificate may name
         // the caller (mutual TLS has already verified it against the client CA).
         let caller = match presented {
@@ -108,7 +109,11 @@ mod tests {
             "backend admin blake3:{}\n",
             blake3::hash(token.expose().as_bytes()).to_hex()
         );
-        let guard = Authenticate::new(Some(Callers::parse(&line).unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callers");
+        std::fs::write(&path, line).unwrap();
+        let callers = LiveCallers::load(path, false).unwrap();
+        let guard = Authenticate::new(Some(std::sync::Arc::new(callers)));
         let mut request = http::Request::builder()
             .uri("/cloodot.apikeys.v1.ApiKeys/ListKeys")
             .body(Body::empty())

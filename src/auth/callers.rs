@@ -111,7 +111,7 @@ pub fn new_token_instructions(name: &str, role: CallerRole) -> String {
          # the caller's operator for their secret store (sent as `authorization: Bearer <token>`).\n\
          {}\n\
          # Add this line to the callers file (--callers-file / APIKEYS_CALLERS_FILE) of every\n\
-         # replica and restart them:\n\
+         # replica; each takes it within --callers-reload-interval, or at once on SIGHUP:\n\
          {}\n",
         token.expose(),
         file_line(name, role, &token)
@@ -176,7 +176,8 @@ pub enum CallersFileError {
 }
 
 impl Callers {
-    pub(crate) fn load(path: &Path) -> Result<Self, CallersFileError> {
+    /// The file's text, refused if group or others may write it.
+    pub(crate) fn read(path: &Path) -> Result<String, CallersFileError> {
         let read = |source| CallersFileError::Read {
             path: path.display().to_string(),
             source,
@@ -190,9 +191,30 @@ impl Callers {
                 }
             }
         })?;
-        let text = String::from_utf8(bytes)
-            .map_err(|err| read(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))?;
-        Self::parse(&text)
+        String::from_utf8(bytes)
+            .map_err(|err| read(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))
+    }
+
+    /// Carries over, from the callers `previous` listed, the count of calls in flight of
+    /// each caller listed again under the same name and role.
+    pub(crate) fn keep_counts_of(&mut self, previous: &Callers) {
+        let known = |caller: &Arc<Caller>| {
+            previous
+                .by_hash
+                .values()
+                .chain(previous.by_san.iter().map(|(_, caller)| caller))
+                .find(|old| old.name == caller.name && old.role == caller.role)
+                .cloned()
+        };
+        for caller in self
+            .by_hash
+            .values_mut()
+            .chain(self.by_san.iter_mut().map(|(_, caller)| caller))
+        {
+            if let Some(old) = known(caller) {
+                *caller = old;
+            }
+        }
     }
 
     pub fn parse(text: &str) -> Result<Self, CallersFileError> {
@@ -377,7 +399,7 @@ mod tests {
         for mode in [0o666, 0o664, 0o646] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
 
-            let err = Callers::load(&path).unwrap_err().to_string();
+            let err = Callers::read(&path).unwrap_err().to_string();
 
             let fix = format!("chmod go-w {}", path.display());
             assert!(err.contains(&fix), "{err:?} should say {fix:?}");
@@ -385,7 +407,8 @@ mod tests {
         }
         for mode in [0o600, 0o644] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            assert_eq!(Callers::load(&path).unwrap().len(), 1, "{mode:o}");
+            let text = Callers::read(&path).unwrap();
+            assert_eq!(Callers::parse(&text).unwrap().len(), 1, "{mode:o}");
         }
     }
 

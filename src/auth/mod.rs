@@ -3,9 +3,12 @@
 
 mod authenticate;
 mod callers;
+mod live;
 
 pub(crate) use authenticate::Authenticate;
 pub use callers::{
     Caller, CallerRole, CallerToken, Callers, CallersFileError, check_name, file_line,
     new_token_instructions,
 };
+pub(crate) use live::LiveCallers;
+pub use live::ReloadError;

@@ -500,3 +500,76 @@ async fn a_callers_file_others_may_write_stops_the_binary_with_the_fix() {
     let fix = format!("chmod go-w {}", callers.display());
     assert!(stderr.contains(&fix), "{stderr} should say {fix:?}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_callers_file_at_once() {
+    use apikeys::auth::{CallerRole, CallerToken, file_line};
+    let (first, second) = (CallerToken::generate(), CallerToken::generate());
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers");
+    std::fs::write(
+        &callers,
+        format!("{}\n", file_line("first", CallerRole::Gateway, &first)),
+    )
+    .unwrap();
+    let db = TestDb::new().await;
+    let mut command = command(&db);
+    command
+        .env("APIKEYS_CALLERS_FILE", &callers)
+        // Only the signal can make it reload within this test.
+        .env("APIKEYS_CALLERS_RELOAD_INTERVAL", "30m");
+    let (mut child, addr, _logs) = start_command(command);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let validate_as = |token: &CallerToken| {
+        let mut client = ApiKeysClient::new(channel.clone());
+        let mut request = tonic::Request::new(ValidateKeyRequest {
+            key: "clo_x".into(),
+            ..Default::default()
+        });
+        let bearer = format!("Bearer {}", token.expose());
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.parse().unwrap());
+        async move {
+            client
+                .validate_key(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    assert_eq!(validate_as(&first).await, Ok(()));
+    assert_eq!(
+        validate_as(&second).await,
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    std::fs::write(
+        &callers,
+        format!("{}\n", file_line("second", CallerRole::Gateway, &second)),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while validate_as(&second).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the callers file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(validate_as(&first).await, Err(tonic::Code::Unauthenticated));
+    assert!(
+        matches!(child.0.try_wait(), Ok(None)),
+        "SIGHUP must not stop the server"
+    );
+}

@@ -591,3 +591,75 @@ async fn a_call_over_the_request_timeout_is_cut_off_and_commits_nothing() {
         "a create cut off by the timeout must not be stored"
     );
 }
+
+/// ListKeys as the caller holding `token`: admitted, or the code it was refused with.
+async fn list_keys_as(guarded: &Guarded, token: &CallerToken) -> Result<(), Code> {
+    let request = bearer(
+        as_owner(ListKeysRequest {
+            workspace_id: "acme".into(),
+            ..Default::default()
+        }),
+        token,
+    );
+    let mut client = guarded.app.client.clone();
+    client
+        .list_keys(request)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
+}
+
+/// ListKeys as `token` until it is admitted (or not), as the file is read again.
+async fn until_admitted(
+    guarded: &Guarded,
+    token: &CallerToken,
+    admitted: bool,
+) -> Result<(), Code> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = list_keys_as(guarded, token).await;
+        if answer.is_ok() == admitted {
+            return answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_callers_file_is_reloaded_without_a_restart_and_a_broken_one_changes_nothing() {
+    let guarded = spawn_guarded(|settings| {
+        settings.callers_reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    let path = guarded._dir.path().join("callers");
+    let newcomer = CallerToken::generate();
+    assert_eq!(
+        list_keys_as(&guarded, &newcomer).await,
+        Err(Code::Unauthenticated)
+    );
+
+    // A caller added: admitted; billing-admin, dropped from the file: refused.
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n{}\n",
+            file_line("reporting", CallerRole::Admin, &newcomer),
+            file_line("edge-gateway", CallerRole::Gateway, &guarded.gateway)
+        ),
+    )
+    .unwrap();
+    until_admitted(&guarded, &newcomer, true).await.unwrap();
+    let dropped = until_admitted(&guarded, &guarded.admin, false).await;
+    assert_eq!(dropped, Err(Code::Unauthenticated));
+
+    // A broken file (a token pasted where its hash goes) is refused: the callers in force
+    // stay, for longer than a few reloads.
+    std::fs::write(&path, format!("reporting admin {}\n", newcomer.expose())).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(list_keys_as(&guarded, &newcomer).await, Ok(()));
+    assert_eq!(
+        list_keys_as(&guarded, &guarded.admin).await,
+        Err(Code::Unauthenticated)
+    );
+}
