@@ -158,3 +158,54 @@ fn the_envoy_example_asks_this_service_on_its_port_and_fails_closed() {
         assert!(istio.contains(needle), "istio.yaml lacks `{needle}`");
     }
 }
+
+#[test]
+fn the_manifests_run_this_release_migrate_first_and_spread_across_zones() {
+    let manifest = read("deploy/kubernetes/deployment.yaml");
+    let images: Vec<&str> = manifest
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("image: "))
+        .collect();
+    let release = format!("ghcr.io/cloodot/apikeys:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        images,
+        [release.as_str(), release.as_str()],
+        "one pinned tag, never latest"
+    );
+
+    // The init container migrates with a subcommand the binary has.
+    let init: Vec<&str> = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "initContainers:")
+        .take_while(|line| line.trim() != "containers:")
+        .collect();
+    assert!(
+        init.iter()
+            .any(|line| line.trim() == r#"args: ["migrate"]"#),
+        "{init:?}"
+    );
+    let help = Command::new(env!("CARGO_BIN_EXE_apikeys"))
+        .args(["migrate", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+
+    for key in ["topology.kubernetes.io/zone", "kubernetes.io/hostname"] {
+        assert!(
+            manifest.contains(&format!("topologyKey: {key}")),
+            "no spread by {key}"
+        );
+    }
+    // The autoscaler owns the replica count.
+    assert!(!manifest.contains("\n  replicas:"));
+    let kustomization = read("deploy/kubernetes/kustomization.yaml");
+    for file in ["hpa.yaml", "networkpolicy.yaml", "pdb.yaml"] {
+        assert!(kustomization.contains(file), "{file} is not applied");
+    }
+    // The network policy opens the ports the pods serve on, by their names.
+    let policy = read("deploy/kubernetes/networkpolicy.yaml");
+    for port in ["grpc", "metrics"] {
+        assert!(manifest.contains(&format!("- name: {port}\n")));
+        assert!(policy.contains(&format!("- port: {port}\n")), "{port}");
+    }
+}
