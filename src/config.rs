@@ -10,12 +10,7 @@ use clap::ValueEnum;
 pub struct Settings {
     /// Address to serve gRPC on. Loopback by default, so a service started by hand is not
     /// reachable from the network until you say so.
-    #[arg(
-        long,
-        env = "APIKEYS_LISTEN",
-        default_value = "127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
     /// Database URL: `sqlite://FILE?mode=rwc` (embedded, the default) or
@@ -23,8 +18,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "APIKEYS_DATABASE_URL",
-        default_value = "sqlite://apikeys.db?mode=rwc",
-        global = true
+        default_value = "sqlite://apikeys.db?mode=rwc"
     )]
     pub database_url: String,
 
@@ -34,222 +28,160 @@ pub struct Settings {
         long,
         env = "APIKEYS_DATABASE_POOL_SIZE",
         default_value_t = 10,
-        value_parser = clap::value_parser!(u32).range(1..=1000),
-        global = true
+        value_parser = clap::value_parser!(u32).range(1..=1000)
     )]
     pub database_pool_size: u32,
 
     /// Log format: `text` for people, `json` for log pipelines. Levels come from RUST_LOG
     /// (default `info`).
-    #[arg(long, env = "APIKEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = "APIKEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// How long a graceful shutdown waits for in-flight calls and open streams (such as
     /// health watches) before it closes them, e.g. `10s`, `500ms`.
-    #[arg(long, env = "APIKEYS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
     /// How long ValidateKey keeps answering from memory after the last successful sync with
     /// the database; past it, it fails closed with UNAVAILABLE and health is NOT_SERVING.
-    #[arg(long, env = "APIKEYS_STALENESS_BOUND", default_value = "30s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_STALENESS_BOUND", default_value = "30s", value_parser = parse_duration)]
     pub staleness_bound: Duration,
 
     /// How often the key index polls the database for changes, besides PostgreSQL
     /// notifications: the revocation bound when a notification is lost.
-    #[arg(long, env = "APIKEYS_SYNC_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_SYNC_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
     pub sync_poll_interval: Duration,
 
     /// The callers file: who may call, by the blake3 hash of their bearer token, and in what
     /// role (see `apikeys caller-token new`). Without it any caller that can reach the port
     /// is admitted, which start-up allows only on loopback or with --insecure-no-caller-auth.
-    #[arg(long, env = "APIKEYS_CALLERS_FILE", global = true)]
+    #[arg(long, env = "APIKEYS_CALLERS_FILE")]
     pub callers_file: Option<PathBuf>,
 
     /// Serve a non-loopback address without a callers file, for a mesh that authenticates
     /// callers itself. Anyone who reaches the port can then manage keys for any workspace.
-    #[arg(long, env = "APIKEYS_INSECURE_NO_CALLER_AUTH", global = true)]
+    #[arg(long, env = "APIKEYS_INSECURE_NO_CALLER_AUTH")]
     pub insecure_no_caller_auth: bool,
 
     /// The longest a call may run before it answers; a client's shorter `grpc-timeout` wins.
     /// Not armed for ValidateKey and Check (answered from memory, they never wait) nor for
     /// ValidateKeys streams.
-    #[arg(long, env = "APIKEYS_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
     /// Calls in flight across all connections (health excepted) before more are shed with
     /// UNAVAILABLE, so overload fails fast instead of queueing.
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_IN_FLIGHT",
-        default_value_t = 1024,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
 
     /// Calls one caller (by its credentials; by client IP without a callers file) may have
     /// in flight, so one caller cannot take the whole --max-in-flight; more are shed with
     /// UNAVAILABLE (`CALLER_OVERLOADED`).
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_IN_FLIGHT_PER_CALLER",
-        default_value_t = 256,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_IN_FLIGHT_PER_CALLER", default_value_t = 256)]
     pub max_in_flight_per_caller: usize,
 
     /// How long after its headers a call's request body may take to arrive; a call still
     /// waiting is answered DEADLINE_EXCEEDED and frees its place in flight.
-    #[arg(long, env = "APIKEYS_REQUEST_BODY_TIMEOUT", default_value = "2s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_REQUEST_BODY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
     /// Management calls (everything but ValidateKey and health) one caller may make per
     /// second in one workspace, sustained; more are answered RESOURCE_EXHAUSTED with a
     /// retry delay. Kept per workspace, so one busy tenant does not throttle the others.
-    #[arg(
-        long,
-        env = "APIKEYS_MANAGEMENT_RATE",
-        default_value = "100",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MANAGEMENT_RATE", default_value = "100")]
     pub management_rate: NonZeroU32,
 
     /// Management calls a caller may make at once in one workspace above its rate, after a
     /// quiet spell.
-    #[arg(
-        long,
-        env = "APIKEYS_MANAGEMENT_BURST",
-        default_value = "200",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MANAGEMENT_BURST", default_value = "200")]
     pub management_burst: NonZeroU32,
 
     /// Management calls one caller may make per second across all workspaces: the ceiling
     /// above the per-workspace rate, for an admin backend that serves every tenant.
-    #[arg(
-        long,
-        env = "APIKEYS_MANAGEMENT_CALLER_RATE",
-        default_value = "5000",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MANAGEMENT_CALLER_RATE", default_value = "5000")]
     pub management_caller_rate: NonZeroU32,
 
     /// Management calls one caller may make at once across all workspaces above its ceiling.
-    #[arg(
-        long,
-        env = "APIKEYS_MANAGEMENT_CALLER_BURST",
-        default_value = "10000",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MANAGEMENT_CALLER_BURST", default_value = "10000")]
     pub management_caller_burst: NonZeroU32,
 
     /// Open gRPC connections in all; more are closed as soon as they are accepted. Lowered
     /// at start to fit the descriptor limit (`ulimit -n`, less 64 and --metrics-max-connections).
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_CONNECTIONS",
-        default_value_t = 10_000,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
     /// Open gRPC connections from one client IP (a gateway or backend needs a handful).
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_CONNECTIONS_PER_IP",
-        default_value_t = 256,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
     pub max_connections_per_ip: usize,
 
     /// How long a new connection may take to finish its TLS handshake and send the HTTP/2
     /// preface (and the metrics listener a request's headers) before it is closed.
-    #[arg(long, env = "APIKEYS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
     /// A connection on which no call has started for this long, with no stream open, is
     /// closed; clients reconnect when they next call.
-    #[arg(long, env = "APIKEYS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
     /// How often the server pings a connection's client (HTTP/2 PING) to find dead peers.
-    #[arg(long, env = "APIKEYS_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub keepalive_interval: Duration,
 
     /// How long a ping may go unanswered before the connection is closed.
-    #[arg(long, env = "APIKEYS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 
     /// Streams (calls) one connection may have open at once (HTTP/2
     /// SETTINGS_MAX_CONCURRENT_STREAMS); clients queue beyond it.
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_CONCURRENT_STREAMS",
-        default_value_t = 256,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
     /// Health watches (grpc.health.v1.Health/Watch streams) open on the server in all.
-    #[arg(
-        long,
-        env = "APIKEYS_MAX_HEALTH_WATCHES",
-        default_value_t = 1024,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_MAX_HEALTH_WATCHES", default_value_t = 1024)]
     pub max_health_watches: usize,
 
     /// Health watches open on one connection (a client watches a name or two).
     #[arg(
         long,
         env = "APIKEYS_MAX_HEALTH_WATCHES_PER_CONNECTION",
-        default_value_t = 16,
-        global = true
+        default_value_t = 16
     )]
     pub max_health_watches_per_connection: usize,
 
     /// Open connections to the metrics listener; a scraper needs one.
-    #[arg(
-        long,
-        env = "APIKEYS_METRICS_MAX_CONNECTIONS",
-        default_value_t = 64,
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_METRICS_MAX_CONNECTIONS", default_value_t = 64)]
     pub metrics_max_connections: usize,
 
     /// PEM certificate chain to serve TLS with (needs --tls-key). Without it the port speaks
     /// plaintext HTTP/2: for loopback, or a mesh whose sidecar terminates TLS.
-    #[arg(long, env = "APIKEYS_TLS_CERT", requires = "tls_key", global = true)]
+    #[arg(long, env = "APIKEYS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "APIKEYS_TLS_KEY", requires = "tls_cert", global = true)]
+    #[arg(long, env = "APIKEYS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// PEM certificate(s) of the CA that signs client certificates: turns on mutual TLS, so
     /// every client must present a certificate it signed. Callers may then be named by a DNS
     /// name in their certificate (`san:` lines of the callers file).
-    #[arg(
-        long,
-        env = "APIKEYS_TLS_CLIENT_CA",
-        requires = "tls_cert",
-        global = true
-    )]
+    #[arg(long, env = "APIKEYS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
     /// How often the TLS files are checked for new contents, so a rotated certificate is
     /// served without a restart; SIGHUP reloads them at once.
-    #[arg(long, env = "APIKEYS_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
 
     /// How often the callers file is checked for new contents, so a caller added or removed
     /// takes effect without a restart; SIGHUP reloads it at once. A file that fails to load
     /// is logged and the callers in force stay.
-    #[arg(long, env = "APIKEYS_CALLERS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_CALLERS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub callers_reload_interval: Duration,
 
     /// Where to serve Prometheus metrics over plain HTTP (`GET /metrics`), e.g.
     /// `0.0.0.0:9090`; off when unset. The metrics hold no secret, key or workspace.
-    #[arg(long, env = "APIKEYS_METRICS_LISTEN", global = true)]
+    #[arg(long, env = "APIKEYS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
     /// Count every ValidateKey answer per key and hour for GetKeyUsage (in memory, written
@@ -258,19 +190,18 @@ pub struct Settings {
         long,
         env = "APIKEYS_RECORD_USAGE",
         default_value_t = true,
-        action = clap::ArgAction::Set,
-        global = true
+        action = clap::ArgAction::Set
     )]
     pub record_usage: bool,
 
     /// How often each replica writes last-used times and usage counts to the database:
     /// GetKeyUsage shows answers within about this long. Also on graceful shutdown.
-    #[arg(long, env = "APIKEYS_FLUSH_INTERVAL", default_value = "2s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_FLUSH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub flush_interval: Duration,
 
     /// How long key events and hourly usage are kept; older ones are pruned in the
     /// background, e.g. `90d`.
-    #[arg(long, env = "APIKEYS_RETENTION", default_value = "90d", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_RETENTION", default_value = "90d", value_parser = parse_duration)]
     pub retention: Duration,
 
     /// Headers Envoy's ext_authz Check reads the key from, in order of preference:
@@ -280,8 +211,7 @@ pub struct Settings {
         env = "APIKEYS_GATEWAY_KEY_HEADERS",
         default_value = "authorization,x-api-key",
         value_delimiter = ',',
-        value_parser = parse_header_name,
-        global = true
+        value_parser = parse_header_name
     )]
     pub gateway_key_headers: Vec<String>,
 
@@ -291,13 +221,12 @@ pub struct Settings {
         long,
         env = "APIKEYS_GATEWAY_HIDE_CREDENTIALS",
         default_value_t = true,
-        action = clap::ArgAction::Set,
-        global = true
+        action = clap::ArgAction::Set
     )]
     pub gateway_hide_credentials: bool,
 
     /// How often the retention task prunes.
-    #[arg(long, env = "APIKEYS_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "APIKEYS_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub prune_interval: Duration,
 }
 

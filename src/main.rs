@@ -10,22 +10,24 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = match cli.command.unwrap_or(Command::Serve) {
-        Command::CallerToken {
+    let (migrate_only, settings) = match cli.command {
+        None => (false, cli.settings),
+        Some(Command::Serve(settings)) => (false, *settings),
+        Some(Command::Migrate(settings)) => (true, *settings),
+        Some(Command::CallerToken {
             command: CallerTokenCommand::New { name, role },
-        } => {
+        }) => {
             print!("{}", auth::new_token_instructions(&name, role));
             return ExitCode::SUCCESS;
         }
         // The operator CLI is a client: it logs nothing of its own.
-        Command::Keys {
+        Some(Command::Keys {
             connection,
             command,
-        } => return apikeys::cli::run(connection, command).await,
-        server => server,
+        }) => return apikeys::cli::run(connection, command).await,
     };
     let telemetry = match apikeys::observability::telemetry::init(
-        cli.settings.log_format,
+        settings.log_format,
         std::io::stderr,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
     ) {
@@ -35,22 +37,20 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match command {
-        Command::Migrate => {
-            connect_and_migrate(&cli.settings.database_url, cli.settings.database_pool_size)
-                .await
-                .map(|_| {
-                    tracing::info!("migrations are up to date");
-                })
-        }
-        Command::Serve => match Application::build(&cli.settings).await {
+    let result = if migrate_only {
+        connect_and_migrate(&settings.database_url, settings.database_pool_size)
+            .await
+            .map(|_| {
+                tracing::info!("migrations are up to date");
+            })
+    } else {
+        match Application::build(&settings).await {
             Ok(app) => {
                 app.run_until_stopped(apikeys::app::signal::shutdown())
                     .await
             }
             Err(err) => Err(err),
-        },
-        Command::CallerToken { .. } | Command::Keys { .. } => Ok(()),
+        }
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,9 +10,10 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::{
-    Session, explain,
+    KeyRef, Session, explain,
     render::{
-        event_json, events_table, io, usage_json, usage_table, validation_json, validation_text,
+        event_json, events_table, io, message, usage_json, usage_table, validation_json,
+        validation_text,
     },
 };
 use crate::grpc::proto::{GetKeyUsageRequest, ListKeyEventsRequest, ValidateKeyRequest};
@@ -49,7 +50,10 @@ pub(super) async fn events(
         page_token = page.next_page_token;
     }
     if connection.json {
-        let value = Value::Array(events.iter().map(event_json).collect());
+        let value = message([(
+            "events",
+            Value::Array(events.iter().map(event_json).collect()),
+        )]);
         writeln!(out, "{value}").map_err(io)?;
     } else {
         write!(out, "{}", events_table(&events)).map_err(io)?;
@@ -60,8 +64,7 @@ pub(super) async fn events(
 /// Prints a key's usage per hour.
 pub(super) async fn usage(
     session: &mut Session<'_>,
-    workspace: String,
-    key_id: String,
+    KeyRef { workspace, key_id }: KeyRef,
     since: Duration,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;

@@ -9,12 +9,12 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    DELETE_WARNING, Expires, SHOWN_ONCE_WARNING, Session, explain,
-    render::{io, key_json, show, table, time_or_never},
+    DELETE_WARNING, Expires, KeyRef, SHOWN_ONCE_WARNING, Session, explain,
+    render::{io, key_json, message, show, table, time_or_never},
 };
 use crate::grpc::proto::{
-    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
-    GetKeyRequest, ListKeysRequest, RotateKeyRequest,
+    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
+    ListKeysRequest, RotateKeyRequest, UpdateKeyRequest,
 };
 
 /// Creates a key and prints its secret, once.
@@ -27,12 +27,13 @@ pub(super) async fn create(
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
+    let (expiration, expire_time) = expires.request();
     let request = CreateKeyRequest {
         workspace_id: workspace,
         name,
-        expiration: Expiration::from(expires).into(),
+        expiration: expiration.into(),
+        expire_time,
         scopes,
-        ..Default::default()
     };
     let created = client
         .create_key(connection.request(request)?)
@@ -41,7 +42,7 @@ pub(super) async fn create(
         .into_inner();
     let key = created.key.unwrap_or_default();
     if connection.json {
-        let value = json!({"key": key_json(&key), "secret": created.secret});
+        let value = message([("key", key_json(&key)), ("secret", json!(created.secret))]);
         writeln!(out, "{value}").map_err(io)?;
     } else {
         eprintln!(
@@ -80,7 +81,8 @@ pub(super) async fn list(session: &mut Session<'_>, workspace: String) -> Result
         page_token = page.next_page_token;
     }
     if connection.json {
-        let value = Value::Array(keys.iter().map(key_json).collect());
+        // As ListKeys answers, with every page in one.
+        let value = message([("keys", Value::Array(keys.iter().map(key_json).collect()))]);
         writeln!(out, "{value}").map_err(io)?;
     } else {
         write!(out, "{}", table(&keys)).map_err(io)?;
@@ -100,8 +102,10 @@ pub(super) enum OneKey {
 pub(super) async fn one(
     session: &mut Session<'_>,
     action: OneKey,
-    workspace_id: String,
-    key_id: String,
+    KeyRef {
+        workspace: workspace_id,
+        key_id,
+    }: KeyRef,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let client = &mut session.client;
@@ -136,11 +140,48 @@ pub(super) async fn one(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Renames a key and/or replaces its scopes (`None`: left as it is), and shows it.
+pub(super) async fn update(
+    session: &mut Session<'_>,
+    KeyRef { workspace, key_id }: KeyRef,
+    name: Option<String>,
+    scopes: Option<Vec<String>>,
+) -> Result<ExitCode, String> {
+    let connection = session.connection;
+    let mut paths = Vec::new();
+    if name.is_some() {
+        paths.push("name".to_owned());
+    }
+    if scopes.is_some() {
+        paths.push("scopes".to_owned());
+    }
+    if paths.is_empty() {
+        return Err("nothing to change: give --name, --scope or --clear-scopes".to_owned());
+    }
+    let request = UpdateKeyRequest {
+        key: Some(ApiKey {
+            workspace_id: workspace,
+            id: key_id,
+            name: name.unwrap_or_default(),
+            scopes: scopes.unwrap_or_default(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask { paths }),
+    };
+    let key = session
+        .client
+        .update_key(connection.request(request)?)
+        .await
+        .map_err(explain)?
+        .into_inner();
+    show(&mut session.out, connection, &key)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Rotates a key and prints the new secret, once.
 pub(super) async fn rotate(
     session: &mut Session<'_>,
-    workspace: String,
-    key_id: String,
+    KeyRef { workspace, key_id }: KeyRef,
     grace: Duration,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
@@ -162,11 +203,11 @@ pub(super) async fn rotate(
         rotated.old_key.unwrap_or_default(),
     );
     if connection.json {
-        let value = json!({
-            "key": key_json(&key),
-            "secret": rotated.secret,
-            "old_key": key_json(&old),
-        });
+        let value = message([
+            ("key", key_json(&key)),
+            ("secret", json!(rotated.secret)),
+            ("oldKey", key_json(&old)),
+        ]);
         writeln!(out, "{value}").map_err(io)?;
     } else {
         eprintln!(
@@ -185,8 +226,7 @@ pub(super) async fn rotate(
 /// Deletes a key, once confirmed.
 pub(super) async fn delete(
     session: &mut Session<'_>,
-    workspace: String,
-    key_id: String,
+    KeyRef { workspace, key_id }: KeyRef,
     yes: bool,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
@@ -215,23 +255,24 @@ pub(super) async fn delete(
         .await
         .map_err(explain)?;
     if connection.json {
-        writeln!(out, "{}", json!({"deleted": key_id})).map_err(io)?;
+        // DeleteKey's answer, as grpcurl prints it.
+        writeln!(out, "{{}}").map_err(io)?;
     } else {
         writeln!(out, "Deleted {key_id}.").map_err(io)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Asks on the terminal; anything but `delete` or `yes` keeps the key.
+/// Asks on the terminal; anything but exactly `delete` or `yes` keeps the key.
 fn confirm(key: &ApiKey) -> Result<bool, String> {
     if !std::io::stdin().is_terminal() {
         eprint!(
-            "Delete key \"{}\" ({})? {DELETE_WARNING} ",
+            "Delete key \"{}\" ({})? {DELETE_WARNING} Answer \"delete\" or \"yes\": ",
             key.name, key.id
         );
     } else {
         eprint!(
-            "Delete key \"{}\" ({})?\n{DELETE_WARNING}\nType \"delete\" to confirm: ",
+            "Delete key \"{}\" ({})?\n{DELETE_WARNING}\nType \"delete\" (or \"yes\") to confirm: ",
             key.name, key.id
         );
     }
@@ -240,8 +281,5 @@ fn confirm(key: &ApiKey) -> Result<bool, String> {
         .lock()
         .read_line(&mut answer)
         .map_err(|err| format!("cannot read the confirmation: {err}"))?;
-    Ok(matches!(
-        answer.trim().to_ascii_lowercase().as_str(),
-        "delete" | "yes" | "y"
-    ))
+    Ok(matches!(answer.trim(), "delete" | "yes"))
 }

@@ -7,7 +7,7 @@ mod render;
 
 use std::{io::StdoutLock, path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use keys::OneKey;
 use tonic::{
     Request, Status,
@@ -27,11 +27,14 @@ pub const SHOWN_ONCE_WARNING: &str = "This is the only time the full key will be
 pub const DELETE_WARNING: &str =
     "Any applications using this key will lose access immediately. This action cannot be undone.";
 
+/// `apikeys` alone serves, with the server's flags; each subcommand takes only its own
+/// (`apikeys serve` and `apikeys migrate` take the server's).
 #[derive(Debug, Parser)]
 #[command(
     name = "apikeys",
     version,
-    about = "API keys for Cloodot workspaces, over gRPC"
+    about = "API keys for Cloodot workspaces, over gRPC",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -43,9 +46,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run pending migrations, then serve (the default).
-    Serve,
+    Serve(Box<Settings>),
     /// Run pending migrations and exit: for a deploy step that runs before the replicas roll.
-    Migrate,
+    Migrate(Box<Settings>),
     /// Caller tokens: the credentials admin backends and gateways present.
     CallerToken {
         #[command(subcommand)]
@@ -76,7 +79,8 @@ pub enum CallerTokenCommand {
 /// How to reach the server, and as whom.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The server: `http://HOST:PORT`, or `https://HOST:PORT` with `--tls-ca`.
+    /// The server: `HOST:PORT` or `http://HOST:PORT`, or `https://HOST:PORT` (plain
+    /// `HOST:PORT` means https when `--tls-ca` is given).
     #[arg(
         long,
         env = "APIKEYS_ADDR",
@@ -95,7 +99,8 @@ pub struct Connection {
         global = true
     )]
     pub caller_token: Option<String>,
-    /// Who acts, recorded as the key's `created_by` (default: `operator:$USER`).
+    /// Who acts, recorded as the key's `created_by` and in the audit trail (default:
+    /// `operator:$USER`; required when USER is unset).
     #[arg(long, env = "APIKEYS_ACTOR_ID", global = true)]
     pub actor_id: Option<String>,
     /// The acting person's workspace role: `owner` or `admin`.
@@ -111,17 +116,30 @@ pub struct Connection {
     pub json: bool,
 }
 
+/// The key a command acts on.
+#[derive(Debug, Clone, Args)]
+pub struct KeyRef {
+    /// The workspace that owns the key (its id in the product).
+    #[arg(long)]
+    pub workspace: String,
+    /// The key's id (`key_…`), as `keys list` shows it.
+    pub key_id: String,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum KeysCommand {
     /// Create a key; its secret is printed once, on its own line.
     Create {
+        /// The workspace the key is for (its id in the product).
         #[arg(long)]
         workspace: String,
         /// A friendly label, e.g. "Zapier integration".
         #[arg(long)]
         name: String,
-        /// How long the key stays valid.
-        #[arg(long, value_enum)]
+        /// How long the key stays valid: `never`, `30d`, `90d`, `1y`, or until a date and
+        /// time (RFC 3339, e.g. `2027-06-30T00:00:00Z`, or a date: midnight UTC), at most 5
+        /// years ahead.
+        #[arg(long, value_parser = parse_expires)]
         expires: Expires,
         /// A scope the key may be used for (repeat for more).
         #[arg(long = "scope")]
@@ -129,48 +147,59 @@ pub enum KeysCommand {
     },
     /// List a workspace's keys, newest first.
     List {
+        /// The workspace (its id in the product).
         #[arg(long)]
         workspace: String,
     },
     /// Show one key.
     Get {
+        #[command(flatten)]
+        key: KeyRef,
+    },
+    /// Rename a key or replace its scopes; what is not given stays as it is.
+    Update {
+        #[command(flatten)]
+        key: KeyRef,
+        /// The new friendly label.
         #[arg(long)]
-        workspace: String,
-        key_id: String,
+        name: Option<String>,
+        /// The key's scopes from now on (repeat for more); replaces them all.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Remove every scope (the key may then be used for routes that require none).
+        #[arg(long, conflicts_with = "scopes")]
+        clear_scopes: bool,
     },
     /// Disable a key: it stops validating at once, on every replica; `enable` undoes it.
     Disable {
-        #[arg(long)]
-        workspace: String,
-        key_id: String,
+        #[command(flatten)]
+        key: KeyRef,
     },
     /// Enable a disabled key again.
     Enable {
-        #[arg(long)]
-        workspace: String,
-        key_id: String,
+        #[command(flatten)]
+        key: KeyRef,
     },
-    /// Rotate a key: a new key with the same name, scopes and lifetime, printed once; the
-    /// old key keeps working for `--grace` (0 to 7 days, e.g. 1h or 7d).
+    /// Rotate a key: a new key with the same name, scopes and lifetime, printed once.
     Rotate {
-        #[arg(long)]
-        workspace: String,
-        key_id: String,
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        #[command(flatten)]
+        key: KeyRef,
+        /// How long the old key keeps working, so clients can switch: `0s` stops it at once,
+        /// up to `7d` (e.g. `1h`). Required: no default decides that for you.
+        #[arg(long, value_parser = parse_duration)]
         grace: std::time::Duration,
     },
     /// Delete a key, irreversibly (asks first, unless `--yes`).
     Delete {
-        #[arg(long)]
-        workspace: String,
-        /// The key's id (`key_…`), as `keys list` shows it.
-        key_id: String,
+        #[command(flatten)]
+        key: KeyRef,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
     },
     /// The audit trail: who created, changed or deleted keys, newest first.
     Events {
+        /// The workspace (its id in the product).
         #[arg(long)]
         workspace: String,
         /// Only this key's events.
@@ -182,9 +211,9 @@ pub enum KeysCommand {
     },
     /// A key's ValidateKey answers per hour, by result, over the last `--since` (at most 93d).
     Usage {
-        #[arg(long)]
-        workspace: String,
-        key_id: String,
+        #[command(flatten)]
+        key: KeyRef,
+        /// How far back, e.g. `24h`, `7d`.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         since: std::time::Duration,
     },
@@ -197,25 +226,54 @@ pub enum KeysCommand {
     },
 }
 
-/// The product's expiration choices.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+/// How long a new key lives: one of the product's choices, or until a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expires {
     Never,
-    #[value(name = "30d")]
     Days30,
-    #[value(name = "90d")]
     Days90,
-    #[value(name = "1y")]
     Year,
+    At(chrono::DateTime<chrono::Utc>),
 }
 
-impl From<Expires> for Expiration {
-    fn from(expires: Expires) -> Self {
-        match expires {
-            Expires::Never => Self::Never,
-            Expires::Days30 => Self::Expiration30Days,
-            Expires::Days90 => Self::Expiration90Days,
-            Expires::Year => Self::Expiration1Year,
+/// `never`, `30d`, `90d`, `1y`, an RFC 3339 date and time, or a date (midnight UTC).
+fn parse_expires(text: &str) -> Result<Expires, String> {
+    Ok(match text {
+        "never" => Expires::Never,
+        "30d" => Expires::Days30,
+        "90d" => Expires::Days90,
+        "1y" => Expires::Year,
+        _ => Expires::At(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|at| at.to_utc())
+                .or_else(|_| {
+                    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                        .map(|day| day.and_time(chrono::NaiveTime::MIN).and_utc())
+                })
+                .map_err(|_| {
+                    "one of never, 30d, 90d, 1y, or a date and time such as 2027-06-30T00:00:00Z \
+                     (or 2027-06-30)"
+                        .to_owned()
+                })?,
+        ),
+    })
+}
+
+impl Expires {
+    /// The request's `expiration` and `expire_time`.
+    fn request(self) -> (Expiration, Option<prost_types::Timestamp>) {
+        match self {
+            Self::Never => (Expiration::Never, None),
+            Self::Days30 => (Expiration::Expiration30Days, None),
+            Self::Days90 => (Expiration::Expiration90Days, None),
+            Self::Year => (Expiration::Expiration1Year, None),
+            Self::At(at) => (
+                Expiration::Unspecified,
+                Some(prost_types::Timestamp {
+                    seconds: at.timestamp(),
+                    nanos: at.timestamp_subsec_nanos() as i32,
+                }),
+            ),
         }
     }
 }
@@ -253,35 +311,26 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             scopes,
         } => keys::create(session, workspace, name, expires, scopes).await,
         KeysCommand::List { workspace } => keys::list(session, workspace).await,
-        KeysCommand::Get { workspace, key_id } => {
-            keys::one(session, OneKey::Get, workspace, key_id).await
+        KeysCommand::Get { key } => keys::one(session, OneKey::Get, key).await,
+        KeysCommand::Update {
+            key,
+            name,
+            scopes,
+            clear_scopes,
+        } => {
+            let scopes = (clear_scopes || !scopes.is_empty()).then_some(scopes);
+            keys::update(session, key, name, scopes).await
         }
-        KeysCommand::Disable { workspace, key_id } => {
-            keys::one(session, OneKey::Disable, workspace, key_id).await
-        }
-        KeysCommand::Enable { workspace, key_id } => {
-            keys::one(session, OneKey::Enable, workspace, key_id).await
-        }
-        KeysCommand::Rotate {
-            workspace,
-            key_id,
-            grace,
-        } => keys::rotate(session, workspace, key_id, grace).await,
-        KeysCommand::Delete {
-            workspace,
-            key_id,
-            yes,
-        } => keys::delete(session, workspace, key_id, yes).await,
+        KeysCommand::Disable { key } => keys::one(session, OneKey::Disable, key).await,
+        KeysCommand::Enable { key } => keys::one(session, OneKey::Enable, key).await,
+        KeysCommand::Rotate { key, grace } => keys::rotate(session, key, grace).await,
+        KeysCommand::Delete { key, yes } => keys::delete(session, key, yes).await,
         KeysCommand::Events {
             workspace,
             key_id,
             limit,
         } => checks::events(session, workspace, key_id, limit).await,
-        KeysCommand::Usage {
-            workspace,
-            key_id,
-            since,
-        } => checks::usage(session, workspace, key_id, since).await,
+        KeysCommand::Usage { key, since } => checks::usage(session, key, since).await,
         KeysCommand::Validate { required_scopes } => {
             checks::validate(session, required_scopes).await
         }
@@ -289,7 +338,8 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
 }
 
 async fn connect(connection: &Connection) -> Result<Channel, String> {
-    let mut endpoint = Endpoint::from_shared(connection.addr.clone())
+    let uri = connection.uri();
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|err| format!("--addr {}: {err}", connection.addr))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30));
@@ -302,19 +352,34 @@ async fn connect(connection: &Connection) -> Result<Channel, String> {
     endpoint
         .connect()
         .await
-        .map_err(|err| format!("cannot reach {}: {err}", connection.addr))
+        .map_err(|err| format!("cannot reach {uri}: {err}"))
 }
 
 impl Connection {
+    /// `--addr` as a URI: `HOST:PORT` alone means `http://`, or `https://` with `--tls-ca`.
+    fn uri(&self) -> String {
+        if self.addr.contains("://") {
+            self.addr.clone()
+        } else if self.tls_ca.is_some() {
+            format!("https://{}", self.addr)
+        } else {
+            format!("http://{}", self.addr)
+        }
+    }
+
     /// A request carrying the actor and, when given, the caller token.
     fn request<T>(&self, message: T) -> Result<Request<T>, String> {
         let mut request = Request::new(message);
-        let actor = match &self.actor_id {
-            Some(actor) => actor.clone(),
-            None => format!(
-                "operator:{}",
-                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-            ),
+        let actor = match (&self.actor_id, std::env::var("USER")) {
+            (Some(actor), _) => actor.clone(),
+            (None, Ok(user)) if !user.is_empty() => format!("operator:{user}"),
+            (None, _) => {
+                return Err(
+                    "who acts is recorded with every change: pass --actor-id (or set \
+                     APIKEYS_ACTOR_ID); without it the actor is operator:$USER, and USER is unset"
+                        .to_owned(),
+                );
+            }
         };
         let value = |text: &str, what: &str| {
             MetadataValue::try_from(text).map_err(|_| format!("{what} must be printable ASCII"))
@@ -362,7 +427,42 @@ mod tests {
     fn flags_work_after_the_subcommand() {
         let cli =
             Cli::try_parse_from(["apikeys", "migrate", "--database-url", "sqlite://x.db"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Migrate)));
-        assert_eq!(cli.settings.database_url, "sqlite://x.db");
+        let Some(Command::Migrate(settings)) = cli.command else {
+            panic!("not migrate: {:?}", cli.command)
+        };
+        assert_eq!(settings.database_url, "sqlite://x.db");
+    }
+
+    #[test]
+    fn the_operator_cli_takes_no_server_flags() {
+        let keys: &[&str] = &[
+            "apikeys",
+            "keys",
+            "list",
+            "--workspace",
+            "w",
+            "--listen",
+            "0:1",
+        ];
+        let token: &[&str] = &[
+            "apikeys",
+            "caller-token",
+            "new",
+            "x",
+            "--role",
+            "admin",
+            "--retention",
+            "1d",
+        ];
+        for args in [keys, token] {
+            let err = Cli::try_parse_from(args.iter().copied()).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{args:?}"
+            );
+        }
+        // Nor a server flag before a subcommand.
+        assert!(Cli::try_parse_from(["apikeys", "--listen", "127.0.0.1:1", "migrate"]).is_err());
     }
 }

@@ -148,17 +148,17 @@ pub(super) fn events_table(events: &[KeyEvent]) -> String {
 }
 
 pub(super) fn event_json(event: &KeyEvent) -> Value {
-    json!({
-        "id": event.id,
-        "workspace_id": event.workspace_id,
-        "key_id": event.key_id,
-        "type": event_word(event),
-        "actor_id": event.actor_id,
-        "actor_role": event.actor_role,
-        "create_time": rfc3339(&event.create_time),
-        "new_key_id": event.new_key_id,
-        "changed_fields": event.changed_fields,
-    })
+    message([
+        ("id", json!(event.id)),
+        ("workspaceId", json!(event.workspace_id)),
+        ("keyId", json!(event.key_id)),
+        ("type", json!(event.r#type().as_str_name())),
+        ("actorId", json!(event.actor_id)),
+        ("actorRole", json!(event.actor_role)),
+        ("createTime", rfc3339(&event.create_time)),
+        ("newKeyId", json!(event.new_key_id)),
+        ("changedFields", json!(event.changed_fields)),
+    ])
 }
 
 pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
@@ -202,59 +202,87 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
 }
 
 pub(super) fn usage_json(usage: &GetKeyUsageResponse) -> Value {
-    let hours: Vec<Value> = usage
+    let buckets: Vec<Value> = usage
         .buckets
         .iter()
         .map(|hour| {
-            json!({
-                "start_time": rfc3339(&hour.start_time),
-                "valid": hour.valid,
-                "expired": hour.expired,
-                "disabled": hour.disabled,
-                "deleted": hour.deleted,
-                "insufficient_scope": hour.insufficient_scope,
-                "distinct_client_ips": hour.distinct_client_ips,
-            })
+            message([
+                ("startTime", rfc3339(&hour.start_time)),
+                ("valid", int64(hour.valid)),
+                ("expired", int64(hour.expired)),
+                ("disabled", int64(hour.disabled)),
+                ("deleted", int64(hour.deleted)),
+                ("insufficientScope", int64(hour.insufficient_scope)),
+                ("distinctClientIps", int64(hour.distinct_client_ips)),
+            ])
         })
         .collect();
-    json!({
-        "hours": hours,
-        "last_used_time": rfc3339(&usage.last_used_time),
-        "last_used_ip": usage.last_used_ip,
-    })
+    message([
+        ("buckets", Value::Array(buckets)),
+        ("lastUsedTime", rfc3339(&usage.last_used_time)),
+        ("lastUsedIp", json!(usage.last_used_ip)),
+    ])
 }
 
+/// A message in the proto3 JSON mapping, as grpcurl prints it: lowerCamelCase names, enums by
+/// name, int64 as strings, and fields at their default (empty, zero, false) left out.
+pub(super) fn message<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    let set = |value: &Value| match value {
+        Value::Null | Value::Bool(false) => false,
+        Value::String(text) => !text.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        _ => true,
+    };
+    Value::Object(
+        fields
+            .into_iter()
+            .filter(|(_, value)| set(value))
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+    )
+}
+
+/// An int64 as the proto3 JSON mapping writes it: a string (none at its default, 0).
+fn int64(value: i64) -> Value {
+    match value {
+        0 => Value::Null,
+        value => json!(value.to_string()),
+    }
+}
+
+/// A timestamp as the proto3 JSON mapping writes it: RFC 3339 in UTC, with 0, 3, 6 or 9
+/// fractional digits.
 pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
     time(ts).map_or(Value::Null, |t| {
-        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        json!(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     })
 }
 
 pub(super) fn key_json(key: &ApiKey) -> Value {
-    json!({
-        "id": key.id,
-        "workspace_id": key.workspace_id,
-        "name": key.name,
-        "masked_key": key.masked_key,
-        "create_time": rfc3339(&key.create_time),
-        "expire_time": rfc3339(&key.expire_time),
-        "status": key.status().as_str_name(),
-        "last_used_time": rfc3339(&key.last_used_time),
-        "created_by": key.created_by,
-        "scopes": key.scopes,
-    })
+    message([
+        ("id", json!(key.id)),
+        ("workspaceId", json!(key.workspace_id)),
+        ("name", json!(key.name)),
+        ("maskedKey", json!(key.masked_key)),
+        ("createTime", rfc3339(&key.create_time)),
+        ("expireTime", rfc3339(&key.expire_time)),
+        ("status", json!(key.status().as_str_name())),
+        ("lastUsedTime", rfc3339(&key.last_used_time)),
+        ("createdBy", json!(key.created_by)),
+        ("scopes", json!(key.scopes)),
+    ])
 }
 
 pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
-    json!({
-        "valid": answer.valid,
-        "result": answer.result().as_str_name(),
-        "key_id": answer.key_id,
-        "workspace_id": answer.workspace_id,
-        "expire_time": rfc3339(&answer.expire_time),
-        "scopes": answer.scopes,
-        "name": answer.name,
-    })
+    message([
+        ("valid", json!(answer.valid)),
+        ("result", json!(answer.result().as_str_name())),
+        ("keyId", json!(answer.key_id)),
+        ("workspaceId", json!(answer.workspace_id)),
+        ("expireTime", rfc3339(&answer.expire_time)),
+        ("scopes", json!(answer.scopes)),
+        ("name", json!(answer.name)),
+    ])
 }
 
 pub(super) fn validation_text(answer: &ValidateKeyResponse) -> String {

@@ -35,6 +35,8 @@ async fn apikeys(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Run {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_apikeys"))
             .args(&args)
             .env_clear()
+            // Whose name the CLI acts in by default (`operator:$USER`); `env` may change it.
+            .env("USER", "tester")
             .envs(env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -85,10 +87,10 @@ async fn create_list_validate_and_delete_through_the_cli() {
     let secret = created["secret"].as_str().unwrap().to_owned();
     remember(&secret);
     let key_id = created["key"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(created["key"]["created_by"], "ops_alice");
+    assert_eq!(created["key"]["createdBy"], "ops_alice");
     assert_eq!(created["key"]["status"], "KEY_STATUS_ACTIVE");
     assert_eq!(created["key"]["scopes"][0], "orders:read");
-    assert!(created["key"]["expire_time"].is_string());
+    assert!(created["key"]["expireTime"].is_string());
     assert_eq!(
         app.validate(&secret).await.result(),
         ValidationResult::Valid
@@ -114,7 +116,7 @@ async fn create_list_validate_and_delete_through_the_cli() {
     let mut args = with(&["list", "--workspace", "acme", "--json"]);
     args.extend(connection);
     let listed = apikeys(&args, "", &[]).await;
-    let keys = listed.json();
+    let keys = listed.json()["keys"].clone();
     assert_eq!(keys.as_array().unwrap().len(), 2);
     assert!(
         keys.as_array()
@@ -155,7 +157,7 @@ async fn create_list_validate_and_delete_through_the_cli() {
     let valid = apikeys(&args, &format!("{secret}\n"), &[]).await;
     assert_eq!(valid.code, 0, "{valid:?}");
     assert_eq!(valid.json()["result"], "VALIDATION_RESULT_VALID");
-    assert_eq!(valid.json()["key_id"], key_id.as_str());
+    assert_eq!(valid.json()["keyId"], key_id.as_str());
     let mut args = with(&["validate", "--require-scope", "refunds:write"]);
     args.extend(connection);
     let refused = apikeys(&args, &secret, &[]).await;
@@ -358,7 +360,7 @@ async fn get_disable_enable_and_rotate_through_the_cli() {
     );
 
     // A second rotation of the same key is refused, with its reason.
-    let again = apikeys(&run("rotate", &["--json"]), "", &[]).await;
+    let again = apikeys(&run("rotate", &["--grace", "0s", "--json"]), "", &[]).await;
     assert_eq!(again.code, 2, "{again:?}");
     assert!(again.stderr.contains("KEY_ROTATED"), "{again:?}");
     let bad = apikeys(&run("rotate", &["--grace", "8d"]), "", &[]).await;
@@ -394,28 +396,33 @@ async fn get_disable_enable_and_rotate_through_the_cli() {
         &[],
     )
     .await;
-    assert_eq!(events.json().as_array().unwrap().len(), 1);
-    assert_eq!(events.json()[0]["type"], "rotated");
+    assert_eq!(events.json()["events"].as_array().unwrap().len(), 1);
+    assert_eq!(events.json()["events"][0]["type"], "KEY_EVENT_TYPE_ROTATED");
     let args = logs("usage", &[key.id.as_str(), "--json"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let usage = loop {
         let usage = apikeys(&args, "", &[]).await;
         assert_eq!(usage.code, 0, "{usage:?}");
-        let hours = usage.json()["hours"].clone();
-        let counted: i64 = hours
+        // int64 counts are strings in the proto3 JSON mapping, and absent at 0.
+        let count = |value: &Value| value.as_str().map_or(0, |n| n.parse::<i64>().unwrap());
+        let buckets = usage.json()["buckets"].clone();
+        let counted: i64 = buckets
             .as_array()
-            .unwrap()
-            .iter()
-            .map(|hour| hour["valid"].as_i64().unwrap() + hour["disabled"].as_i64().unwrap())
-            .sum();
+            .map(|buckets| {
+                buckets
+                    .iter()
+                    .map(|hour| count(&hour["valid"]) + count(&hour["disabled"]))
+                    .sum()
+            })
+            .unwrap_or(0);
         if counted == 3 || std::time::Instant::now() > deadline {
             break usage;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    assert_eq!(usage.json()["hours"][0]["valid"], 2, "{usage:?}");
-    assert_eq!(usage.json()["hours"][0]["disabled"], 1, "{usage:?}");
+    assert_eq!(usage.json()["buckets"][0]["valid"], "2", "{usage:?}");
+    assert_eq!(usage.json()["buckets"][0]["disabled"], "1", "{usage:?}");
     let args = logs("usage", &[key.id.as_str()]);
     let table = apikeys(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -435,4 +442,146 @@ async fn get_disable_enable_and_rotate_through_the_cli() {
         app.validate(&new_secret).await.result(),
         ValidationResult::Valid
     );
+}
+
+#[tokio::test]
+async fn the_cli_updates_keys_takes_dates_and_bare_addresses_and_asks_before_it_assumes() {
+    let app = spawn_app().await;
+    // No scheme: http:// is meant.
+    let addr = app.addr.to_string();
+    let keys = |args: &[&str]| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend(["--addr", addr.as_str()]);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>,
+               stdin: &'static str,
+               env: &'static [(&'static str, &'static str)]| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        apikeys(&args, stdin, env).await
+    };
+
+    // An expiry given as a date: midnight UTC that day.
+    let created = run(
+        keys(&[
+            "create",
+            "--workspace",
+            "acme",
+            "--name",
+            "dated",
+            "--expires",
+            "2027-06-30",
+            "--json",
+        ]),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    remember(created.json()["secret"].as_str().unwrap());
+    let key = created.json()["key"].clone();
+    assert_eq!(key["expireTime"], "2027-06-30T00:00:00Z", "{created:?}");
+    assert_eq!(key["createdBy"], "operator:tester");
+    let id = key["id"].as_str().unwrap().to_owned();
+    let bad_date = run(
+        keys(&[
+            "create",
+            "--workspace",
+            "acme",
+            "--name",
+            "x",
+            "--expires",
+            "June",
+        ]),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(bad_date.code, 2, "{bad_date:?}");
+    assert!(
+        bad_date.stderr.contains("2027-06-30T00:00:00Z"),
+        "{bad_date:?}"
+    );
+
+    // Update: the name and the scopes, each only when given.
+    let renamed = run(
+        keys(&[
+            "update",
+            "--workspace",
+            "acme",
+            &id,
+            "--name",
+            "renamed",
+            "--scope",
+            "a:read",
+            "--json",
+        ]),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(renamed.code, 0, "{renamed:?}");
+    assert_eq!(renamed.json()["name"], "renamed");
+    assert_eq!(renamed.json()["scopes"], serde_json::json!(["a:read"]));
+    let cleared = run(
+        keys(&[
+            "update",
+            "--workspace",
+            "acme",
+            &id,
+            "--clear-scopes",
+            "--json",
+        ]),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(cleared.json()["name"], "renamed", "{cleared:?}");
+    assert!(cleared.json().get("scopes").is_none(), "{cleared:?}");
+    let nothing = run(keys(&["update", "--workspace", "acme", &id]), "", &[]).await;
+    assert_eq!(nothing.code, 2, "{nothing:?}");
+    assert!(nothing.stderr.contains("nothing to change"), "{nothing:?}");
+
+    // Rotation needs its grace said out loud.
+    let rotate = run(keys(&["rotate", "--workspace", "acme", &id]), "", &[]).await;
+    assert_eq!(rotate.code, 2, "{rotate:?}");
+    assert!(rotate.stderr.contains("--grace"), "{rotate:?}");
+
+    // Deletion needs exactly `delete` or `yes`: `y` keeps the key.
+    let kept = run(keys(&["delete", "--workspace", "acme", &id]), "y\n", &[]).await;
+    assert_eq!(kept.code, 1, "{kept:?}");
+    assert!(kept.stderr.contains("Not deleted"), "{kept:?}");
+
+    // Without USER and without --actor-id, nobody is recorded as acting: refused.
+    let anonymous = run(keys(&["list", "--workspace", "acme"]), "", &[("USER", "")]).await;
+    assert_eq!(anonymous.code, 2, "{anonymous:?}");
+    assert!(anonymous.stderr.contains("--actor-id"), "{anonymous:?}");
+
+    let deleted = run(
+        keys(&["delete", "--workspace", "acme", &id, "--json"]),
+        "yes\n",
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(deleted.json(), serde_json::json!({}));
+
+    // Each subcommand's help shows its own flags, every one explained.
+    let help = run(
+        vec!["keys".into(), "delete".into(), "--help".into()],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(help.code, 0, "{help:?}");
+    assert!(!help.stdout.contains("--listen"), "{}", help.stdout);
+    assert!(!help.stdout.contains("--retention"), "{}", help.stdout);
+    let words = help.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    for explained in [
+        "<KEY_ID> The key's id",
+        "--workspace <WORKSPACE> The workspace",
+    ] {
+        assert!(words.contains(explained), "{explained}: {}", help.stdout);
+    }
 }
