@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod index;
 mod net;
 pub mod observability;
+mod reload;
 pub mod service;
 pub mod store;
 mod tls;

@@ -80,42 +80,16 @@ impl LiveCallers {
     /// until the task is aborted.
     pub(crate) fn watch(self: &Arc<Self>, poll: Duration) -> JoinHandle<()> {
         let live = self.clone();
-        // Installed before this returns, so a SIGHUP sent once the server says it serves is
-        // never met by the default action (which ends the process).
-        #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(poll);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                #[cfg(unix)]
-                let force = tokio::select! {
-                    _ = ticks.tick() => false,
-                    Some(()) = async {
-                        match hangup.as_mut() {
-                            Some(signal) => signal.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    } => true,
-                };
-                #[cfg(not(unix))]
-                let force = {
-                    ticks.tick().await;
-                    false
-                };
-                match live.reload(force) {
-                    Ok(true) => {
-                        let callers = live.current().0.callers.len();
-                        tracing::info!(callers, "callers file reloaded");
-                    }
-                    Ok(false) => {}
-                    Err(err) => tracing::error!(
-                        error = %err,
-                        "callers file reload failed; the callers in force stay"
-                    ),
-                }
+        crate::reload::watch(poll, move |force| match live.reload(force) {
+            Ok(true) => {
+                let callers = live.current().0.callers.len();
+                tracing::info!(callers, "callers file reloaded");
             }
+            Ok(false) => {}
+            Err(err) => tracing::error!(
+                error = %err,
+                "callers file reload failed; the callers in force stay"
+            ),
         })
     }
 }

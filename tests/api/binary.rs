@@ -98,6 +98,15 @@ pub(crate) async fn terminate(mut child: Process) -> std::process::ExitStatus {
         .unwrap()
 }
 
+/// Sends SIGHUP: reload the TLS files and the callers file.
+fn hangup(child: &Process) {
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 pub(crate) fn wait(child: &mut Process, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
     loop {
@@ -319,11 +328,7 @@ async fn sighup_reloads_the_tls_certificate_at_once() {
     assert!(connect(&old_ca).await.is_ok());
 
     tls.write_server(&new_ca);
-    let status = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    hangup(&child);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while connect(&new_ca).await.is_err() {
@@ -553,11 +558,7 @@ async fn sighup_reloads_the_callers_file_at_once() {
         format!("{}\n", file_line("second", CallerRole::Gateway, &second)),
     )
     .unwrap();
-    let status = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    hangup(&child);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while validate_as(&second).await.is_err() {
