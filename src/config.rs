@@ -22,8 +22,8 @@ pub struct Settings {
     )]
     pub database_url: String,
 
-    /// Connections the database pool may open (PostgreSQL; SQLite uses as many). Each replica
-    /// also holds one more, outside the pool, for the change listener (LISTEN).
+    /// Connections the PostgreSQL pool may open (an SQLite file is served by one). Each
+    /// replica also holds one more, outside the pool, for the change listener (LISTEN).
     #[arg(
         long,
         env = "APIKEYS_DATABASE_POOL_SIZE",

@@ -85,7 +85,8 @@ pub struct Store {
 
 impl Store {
     /// Connects (creating a SQLite file if the URL says `mode=rwc`).
-    /// Opens a pool of at most `pool_size` connections. On PostgreSQL each one names itself
+    /// Opens a pool of at most `pool_size` connections (PostgreSQL; an SQLite file is served
+    /// by one). On PostgreSQL each one names itself
     /// `apikeys` (`application_name`, as `pg_stat_activity` shows it) unless the URL names it.
     pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         // Before SQLite would create the database file readable by all (0644).
@@ -97,7 +98,6 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             // Statements are logged by our own spans; sqlx's per-query lines are noise at info.
             .sqlx_logging_level(tracing::log::LevelFilter::Debug)
-            .max_connections(pool_size)
             .map_sqlx_postgres_opts(|o| match o.get_application_name() {
                 Some(_) => o,
                 None => o.application_name(APPLICATION_NAME),
@@ -107,6 +107,10 @@ impl Store {
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
             });
+        // An SQLite file keeps sea-orm's single connection (one writer at a time in any case).
+        if !url.starts_with("sqlite:") {
+            options.max_connections(pool_size);
+        }
         let db = Database::connect(options).await?;
         Ok(Self {
             db,
