@@ -2,7 +2,7 @@
 //! indexes.
 
 use sea_orm::{
-    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
     sea_query::{Expr, ExprTrait},
 };
 
@@ -29,6 +29,15 @@ impl Store {
         within: Option<std::ops::RangeInclusive<i64>>,
         limit: u64,
     ) -> Result<Vec<IndexRow>, StoreError> {
+        if within.is_none()
+            && let Some(reader) = self.change_reader().await?
+        {
+            let cursor = cursor.clone();
+            return tokio::task::spawn_blocking(move || reader.changes_since(&cursor, limit))
+                .await
+                .map_err(|err| StoreError::Internal(DbErr::Custom(err.to_string())))?
+                .map_err(|err| StoreError::Unavailable(DbErr::Custom(err.to_string())));
+        }
         // Only the columns the index keeps: the start-up load reads every row through here.
         Ok(Entity::find()
             .select_only()

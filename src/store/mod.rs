@@ -70,6 +70,42 @@ impl From<DbErr> for StoreError {
     }
 }
 
+/// How long a start-up waits for another process to let go of a new SQLite file.
+const SQLITE_OPEN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Connects; on SQLite, a connection refused because another process holds the file (the
+/// switch to WAL takes an exclusive lock, and SQLite answers some of its lock conflicts at once
+/// instead of waiting out the busy timeout) is tried again until [`SQLITE_OPEN_PATIENCE`].
+async fn connect_waiting_out_locks(options: ConnectOptions) -> Result<DatabaseConnection, DbErr> {
+    let deadline = tokio::time::Instant::now() + SQLITE_OPEN_PATIENCE;
+    loop {
+        match Database::connect(options.clone()).await {
+            Err(err) if is_sqlite_lock(&err) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %err, "the SQLite file is locked by another process; trying again");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// `SQLITE_BUSY` or `SQLITE_LOCKED`, in any of their extended forms.
+fn is_sqlite_lock(err: &DbErr) -> bool {
+    let (DbErr::Conn(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e))) = err
+    else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else {
+        return false;
+    };
+    db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+        .is_some()
+        && db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// The PostgreSQL advisory lock every migration run holds (an arbitrary constant of ours:
 /// "apikeys" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0061_7069_6b65_7973;
@@ -81,6 +117,9 @@ pub(crate) const CHANGES_CHANNEL: &str = "apikeys_changes";
 pub struct Store {
     db: DatabaseConnection,
     url: String,
+    /// The change feed's own reader of a SQLite file, once known (none for PostgreSQL and
+    /// an in-memory database).
+    change_reader: std::sync::Arc<tokio::sync::OnceCell<Option<sqlite_scan::ChangeReader>>>,
 }
 
 impl Store {
@@ -111,10 +150,11 @@ impl Store {
         if !url.starts_with("sqlite:") {
             options.max_connections(pool_size);
         }
-        let db = Database::connect(options).await?;
+        let db = connect_waiting_out_locks(options).await?;
         Ok(Self {
             db,
             url: url.to_owned(),
+            change_reader: Default::default(),
         })
     }
 
@@ -221,6 +261,19 @@ impl Store {
             .await?
             .rows_affected();
         Ok((events, usage))
+    }
+
+    /// The change feed's reader of a SQLite file; `None` where sqlx reads the changes.
+    async fn change_reader(&self) -> Result<Option<sqlite_scan::ChangeReader>, StoreError> {
+        self.change_reader
+            .get_or_try_init(|| async {
+                Ok(self
+                    .sqlite_file()
+                    .await?
+                    .map(sqlite_scan::ChangeReader::new))
+            })
+            .await
+            .cloned()
     }
 
     /// The file of a SQLite database, as SQLite itself names it; `None` for PostgreSQL and
