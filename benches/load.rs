@@ -1271,6 +1271,7 @@ fn echo_answer(request: &ValidateKeyRequest) -> ValidateKeyResponse {
         expire_time: None,
         name: "bench key 0".into(),
         scopes: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -1479,6 +1480,7 @@ async fn revocation(
         let mut delete = Request::new(DeleteKeyRequest {
             workspace_id: "revocation".into(),
             key_id: created.key.unwrap().id,
+            ..Default::default()
         });
         delete
             .metadata_mut()

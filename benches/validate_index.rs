@@ -28,6 +28,7 @@ fn row(i: usize, secret: &Secret) -> IndexRow {
         name: format!("bench key {i}"),
         disable_time_us: None,
         scopes: String::new(),
+        ..Default::default()
     }
 }
 

@@ -225,6 +225,35 @@ pub struct Settings {
     )]
     pub gateway_hide_credentials: bool,
 
+    /// How many proxies in front of the gateway append to `x-forwarded-for` and are trusted.
+    /// 0: the client address (for allowed CIDRs and usage) is the Check's source address;
+    /// N: it is the Nth address from the right of `x-forwarded-for`, and unknown (refused by
+    /// a key with allowed CIDRs) when the header holds fewer. Leave at 0 unless every
+    /// request passes through exactly that many proxies that append to the header.
+    #[arg(long, env = "APIKEYS_GATEWAY_TRUSTED_HOPS", default_value_t = 0)]
+    pub gateway_trusted_hops: usize,
+
+    /// The prefix of the headers an allowed Check sets upstream: `<prefix>key-id`,
+    /// `workspace-id`, `key-scopes`, `owner-id` and `annotation-<key>`.
+    #[arg(
+        long,
+        env = "APIKEYS_GATEWAY_HEADER_PREFIX",
+        default_value = crate::grpc::DEFAULT_HEADER_PREFIX,
+        value_parser = parse_header_name
+    )]
+    pub gateway_header_prefix: String,
+
+    /// Annotations an allowed Check sends upstream, each as `<prefix>annotation-<key>`
+    /// (removed from the request when the key has none), comma-separated; annotation keys
+    /// without ':'. Empty: none.
+    #[arg(
+        long,
+        env = "APIKEYS_GATEWAY_FORWARD_ANNOTATIONS",
+        value_delimiter = ',',
+        value_parser = parse_forwarded_annotation
+    )]
+    pub gateway_forward_annotations: Vec<String>,
+
     /// How often the retention task prunes.
     #[arg(long, env = "APIKEYS_PRUNE_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub prune_interval: Duration,
@@ -265,6 +294,9 @@ impl Settings {
         crate::grpc::GatewaySettings {
             key_headers: self.gateway_key_headers.clone(),
             hide_credentials: self.gateway_hide_credentials,
+            trusted_hops: self.gateway_trusted_hops,
+            header_prefix: self.gateway_header_prefix.clone(),
+            forward_annotations: self.gateway_forward_annotations.clone(),
         }
     }
 
@@ -299,6 +331,17 @@ fn parse_header_name(input: &str) -> Result<String, String> {
         return Err(format!("`{input}` is not an HTTP header name"));
     }
     Ok(name)
+}
+
+/// An annotation key that can end a header name: an annotation key without ':'.
+fn parse_forwarded_annotation(input: &str) -> Result<String, String> {
+    let key = input.trim();
+    if !crate::domain::is_scope(key) || key.contains(':') {
+        return Err(format!(
+            "`{input}` is not an annotation key that can name a header (1 to 64 characters of a-z, 0-9, '_', '.' or '-')"
+        ));
+    }
+    Ok(key.to_owned())
 }
 
 /// `500ms`, `10s`, `5m`, `1h`, `7d`; a bare number is seconds.

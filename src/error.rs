@@ -33,6 +33,12 @@ pub enum ApiError {
     /// key exists in this workspace but its state does not allow the change.
     #[error("{}", .0.message())]
     KeyState(KeyStateConflict),
+    /// ABORTED (`ETAG_MISMATCH`, AIP-154): the request's etag is not the key's current one;
+    /// nothing was changed.
+    #[error(
+        "the key changed since the etag sent was read (or it is not an etag of this key); read it again"
+    )]
+    EtagMismatch,
     /// UNAVAILABLE (`DATABASE_UNAVAILABLE`): retry later; nothing was changed.
     /// INTERNAL (`INTERNAL`) for any other store failure: logged here, never sent.
     #[error(transparent)]
@@ -172,6 +178,12 @@ impl ApiError {
             ApiError::KeyNotFound => (
                 Code::NotFound,
                 "KEY_NOT_FOUND",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::EtagMismatch => (
+                Code::Aborted,
+                "ETAG_MISMATCH",
                 err.to_string(),
                 HashMap::new(),
             ),

@@ -7,8 +7,9 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::{
     clock::Clock,
     domain::{
-        Actor, EventKind, Expiry, Key, KeyEvent, KeyField, KeyId, KeyName, PageCursor,
-        PresentedKey, Scopes, Secret, Validation, WorkspaceId, check_required,
+        Actor, AllowedCidrs, Annotations, EventKind, Expiry, Key, KeyEvent, KeyField, KeyId,
+        KeyName, OwnerId, PageCursor, PresentedKey, Scopes, Secret, Validation, WorkspaceId,
+        check_required,
     },
     error::{ApiError, KeyStateConflict},
     index::{Found, KeyIndex, Syncer},
@@ -34,11 +35,32 @@ pub struct KeyService {
     index: Arc<KeyIndex>,
 }
 
+/// What a new key carries besides its name and expiry; every part may be empty.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct KeyTerms {
+    pub scopes: Scopes,
+    pub owner_id: OwnerId,
+    pub annotations: Annotations,
+    pub allowed_cidrs: AllowedCidrs,
+}
+
 /// What UpdateKey changes; `None` leaves a field as it is.
 #[derive(Debug, Default)]
 pub(crate) struct KeyEdit {
     pub name: Option<KeyName>,
     pub scopes: Option<Scopes>,
+    pub owner_id: Option<OwnerId>,
+    pub annotations: Option<Annotations>,
+    pub allowed_cidrs: Option<AllowedCidrs>,
+}
+
+/// Refuses a change to a key whose etag is not `etag` (empty: any).
+fn check_etag(key: &Key, etag: &str) -> Result<(), ApiError> {
+    if key.etag_matches(etag) {
+        Ok(())
+    } else {
+        Err(ApiError::EtagMismatch)
+    }
 }
 
 /// RotateKey's result.
@@ -101,7 +123,7 @@ impl KeyService {
         workspace: &WorkspaceId,
         name: &KeyName,
         expiry: Expiry,
-        scopes: &Scopes,
+        terms: KeyTerms,
     ) -> Result<(Key, Secret), ApiError> {
         let now = self.now();
         let expire_time = expiry.expire_time(now)?;
@@ -119,7 +141,10 @@ impl KeyService {
                     created_by: actor.id(),
                     create_time: now,
                     expire_time,
-                    scopes: scopes.clone(),
+                    scopes: terms.scopes,
+                    owner_id: terms.owner_id,
+                    annotations: terms.annotations,
+                    allowed_cidrs: terms.allowed_cidrs,
                 },
                 NewEvent::new(EventKind::Created, actor, now),
             )
@@ -130,15 +155,20 @@ impl KeyService {
         Ok((key, secret))
     }
 
+    /// With an owner, only that owner's keys.
     pub(crate) async fn list(
         &self,
         workspace: &WorkspaceId,
+        owner: &OwnerId,
         page_size: u64,
         after: Option<&PageCursor>,
     ) -> Result<Page, ApiError> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         // One extra row tells whether another page follows, without a count query.
-        let mut keys = self.store.list(workspace, after, page_size + 1).await?;
+        let mut keys = self
+            .store
+            .list(workspace, owner, after, page_size + 1)
+            .await?;
         let next = if keys.len() as u64 > page_size {
             keys.truncate(page_size as usize);
             keys.last().map(|last| PageCursor {
@@ -209,6 +239,7 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         edit: KeyEdit,
+        etag: &str,
     ) -> Result<Key, ApiError> {
         let mut event = NewEvent::new(EventKind::Updated, actor, self.now());
         let changed = self
@@ -216,19 +247,31 @@ impl KeyService {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
+                check_etag(key, etag)?;
                 let name = edit.name.filter(|name| *name != key.name);
                 let scopes = edit.scopes.filter(|scopes| *scopes != key.scopes);
+                let owner_id = edit.owner_id.filter(|owner| *owner != key.owner_id);
+                let annotations = edit.annotations.filter(|given| *given != key.annotations);
+                let allowed_cidrs = edit
+                    .allowed_cidrs
+                    .filter(|given| *given != key.allowed_cidrs);
                 event.changed_fields = [
                     (KeyField::Name, name.is_some()),
                     (KeyField::Scopes, scopes.is_some()),
+                    (KeyField::OwnerId, owner_id.is_some()),
+                    (KeyField::Annotations, annotations.is_some()),
+                    (KeyField::AllowedCidrs, allowed_cidrs.is_some()),
                 ]
                 .into_iter()
                 .filter_map(|(field, changed)| changed.then_some(field))
                 .collect();
-                Ok((name.is_some() || scopes.is_some()).then(|| Change {
+                Ok((!event.changed_fields.is_empty()).then(|| Change {
                     update: KeyUpdate {
                         name,
                         scopes,
+                        owner_id,
+                        annotations,
+                        allowed_cidrs,
                         ..Default::default()
                     },
                     insert: None,
@@ -246,6 +289,7 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         disabled: bool,
+        etag: &str,
     ) -> Result<Key, ApiError> {
         let now = self.now();
         let (what, kind) = if disabled {
@@ -258,6 +302,7 @@ impl KeyService {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
+                check_etag(key, etag)?;
                 // An expired key stays as it is: enabling cannot revive it.
                 if !disabled && key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
@@ -285,6 +330,7 @@ impl KeyService {
         workspace: &WorkspaceId,
         id: &KeyId,
         grace: TimeDelta,
+        etag: &str,
     ) -> Result<Rotated, ApiError> {
         let now = self.now();
         let secret = Secret::generate();
@@ -294,6 +340,7 @@ impl KeyService {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
+                check_etag(key, etag)?;
                 if key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
                 }
@@ -326,6 +373,9 @@ impl KeyService {
                         create_time: now,
                         expire_time: lifetime.map(|lifetime| now + lifetime),
                         scopes: key.scopes.clone(),
+                        owner_id: key.owner_id.clone(),
+                        annotations: key.annotations.clone(),
+                        allowed_cidrs: key.allowed_cidrs.clone(),
                     }),
                     event: NewEvent {
                         new_key_id: Some(new_id.clone()),
@@ -352,14 +402,26 @@ impl KeyService {
         actor: &Actor,
         workspace: &WorkspaceId,
         id: &KeyId,
+        etag: &str,
     ) -> Result<(), ApiError> {
-        let event = NewEvent::new(EventKind::Deleted, actor, self.now());
-        let Some(key) = self.store.delete(workspace, id, event).await? else {
-            return Err(ApiError::KeyNotFound);
-        };
+        let now = self.now();
         // The very next ValidateKey on this replica answers DELETED.
-        self.index.apply(&IndexRow::from(&key));
-        tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key deleted");
+        self.change(actor, workspace, id, "deleted", |key| {
+            // Deleted already: as if it never was.
+            if key.is_deleted() {
+                return Err(ApiError::KeyNotFound);
+            }
+            check_etag(key, etag)?;
+            Ok(Some(Change {
+                update: KeyUpdate {
+                    delete_time: Some(now),
+                    ..Default::default()
+                },
+                insert: None,
+                event: NewEvent::new(EventKind::Deleted, actor, now),
+            }))
+        })
+        .await?;
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub(crate) struct UsageCounts {
     pub disabled: u64,
     pub deleted: u64,
     pub insufficient_scope: u64,
+    pub ip_not_allowed: u64,
 }
 
 impl UsageCounts {
@@ -32,6 +33,7 @@ impl UsageCounts {
             Validation::Disabled => &mut self.disabled,
             Validation::Deleted => &mut self.deleted,
             Validation::InsufficientScope => &mut self.insufficient_scope,
+            Validation::IpNotAllowed => &mut self.ip_not_allowed,
             // No key, so no key's usage.
             Validation::Malformed | Validation::NotFound => return,
         };
@@ -46,8 +48,9 @@ impl UsageCounts {
             disabled,
             deleted,
             insufficient_scope,
+            ip_not_allowed,
         } = *self;
-        valid + expired + disabled + deleted + insufficient_scope
+        valid + expired + disabled + deleted + insufficient_scope + ip_not_allowed
     }
 
     /// Adds `other`'s counts.
@@ -58,12 +61,14 @@ impl UsageCounts {
             disabled,
             deleted,
             insufficient_scope,
+            ip_not_allowed,
         } = *other;
         self.valid += valid;
         self.expired += expired;
         self.disabled += disabled;
         self.deleted += deleted;
         self.insufficient_scope += insufficient_scope;
+        self.ip_not_allowed += ip_not_allowed;
     }
 }
 

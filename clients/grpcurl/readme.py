@@ -41,6 +41,7 @@ SHAPES = {
     "expireTime": TIME,
     "lastUsedTime": TIME,
     "startTime": TIME,
+    "etag": r"[0-9a-f]{16}",
 }
 READ_ONLY = re.compile(r"/(Get|List)\w*$|Health/Check$")
 

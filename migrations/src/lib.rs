@@ -7,6 +7,7 @@ mod m20261126_000001_create_api_keys;
 mod m20261126_000002_add_revisions;
 mod m20261127_000003_add_lifecycle;
 mod m20261127_000004_add_events_and_usage;
+mod m20261202_000005_add_governance;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_add_revisions::Migration),
             Box::new(m20261127_000003_add_lifecycle::Migration),
             Box::new(m20261127_000004_add_events_and_usage::Migration),
+            Box::new(m20261202_000005_add_governance::Migration),
         ]
     }
 }

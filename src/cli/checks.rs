@@ -101,6 +101,7 @@ pub(super) async fn usage(
 pub(super) async fn validate(
     session: &mut Session<'_>,
     required_scopes: Vec<String>,
+    client_ip: String,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
@@ -112,7 +113,7 @@ pub(super) async fn validate(
     let request = ValidateKeyRequest {
         key: key.trim().to_owned(),
         required_scopes,
-        ..Default::default()
+        client_ip,
     };
     let answer = client
         .validate_key(connection.request(request)?)

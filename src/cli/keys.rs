@@ -9,7 +9,7 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    DELETE_WARNING, Expires, KeyRef, SHOWN_ONCE_WARNING, Session, explain,
+    DELETE_WARNING, Expires, KeyRef, KeyTermsArgs, SHOWN_ONCE_WARNING, Session, explain,
     render::{io, key_json, message, show, table, time_or_never},
 };
 use crate::grpc::proto::{
@@ -24,6 +24,7 @@ pub(super) async fn create(
     name: String,
     expires: Expires,
     scopes: Vec<String>,
+    terms: KeyTermsArgs,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
@@ -34,6 +35,9 @@ pub(super) async fn create(
         expiration: expiration.into(),
         expire_time,
         scopes,
+        allowed_cidrs: terms.allowed_cidrs,
+        annotations: terms.annotations.into_iter().collect(),
+        owner_id: terms.owner.unwrap_or_default(),
     };
     let created = client
         .create_key(connection.request(request)?)
@@ -57,8 +61,12 @@ pub(super) async fn create(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Lists every key of a workspace, page by page.
-pub(super) async fn list(session: &mut Session<'_>, workspace: String) -> Result<ExitCode, String> {
+/// Lists every key of a workspace (or of one owner in it: `owner` not empty), page by page.
+pub(super) async fn list(
+    session: &mut Session<'_>,
+    workspace: String,
+    owner: String,
+) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
     let mut keys = Vec::new();
@@ -68,6 +76,7 @@ pub(super) async fn list(session: &mut Session<'_>, workspace: String) -> Result
             workspace_id: workspace.clone(),
             page_size: 1000,
             page_token,
+            owner_id: owner.clone(),
         };
         let page = client
             .list_keys(connection.request(request)?)
@@ -106,9 +115,11 @@ pub(super) async fn one(
         workspace: workspace_id,
         key_id,
     }: KeyRef,
+    etag: Option<String>,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let client = &mut session.client;
+    let etag = etag.unwrap_or_default();
     let key = match action {
         OneKey::Get => {
             let request = GetKeyRequest {
@@ -121,6 +132,7 @@ pub(super) async fn one(
             let request = DisableKeyRequest {
                 workspace_id,
                 key_id,
+                etag,
             };
             client.disable_key(connection.request(request)?).await
         }
@@ -128,6 +140,7 @@ pub(super) async fn one(
             let request = EnableKeyRequest {
                 workspace_id,
                 key_id,
+                etag,
             };
             client.enable_key(connection.request(request)?).await
         }
@@ -140,30 +153,52 @@ pub(super) async fn one(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Renames a key and/or replaces its scopes (`None`: left as it is), and shows it.
+/// What `keys update` changes: each field given (`Some`, an empty value clearing it).
+#[derive(Debug, Default)]
+pub(super) struct Edit {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub owner: Option<String>,
+    pub annotations: Option<Vec<(String, String)>>,
+    pub allowed_cidrs: Option<Vec<String>>,
+    /// Empty: whatever the key is now.
+    pub etag: String,
+}
+
+/// Changes the fields of a key that `edit` gives, and shows it.
 pub(super) async fn update(
     session: &mut Session<'_>,
     KeyRef { workspace, key_id }: KeyRef,
-    name: Option<String>,
-    scopes: Option<Vec<String>>,
+    edit: Edit,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
-    let mut paths = Vec::new();
-    if name.is_some() {
-        paths.push("name".to_owned());
-    }
-    if scopes.is_some() {
-        paths.push("scopes".to_owned());
-    }
+    let paths: Vec<String> = [
+        ("name", edit.name.is_some()),
+        ("scopes", edit.scopes.is_some()),
+        ("owner_id", edit.owner.is_some()),
+        ("annotations", edit.annotations.is_some()),
+        ("allowed_cidrs", edit.allowed_cidrs.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, given)| *given)
+    .map(|(path, _)| path.to_owned())
+    .collect();
     if paths.is_empty() {
-        return Err("nothing to change: give --name, --scope or --clear-scopes".to_owned());
+        return Err(
+            "nothing to change: give --name, --scope, --owner, --annotation, --allow-cidr or a --clear-… flag"
+                .to_owned(),
+        );
     }
     let request = UpdateKeyRequest {
         key: Some(ApiKey {
             workspace_id: workspace,
             id: key_id,
-            name: name.unwrap_or_default(),
-            scopes: scopes.unwrap_or_default(),
+            name: edit.name.unwrap_or_default(),
+            scopes: edit.scopes.unwrap_or_default(),
+            owner_id: edit.owner.unwrap_or_default(),
+            annotations: edit.annotations.unwrap_or_default().into_iter().collect(),
+            allowed_cidrs: edit.allowed_cidrs.unwrap_or_default(),
+            etag: edit.etag,
             ..Default::default()
         }),
         update_mask: Some(prost_types::FieldMask { paths }),
@@ -183,6 +218,7 @@ pub(super) async fn rotate(
     session: &mut Session<'_>,
     KeyRef { workspace, key_id }: KeyRef,
     grace: Duration,
+    etag: String,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
@@ -192,6 +228,7 @@ pub(super) async fn rotate(
         workspace_id: workspace,
         key_id,
         grace_period: Some(grace_period),
+        etag,
     };
     let rotated = client
         .rotate_key(connection.request(request)?)
@@ -228,6 +265,7 @@ pub(super) async fn delete(
     session: &mut Session<'_>,
     KeyRef { workspace, key_id }: KeyRef,
     yes: bool,
+    etag: String,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
@@ -249,6 +287,7 @@ pub(super) async fn delete(
     let request = DeleteKeyRequest {
         workspace_id: workspace,
         key_id: key_id.clone(),
+        etag,
     };
     client
         .delete_key(connection.request(request)?)

@@ -59,7 +59,7 @@ pub enum Command {
         #[command(flatten)]
         connection: Connection,
         #[command(subcommand)]
-        command: KeysCommand,
+        command: Box<KeysCommand>,
     },
 }
 
@@ -116,6 +116,29 @@ pub struct Connection {
     pub json: bool,
 }
 
+/// What a new key carries besides its name, expiry and scopes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeyTermsArgs {
+    /// Your own id for the user or service the key belongs to (up to 128 visible ASCII
+    /// characters); `keys list --owner` finds its keys.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A label returned with every validation, `KEY=VALUE` (repeat for more, at most 16).
+    #[arg(long = "annotation", value_parser = parse_annotation)]
+    pub annotations: Vec<(String, String)>,
+    /// A network the key may be used from, e.g. `203.0.113.0/24` or `2001:db8::1` (repeat
+    /// for more, at most 64); none means any address.
+    #[arg(long = "allow-cidr")]
+    pub allowed_cidrs: Vec<String>,
+}
+
+/// `KEY=VALUE`, split at the first `=`.
+fn parse_annotation(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
 /// The key a command acts on.
 #[derive(Debug, Clone, Args)]
 pub struct KeyRef {
@@ -144,19 +167,25 @@ pub enum KeysCommand {
         /// A scope the key may be used for (repeat for more).
         #[arg(long = "scope")]
         scopes: Vec<String>,
+        #[command(flatten)]
+        terms: KeyTermsArgs,
     },
     /// List a workspace's keys, newest first.
     List {
         /// The workspace (its id in the product).
         #[arg(long)]
         workspace: String,
+        /// Only the keys of this owner.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// Show one key.
     Get {
         #[command(flatten)]
         key: KeyRef,
     },
-    /// Rename a key or replace its scopes; what is not given stays as it is.
+    /// Change a key's name, scopes, owner, annotations or allowed networks; what is not
+    /// given stays as it is, and each list given replaces the key's.
     Update {
         #[command(flatten)]
         key: KeyRef,
@@ -169,16 +198,36 @@ pub enum KeysCommand {
         /// Remove every scope (the key may then be used for routes that require none).
         #[arg(long, conflicts_with = "scopes")]
         clear_scopes: bool,
+        #[command(flatten)]
+        terms: KeyTermsArgs,
+        /// Remove the key's owner.
+        #[arg(long, conflicts_with = "owner")]
+        clear_owner: bool,
+        /// Remove every annotation.
+        #[arg(long, conflicts_with = "annotations")]
+        clear_annotations: bool,
+        /// Remove every allowed network: the key may be used from any address.
+        #[arg(long, conflicts_with = "allowed_cidrs")]
+        clear_cidrs: bool,
+        /// Change the key only if its etag is still this one (from `keys get --json`).
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Disable a key: it stops validating at once, on every replica; `enable` undoes it.
     Disable {
         #[command(flatten)]
         key: KeyRef,
+        /// Disable the key only if its etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Enable a disabled key again.
     Enable {
         #[command(flatten)]
         key: KeyRef,
+        /// Enable the key only if its etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Rotate a key: a new key with the same name, scopes and lifetime, printed once.
     Rotate {
@@ -188,6 +237,9 @@ pub enum KeysCommand {
         /// up to `7d` (e.g. `1h`). Required: no default decides that for you.
         #[arg(long, value_parser = parse_duration)]
         grace: std::time::Duration,
+        /// Rotate the key only if its etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// Delete a key, irreversibly (asks first, unless `--yes`).
     Delete {
@@ -196,6 +248,9 @@ pub enum KeysCommand {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Delete the key only if its etag is still this one.
+        #[arg(long)]
+        etag: Option<String>,
     },
     /// The audit trail: who created, changed or deleted keys, newest first.
     Events {
@@ -223,6 +278,9 @@ pub enum KeysCommand {
         /// A scope the key must have (repeat for more).
         #[arg(long = "require-scope")]
         required_scopes: Vec<String>,
+        /// The address the key is presented from, checked against its allowed networks.
+        #[arg(long)]
+        client_ip: Option<String>,
     },
 }
 
@@ -280,8 +338,8 @@ impl Expires {
 
 /// Runs one command. Exit codes: 0 done (or valid), 1 a key that is not valid or a delete
 /// not confirmed, 2 an error.
-pub async fn run(connection: Connection, command: KeysCommand) -> ExitCode {
-    match execute(&connection, command).await {
+pub async fn run(connection: Connection, command: Box<KeysCommand>) -> ExitCode {
+    match execute(&connection, *command).await {
         Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
@@ -309,31 +367,58 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             name,
             expires,
             scopes,
-        } => keys::create(session, workspace, name, expires, scopes).await,
-        KeysCommand::List { workspace } => keys::list(session, workspace).await,
-        KeysCommand::Get { key } => keys::one(session, OneKey::Get, key).await,
+            terms,
+        } => keys::create(session, workspace, name, expires, scopes, terms).await,
+        KeysCommand::List { workspace, owner } => {
+            keys::list(session, workspace, owner.unwrap_or_default()).await
+        }
+        KeysCommand::Get { key } => keys::one(session, OneKey::Get, key, None).await,
         KeysCommand::Update {
             key,
             name,
             scopes,
             clear_scopes,
+            terms,
+            clear_owner,
+            clear_annotations,
+            clear_cidrs,
+            etag,
         } => {
-            let scopes = (clear_scopes || !scopes.is_empty()).then_some(scopes);
-            keys::update(session, key, name, scopes).await
+            let given = |clear: bool, empty: bool| clear || !empty;
+            let edit = keys::Edit {
+                name,
+                scopes: given(clear_scopes, scopes.is_empty()).then_some(scopes),
+                owner: if clear_owner {
+                    Some(String::new())
+                } else {
+                    terms.owner
+                },
+                annotations: given(clear_annotations, terms.annotations.is_empty())
+                    .then_some(terms.annotations),
+                allowed_cidrs: given(clear_cidrs, terms.allowed_cidrs.is_empty())
+                    .then_some(terms.allowed_cidrs),
+                etag: etag.unwrap_or_default(),
+            };
+            keys::update(session, key, edit).await
         }
-        KeysCommand::Disable { key } => keys::one(session, OneKey::Disable, key).await,
-        KeysCommand::Enable { key } => keys::one(session, OneKey::Enable, key).await,
-        KeysCommand::Rotate { key, grace } => keys::rotate(session, key, grace).await,
-        KeysCommand::Delete { key, yes } => keys::delete(session, key, yes).await,
+        KeysCommand::Disable { key, etag } => keys::one(session, OneKey::Disable, key, etag).await,
+        KeysCommand::Enable { key, etag } => keys::one(session, OneKey::Enable, key, etag).await,
+        KeysCommand::Rotate { key, grace, etag } => {
+            keys::rotate(session, key, grace, etag.unwrap_or_default()).await
+        }
+        KeysCommand::Delete { key, yes, etag } => {
+            keys::delete(session, key, yes, etag.unwrap_or_default()).await
+        }
         KeysCommand::Events {
             workspace,
             key_id,
             limit,
         } => checks::events(session, workspace, key_id, limit).await,
         KeysCommand::Usage { key, since } => checks::usage(session, key, since).await,
-        KeysCommand::Validate { required_scopes } => {
-            checks::validate(session, required_scopes).await
-        }
+        KeysCommand::Validate {
+            required_scopes,
+            client_ip,
+        } => checks::validate(session, required_scopes, client_ip.unwrap_or_default()).await,
     }
 }
 

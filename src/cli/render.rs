@@ -17,8 +17,32 @@ pub(super) fn show(
     if connection.json {
         writeln!(out, "{}", key_json(key)).map_err(io)
     } else {
-        write!(out, "{}", table(std::slice::from_ref(key))).map_err(io)
+        write!(out, "{}", table(std::slice::from_ref(key))).map_err(io)?;
+        write!(out, "{}", details(key)).map_err(io)
     }
+}
+
+/// What the table leaves out of one key, a line each for what it has.
+fn details(key: &ApiKey) -> String {
+    let mut text = String::new();
+    if !key.scopes.is_empty() {
+        text.push_str(&format!("Scopes: {}\n", key.scopes.join(", ")));
+    }
+    if !key.owner_id.is_empty() {
+        text.push_str(&format!("Owner: {}\n", key.owner_id));
+    }
+    if !key.annotations.is_empty() {
+        let sorted: std::collections::BTreeMap<_, _> = key.annotations.iter().collect();
+        let pairs: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        text.push_str(&format!("Annotations: {}\n", pairs.join(", ")));
+    }
+    if !key.allowed_cidrs.is_empty() {
+        text.push_str(&format!("Allowed from: {}\n", key.allowed_cidrs.join(", ")));
+    }
+    if !key.etag.is_empty() {
+        text.push_str(&format!("Etag: {}\n", key.etag));
+    }
+    text
 }
 
 pub(super) fn io(err: std::io::Error) -> String {
@@ -162,7 +186,7 @@ pub(super) fn event_json(event: &KeyEvent) -> Value {
 }
 
 pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
-    let rows: Vec<[String; 7]> = usage
+    let rows: Vec<[String; 8]> = usage
         .buckets
         .iter()
         .map(|hour| {
@@ -173,6 +197,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
                 hour.disabled.to_string(),
                 hour.deleted.to_string(),
                 hour.insufficient_scope.to_string(),
+                hour.ip_not_allowed.to_string(),
                 hour.distinct_client_ips.to_string(),
             ]
         })
@@ -185,6 +210,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
             "Disabled",
             "Deleted",
             "Missing scope",
+            "IP refused",
             "Client IPs",
         ],
         &rows,
@@ -214,6 +240,7 @@ pub(super) fn usage_json(usage: &GetKeyUsageResponse) -> Value {
                 ("deleted", int64(hour.deleted)),
                 ("insufficientScope", int64(hour.insufficient_scope)),
                 ("distinctClientIps", int64(hour.distinct_client_ips)),
+                ("ipNotAllowed", int64(hour.ip_not_allowed)),
             ])
         })
         .collect();
@@ -231,6 +258,7 @@ pub(super) fn message<const N: usize>(fields: [(&str, Value); N]) -> Value {
         Value::Null | Value::Bool(false) => false,
         Value::String(text) => !text.is_empty(),
         Value::Array(items) => !items.is_empty(),
+        Value::Object(entries) => !entries.is_empty(),
         _ => true,
     };
     Value::Object(
@@ -270,7 +298,17 @@ pub(super) fn key_json(key: &ApiKey) -> Value {
         ("lastUsedTime", rfc3339(&key.last_used_time)),
         ("createdBy", json!(key.created_by)),
         ("scopes", json!(key.scopes)),
+        ("allowedCidrs", json!(key.allowed_cidrs)),
+        ("annotations", sorted_map(&key.annotations)),
+        ("ownerId", json!(key.owner_id)),
+        ("etag", json!(key.etag)),
     ])
+}
+
+/// A `map<string, string>` as JSON, keys sorted so the output is stable.
+fn sorted_map(map: &std::collections::HashMap<String, String>) -> Value {
+    let sorted: std::collections::BTreeMap<&String, &String> = map.iter().collect();
+    json!(sorted)
 }
 
 pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
@@ -282,6 +320,8 @@ pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
         ("expireTime", rfc3339(&answer.expire_time)),
         ("scopes", json!(answer.scopes)),
         ("name", json!(answer.name)),
+        ("annotations", sorted_map(&answer.annotations)),
+        ("ownerId", json!(answer.owner_id)),
     ])
 }
 

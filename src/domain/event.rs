@@ -28,6 +28,9 @@ pub enum EventKind {
 pub(crate) enum KeyField {
     Name,
     Scopes,
+    OwnerId,
+    Annotations,
+    AllowedCidrs,
 }
 
 impl KeyField {
@@ -35,6 +38,9 @@ impl KeyField {
         match self {
             Self::Name => "name",
             Self::Scopes => "scopes",
+            Self::OwnerId => "owner_id",
+            Self::Annotations => "annotations",
+            Self::AllowedCidrs => "allowed_cidrs",
         }
     }
 }

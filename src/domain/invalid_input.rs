@@ -34,7 +34,9 @@ pub enum InvalidInput {
         "required_scopes must hold at most 32 scopes of 1 to 64 characters of a-z, 0-9, '_', '.', ':' or '-'"
     )]
     RequiredScopesInvalid,
-    #[error("update_mask paths must be `name`, `scopes` or `*`")]
+    #[error(
+        "update_mask paths must be `name`, `scopes`, `owner_id`, `annotations`, `allowed_cidrs` or `*`"
+    )]
     UpdateMaskInvalid,
     #[error("grace_period must be between 0 and 7 days")]
     GracePeriodInvalid,
@@ -52,6 +54,20 @@ pub enum InvalidInput {
     TimeRangeInvalid,
     #[error("key_id must be a key id as returned by CreateKey or ListKeys")]
     KeyIdInvalid,
+    #[error("owner_id must be at most 128 visible ASCII characters (no spaces)")]
+    OwnerIdInvalid,
+    #[error("each annotation key must be 1 to 64 characters of a-z, 0-9, '_', '.', ':' or '-'")]
+    AnnotationKeyInvalid,
+    #[error("each annotation value must be at most 256 bytes, without control characters")]
+    AnnotationValueInvalid,
+    #[error("a key has at most 16 annotations")]
+    TooManyAnnotations,
+    #[error(
+        "each allowed CIDR must be an IPv4 or IPv6 address or network (such as 192.0.2.0/24), with no bits set past its prefix"
+    )]
+    CidrInvalid,
+    #[error("a key has at most 64 allowed CIDRs")]
+    TooManyCidrs,
 }
 
 impl InvalidInput {
@@ -79,6 +95,12 @@ impl InvalidInput {
             Self::ClientIpInvalid => "CLIENT_IP_INVALID",
             Self::TimeRangeInvalid => "TIME_RANGE_INVALID",
             Self::KeyIdInvalid => "KEY_ID_INVALID",
+            Self::OwnerIdInvalid => "OWNER_ID_INVALID",
+            Self::AnnotationKeyInvalid => "ANNOTATION_KEY_INVALID",
+            Self::AnnotationValueInvalid => "ANNOTATION_VALUE_INVALID",
+            Self::TooManyAnnotations => "TOO_MANY_ANNOTATIONS",
+            Self::CidrInvalid => "CIDR_INVALID",
+            Self::TooManyCidrs => "TOO_MANY_CIDRS",
         }
     }
 
@@ -105,6 +127,11 @@ impl InvalidInput {
             Self::ClientIpInvalid => "client_ip",
             Self::TimeRangeInvalid => "start_time",
             Self::KeyIdInvalid => "key_id",
+            Self::OwnerIdInvalid => "owner_id",
+            Self::AnnotationKeyInvalid
+            | Self::AnnotationValueInvalid
+            | Self::TooManyAnnotations => "annotations",
+            Self::CidrInvalid | Self::TooManyCidrs => "allowed_cidrs",
         }
     }
 }

@@ -4,7 +4,10 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 
-use super::{KeyHash, KeyId, KeyName, KeyStatus, Scopes, WorkspaceId, masked_key};
+use super::{
+    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, KeyStatus, OwnerId, Scopes, WorkspaceId,
+    masked_key,
+};
 
 /// A key as stored, tombstone or not. Never the key itself: only its hash and last four
 /// characters.
@@ -34,6 +37,10 @@ pub(crate) struct Key {
     pub rotated_to: Option<KeyId>,
     /// The revision of its last change: a newer one replaces an older one everywhere.
     pub revision: i64,
+    pub owner_id: OwnerId,
+    pub annotations: Annotations,
+    /// Empty: any address.
+    pub allowed_cidrs: AllowedCidrs,
 }
 
 impl Key {
@@ -59,6 +66,25 @@ impl Key {
     /// Whether the key has expired by `now` (exactly at its expiry time, it has).
     pub(crate) fn has_expired(&self, now: DateTime<Utc>) -> bool {
         self.expire_time.is_some_and(|at| at <= now)
+    }
+
+    /// The key's etag (AIP-154): it changes with every change to the key, as the revision
+    /// does, and shows nothing of it but equality.
+    pub(crate) fn etag(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.id.as_str().as_bytes());
+        hasher.update(&self.revision.to_be_bytes());
+        let hash = hasher.finalize();
+        let mut etag = String::with_capacity(16);
+        for byte in &hash.as_bytes()[..8] {
+            etag.push_str(&format!("{byte:02x}"));
+        }
+        etag
+    }
+
+    /// Whether `etag` is absent (empty) or the key's current one.
+    pub(crate) fn etag_matches(&self, etag: &str) -> bool {
+        etag.is_empty() || etag == self.etag()
     }
 
     /// The masked preview of the key, for lists: its prefix and last four characters.

@@ -1,10 +1,11 @@
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use super::{InvalidInput, KeyId, WorkspaceId};
+use super::{InvalidInput, KeyId, OwnerId, WorkspaceId};
 
 /// Where a ListKeys page ended: the last key's `(create_time, id)`, for keyset pagination.
-/// On the wire it is an opaque token bound to its workspace, so a token from another
-/// workspace (or a garbled one) is rejected rather than silently paging elsewhere.
+/// On the wire it is an opaque token bound to its workspace and owner filter, so a token from
+/// another workspace or filter (or a garbled one) is rejected rather than silently paging
+/// elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageCursor {
     pub create_time_us: i64,
@@ -17,16 +18,20 @@ const KEY_ID_LEN: usize = 24;
 const TOKEN_LEN: usize = 1 + TAG_LEN + 8 + KEY_ID_LEN;
 
 impl PageCursor {
-    pub fn encode(&self, workspace: &WorkspaceId) -> String {
+    pub fn encode(&self, workspace: &WorkspaceId, owner: &OwnerId) -> String {
         let mut bytes = Vec::with_capacity(TOKEN_LEN);
         bytes.push(VERSION);
-        bytes.extend_from_slice(&workspace_tag(workspace));
+        bytes.extend_from_slice(&list_tag(workspace, owner));
         bytes.extend_from_slice(&self.create_time_us.to_be_bytes());
         bytes.extend_from_slice(self.id.as_str().as_bytes());
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(token: &str, workspace: &WorkspaceId) -> Result<Self, InvalidInput> {
+    pub fn decode(
+        token: &str,
+        workspace: &WorkspaceId,
+        owner: &OwnerId,
+    ) -> Result<Self, InvalidInput> {
         let invalid = InvalidInput::PageTokenInvalid;
         // Bound the work before decoding anything a caller sent.
         if token.len() > 2 * TOKEN_LEN {
@@ -35,7 +40,7 @@ impl PageCursor {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid)?;
         if bytes.len() != TOKEN_LEN
             || bytes[0] != VERSION
-            || bytes[1..=TAG_LEN] != workspace_tag(workspace)
+            || bytes[1..=TAG_LEN] != list_tag(workspace, owner)
         {
             return Err(invalid);
         }
@@ -90,8 +95,20 @@ impl EventCursor {
     }
 }
 
-fn workspace_tag(workspace: &WorkspaceId) -> [u8; TAG_LEN] {
-    filter_tag(workspace, None)
+/// A ListKeys filter's tag: without an owner, the workspace's own, so tokens issued before
+/// the owner filter existed still page on.
+fn list_tag(workspace: &WorkspaceId, owner: &OwnerId) -> [u8; TAG_LEN] {
+    if owner.is_empty() {
+        return filter_tag(workspace, None);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(workspace.as_str().as_bytes());
+    // \x01 where a key filter has \0: no owner's tag is also a key's.
+    hasher.update(b"\x01");
+    hasher.update(owner.as_str().as_bytes());
+    let mut tag = [0; TAG_LEN];
+    tag.copy_from_slice(&hasher.finalize().as_bytes()[..TAG_LEN]);
+    tag
 }
 
 /// A short hash of the filters a token was issued for. With no key it is the workspace's own
@@ -119,6 +136,36 @@ mod tests {
         WorkspaceId::parse(s).unwrap()
     }
 
+    fn none() -> OwnerId {
+        OwnerId::default()
+    }
+
+    #[test]
+    fn a_list_token_decodes_only_with_the_owner_filter_it_was_issued_for() {
+        let cursor = PageCursor {
+            create_time_us: 7,
+            id: KeyId::generate(),
+        };
+        let (alice, bob) = (
+            OwnerId::parse("alice").unwrap(),
+            OwnerId::parse("bob").unwrap(),
+        );
+        for issued in [none(), alice.clone()] {
+            let token = cursor.encode(&ws("acme"), &issued);
+            for presented in [none(), alice.clone(), bob.clone()] {
+                let expected = if presented == issued {
+                    Ok(cursor.clone())
+                } else {
+                    Err(InvalidInput::PageTokenInvalid)
+                };
+                assert_eq!(
+                    PageCursor::decode(&token, &ws("acme"), &presented),
+                    expected
+                );
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn any_cursor_round_trips_in_its_workspace_only(
@@ -128,10 +175,10 @@ mod tests {
         ) {
             prop_assume!(workspace != other);
             let cursor = PageCursor { create_time_us, id: KeyId::generate() };
-            let token = cursor.encode(&ws(&workspace));
-            prop_assert_eq!(PageCursor::decode(&token, &ws(&workspace)), Ok(cursor));
+            let token = cursor.encode(&ws(&workspace), &none());
+            prop_assert_eq!(PageCursor::decode(&token, &ws(&workspace), &none()), Ok(cursor));
             prop_assert_eq!(
-                PageCursor::decode(&token, &ws(&other)),
+                PageCursor::decode(&token, &ws(&other), &none()),
                 Err(InvalidInput::PageTokenInvalid)
             );
         }
@@ -147,7 +194,7 @@ mod tests {
             let token = cursor.encode(&ws(&workspace), None);
             prop_assert_eq!(EventCursor::decode(&token, &ws(&workspace), None), Ok(cursor));
             prop_assert!(EventCursor::decode(&token, &ws(&other), None).is_err());
-            prop_assert!(PageCursor::decode(&token, &ws(&workspace)).is_err());
+            prop_assert!(PageCursor::decode(&token, &ws(&workspace), &none()).is_err());
         }
 
         #[test]
@@ -173,8 +220,8 @@ mod tests {
 
         #[test]
         fn any_text_is_a_cursor_only_if_it_is_exactly_one(text in "\\PC{0,100}") {
-            if let Ok(cursor) = PageCursor::decode(&text, &ws("acme")) {
-                prop_assert_eq!(cursor.encode(&ws("acme")), text);
+            if let Ok(cursor) = PageCursor::decode(&text, &ws("acme"), &none()) {
+                prop_assert_eq!(cursor.encode(&ws("acme"), &none()), text);
             }
         }
     }
@@ -185,8 +232,8 @@ mod tests {
             create_time_us: 1_780_000_000_123_456,
             id: KeyId::generate(),
         };
-        let token = cursor.encode(&ws("acme"));
-        assert_eq!(PageCursor::decode(&token, &ws("acme")), Ok(cursor));
+        let token = cursor.encode(&ws("acme"), &none());
+        assert_eq!(PageCursor::decode(&token, &ws("acme"), &none()), Ok(cursor));
     }
 
     #[test]
@@ -213,9 +260,9 @@ mod tests {
             create_time_us: 1,
             id: KeyId::generate(),
         };
-        let token = cursor.encode(&ws("acme"));
+        let token = cursor.encode(&ws("acme"), &none());
         assert_eq!(
-            PageCursor::decode(&token, &ws("globex")),
+            PageCursor::decode(&token, &ws("globex"), &none()),
             Err(InvalidInput::PageTokenInvalid)
         );
     }
@@ -226,7 +273,7 @@ mod tests {
             create_time_us: 1,
             id: KeyId::generate(),
         }
-        .encode(&ws("acme"));
+        .encode(&ws("acme"), &none());
         let truncated = &token[..token.len() - 2];
         let flipped = format!(
             "{}{}",
@@ -235,7 +282,7 @@ mod tests {
         );
         for bad in ["garbage", "!!!!", truncated, &flipped, &"A".repeat(10_000)] {
             assert_eq!(
-                PageCursor::decode(bad, &ws("acme")),
+                PageCursor::decode(bad, &ws("acme"), &none()),
                 Err(InvalidInput::PageTokenInvalid),
                 "{bad:?}"
             );

@@ -44,6 +44,9 @@ pub enum Validation {
     Deleted,
     /// Active, but without a scope the request required.
     InsufficientScope,
+    /// Active, but the request came from outside the key's allowed networks (or from an
+    /// unknown address).
+    IpNotAllowed,
 }
 
 /// How a gateway's authorization check (Envoy's ext_authz `Check`) ended: allowed, or denied
@@ -84,6 +87,7 @@ impl CheckDecision {
                 Validation::Disabled => "disabled",
                 Validation::Deleted => "deleted",
                 Validation::InsufficientScope => "insufficient_scope",
+                Validation::IpNotAllowed => "ip_not_allowed",
             },
         }
     }
@@ -91,7 +95,7 @@ impl CheckDecision {
 
 impl Validation {
     /// Every answer, for what is made once per answer (metric series, tests).
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Valid,
         Self::Malformed,
         Self::NotFound,
@@ -99,11 +103,14 @@ impl Validation {
         Self::Disabled,
         Self::Deleted,
         Self::InsufficientScope,
+        Self::IpNotAllowed,
     ];
 
-    /// The answer for a known key: its status first, then the scopes.
-    pub fn of_known(status: KeyStatus, has_required_scopes: bool) -> Self {
+    /// The answer for a known key: its status first, then where the request came from, then
+    /// the scopes.
+    pub fn of_known(status: KeyStatus, ip_allowed: bool, has_required_scopes: bool) -> Self {
         match status {
+            KeyStatus::Active if !ip_allowed => Self::IpNotAllowed,
             KeyStatus::Active if has_required_scopes => Self::Valid,
             KeyStatus::Active => Self::InsufficientScope,
             KeyStatus::Disabled => Self::Disabled,
@@ -128,20 +135,36 @@ mod tests {
     #[test]
     fn scopes_matter_only_for_an_active_key() {
         assert_eq!(
-            Validation::of_known(KeyStatus::Active, true),
+            Validation::of_known(KeyStatus::Active, true, true),
             Validation::Valid
         );
         assert_eq!(
-            Validation::of_known(KeyStatus::Active, false),
+            Validation::of_known(KeyStatus::Active, true, false),
             Validation::InsufficientScope
         );
         assert_eq!(
-            Validation::of_known(KeyStatus::Disabled, false),
+            Validation::of_known(KeyStatus::Disabled, true, false),
             Validation::Disabled
         );
         assert_eq!(
-            Validation::of_known(KeyStatus::Expired, true),
+            Validation::of_known(KeyStatus::Expired, true, true),
             Validation::Expired
+        );
+    }
+
+    #[test]
+    fn the_address_is_judged_after_the_status_and_before_the_scopes() {
+        assert_eq!(
+            Validation::of_known(KeyStatus::Active, false, false),
+            Validation::IpNotAllowed
+        );
+        assert_eq!(
+            Validation::of_known(KeyStatus::Disabled, false, true),
+            Validation::Disabled
+        );
+        assert_eq!(
+            Validation::of_known(KeyStatus::Deleted, false, false),
+            Validation::Deleted
         );
     }
 }

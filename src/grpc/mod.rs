@@ -7,7 +7,7 @@ pub mod guard;
 
 pub use api_keys::{ApiKeysService, VALIDATE_MAX_BYTES};
 pub use codec::{ApiKeysRoutes, ExtAuthzServer};
-pub use ext_authz::{ExtAuthzService, GatewaySettings};
+pub use ext_authz::{DEFAULT_HEADER_PREFIX, ExtAuthzService, GatewaySettings};
 
 /// The path of Envoy's external authorization call.
 pub const EXT_AUTHZ_CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";

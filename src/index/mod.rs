@@ -18,7 +18,9 @@ use papaya::{HashMap, Operation};
 pub use sync::{SyncSettings, Syncer};
 
 use crate::{
-    domain::{KeyHash, KeyStatus, Validation, column_scopes},
+    domain::{
+        Cidr, KeyHash, KeyStatus, Validation, column_annotations, column_cidrs, column_scopes,
+    },
     store::IndexRow,
     usage::{HourUsage, hour_start},
 };
@@ -42,11 +44,44 @@ struct Record {
     scopes: ScopeSet,
     /// The revision this record reflects; an older one never replaces it.
     revision: i64,
+    /// Owner, annotations and allowed networks, for the keys that have any.
+    terms: Option<Box<Terms>>,
     /// The last valid use as stored, `i64::MIN` for none.
     stored_last_used_us: i64,
     /// What this replica saw of the key: made on its first use, and handed on to the record
     /// that replaces this one, so nothing counted is lost to a change.
     activity: OnceLock<Arc<Activity>>,
+}
+
+/// What only some keys carry, kept out of line: a key without any costs one pointer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Terms {
+    owner_id: Box<str>,
+    annotations: Box<[(Box<str>, Box<str>)]>,
+    /// Empty: any address.
+    allowed_cidrs: Box<[Cidr]>,
+}
+
+impl Terms {
+    /// `None` when the row has none of them.
+    fn of(row: &IndexRow) -> Option<Box<Self>> {
+        let terms = Self {
+            owner_id: row.owner_id.as_str().into(),
+            annotations: column_annotations(&row.annotations)
+                .into_iter()
+                .map(|(key, value)| (key.into_boxed_str(), value.into_boxed_str()))
+                .collect(),
+            allowed_cidrs: column_cidrs(&row.allowed_cidrs).collect(),
+        };
+        (terms != Self::default()).then(|| Box::new(terms))
+    }
+
+    /// Whether a request from `client_ip` may use the key: any address when it allows all,
+    /// else only an address in one of its networks (an unknown address is in none).
+    fn admits(&self, client_ip: Option<IpAddr>) -> bool {
+        self.allowed_cidrs.is_empty()
+            || client_ip.is_some_and(|ip| self.allowed_cidrs.iter().any(|net| net.contains(ip)))
+    }
 }
 
 impl Record {
@@ -111,7 +146,10 @@ pub struct Found {
     pub name: String,
     pub scopes: Vec<String>,
     pub expire_time_us: Option<i64>,
-    /// The answer, from the key's status and the scopes required.
+    /// Empty for none.
+    pub owner_id: String,
+    pub annotations: std::collections::HashMap<String, String>,
+    /// The answer, from the key's status, the client's address and the scopes required.
     pub result: Validation,
 }
 
@@ -216,6 +254,7 @@ impl KeyIndex {
         let workspace = self.intern(&row.workspace_id);
         let scopes = self.intern_scopes(&row.scopes);
         let stored_use = row.last_used_time_us.unwrap_or(i64::MIN);
+        let terms = Terms::of(row);
         let record = |old: Option<&Record>| Record {
             id,
             workspace: workspace.clone(),
@@ -225,6 +264,7 @@ impl KeyIndex {
             name: row.name.as_str().into(),
             scopes: scopes.clone(),
             revision: row.revision,
+            terms: terms.clone(),
             stored_last_used_us: old
                 .map_or(stored_use, |old| old.stored_last_used_us.max(stored_use)),
             // Shared, not moved: papaya may run this more than once.
@@ -267,8 +307,8 @@ impl KeyIndex {
         set
     }
 
-    /// The key with this hash, as of `now_us`, and whether it has every one of `required`
-    /// (sorted or not). An answer of VALID (active, with the scopes required) notes the use
+    /// The key with this hash, as of `now_us`, judged for a request from `client_ip` that
+    /// needs every one of `required` (sorted or not). An answer of VALID (active, with the scopes required) notes the use
     /// (at most once per `use_resolution_us`); with usage recorded, every answer is counted
     /// in the key's hour. All in memory, for the flush to write.
     pub fn lookup<S: AsRef<str>>(
@@ -293,7 +333,11 @@ impl KeyIndex {
                 .binary_search_by(|held| (**held).cmp(scope.as_ref()))
                 .is_ok()
         });
-        let result = Validation::of_known(status, has_required_scopes);
+        let ip_allowed = record
+            .terms
+            .as_ref()
+            .is_none_or(|terms| terms.admits(client_ip));
+        let result = Validation::of_known(status, ip_allowed, has_required_scopes);
         let use_due = result == Validation::Valid
             && record.last_used_us().saturating_add(use_resolution_us) <= now_us;
         if use_due || self.record_usage {
@@ -314,6 +358,17 @@ impl KeyIndex {
                 .map(|scope| String::from(&**scope))
                 .collect(),
             expire_time_us: (record.expire_time_us != i64::MAX).then_some(record.expire_time_us),
+            owner_id: record
+                .terms
+                .as_ref()
+                .map(|terms| String::from(&*terms.owner_id))
+                .unwrap_or_default(),
+            annotations: record
+                .terms
+                .iter()
+                .flat_map(|terms| terms.annotations.iter())
+                .map(|(key, value)| (String::from(&**key), String::from(&**value)))
+                .collect(),
             result,
         })
     }
@@ -453,6 +508,9 @@ mod tests {
             name: format!("key {id}"),
             disable_time_us: None,
             scopes: String::new(),
+            owner_id: String::new(),
+            annotations: String::new(),
+            allowed_cidrs: String::new(),
         }
     }
 

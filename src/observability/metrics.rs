@@ -75,6 +75,7 @@ struct ValidationCounters {
     disabled: Counter,
     deleted: Counter,
     insufficient_scope: Counter,
+    ip_not_allowed: Counter,
 }
 
 impl ValidationCounters {
@@ -87,6 +88,7 @@ impl ValidationCounters {
             disabled: series(Validation::Disabled),
             deleted: series(Validation::Deleted),
             insufficient_scope: series(Validation::InsufficientScope),
+            ip_not_allowed: series(Validation::IpNotAllowed),
         }
     }
 
@@ -99,6 +101,7 @@ impl ValidationCounters {
             Validation::Disabled => &self.disabled,
             Validation::Deleted => &self.deleted,
             Validation::InsufficientScope => &self.insufficient_scope,
+            Validation::IpNotAllowed => &self.ip_not_allowed,
         }
     }
 }
@@ -158,6 +161,7 @@ pub(crate) fn result_label(result: Validation) -> &'static str {
         Validation::Disabled => "VALIDATION_RESULT_DISABLED",
         Validation::Deleted => "VALIDATION_RESULT_DELETED",
         Validation::InsufficientScope => "VALIDATION_RESULT_INSUFFICIENT_SCOPE",
+        Validation::IpNotAllowed => "VALIDATION_RESULT_IP_NOT_ALLOWED",
     }
 }
 

@@ -6,7 +6,7 @@ use sea_orm::{DbErr, QueryResult};
 use crate::domain::Key;
 
 /// What the validation index needs of a stored key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexRow {
     pub id: String,
     pub workspace_id: String,
@@ -20,10 +20,16 @@ pub struct IndexRow {
     pub disable_time_us: Option<i64>,
     /// As stored: see [`crate::domain::Scopes::to_column`].
     pub scopes: String,
+    /// ValidateKey reports the owner and the annotations, and checks the CIDRs; each as
+    /// stored (see [`crate::domain::Annotations::to_column`],
+    /// [`crate::domain::AllowedCidrs::to_column`]).
+    pub owner_id: String,
+    pub annotations: String,
+    pub allowed_cidrs: String,
 }
 
 /// The columns both readers select, in this order.
-pub(super) const INDEX_COLUMNS: [&str; 10] = [
+pub(super) const INDEX_COLUMNS: [&str; 13] = [
     "id",
     "workspace_id",
     "key_hash",
@@ -34,6 +40,9 @@ pub(super) const INDEX_COLUMNS: [&str; 10] = [
     "name",
     "disable_time_us",
     "scopes",
+    "owner_id",
+    "annotations",
+    "allowed_cidrs",
 ];
 
 /// Where `name` is in [`INDEX_COLUMNS`]; evaluated while compiling, so a name that is not
@@ -86,6 +95,9 @@ impl IndexRow {
             name: row.text(const { at("name") })?,
             disable_time_us: row.maybe_int(const { at("disable_time_us") })?,
             scopes: row.text(const { at("scopes") })?,
+            owner_id: row.text(const { at("owner_id") })?,
+            annotations: row.text(const { at("annotations") })?,
+            allowed_cidrs: row.text(const { at("allowed_cidrs") })?,
         })
     }
 }
@@ -143,6 +155,9 @@ impl From<&Key> for IndexRow {
             name: String::from(key.name.as_str()),
             disable_time_us: key.disable_time.map(micros),
             scopes: key.scopes.to_column(),
+            owner_id: String::from(key.owner_id.as_str()),
+            annotations: key.annotations.to_column(),
+            allowed_cidrs: key.allowed_cidrs.to_column(),
         }
     }
 }

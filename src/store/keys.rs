@@ -12,7 +12,10 @@ use super::{
     entity::key::{ActiveModel, Column, Entity},
     events::{NewEvent, record_event},
 };
-use crate::domain::{Key, KeyHash, KeyId, KeyName, PageCursor, Scopes, WorkspaceId};
+use crate::domain::{
+    AllowedCidrs, Annotations, Key, KeyHash, KeyId, KeyName, OwnerId, PageCursor, Scopes,
+    WorkspaceId,
+};
 
 /// A key to insert, already validated and hashed.
 #[derive(Debug)]
@@ -26,6 +29,9 @@ pub(crate) struct NewKey<'a> {
     pub create_time: DateTime<Utc>,
     pub expire_time: Option<DateTime<Utc>>,
     pub scopes: Scopes,
+    pub owner_id: OwnerId,
+    pub annotations: Annotations,
+    pub allowed_cidrs: AllowedCidrs,
 }
 
 impl NewKey<'_> {
@@ -46,6 +52,9 @@ impl NewKey<'_> {
             scopes: Set(self.scopes),
             rotated_to: Set(None),
             last_used_ip: Set(None),
+            owner_id: Set(self.owner_id),
+            annotations: Set(self.annotations),
+            allowed_cidrs: Set(self.allowed_cidrs),
         }
     }
 }
@@ -58,6 +67,11 @@ pub(crate) struct KeyUpdate {
     pub disable_time: Option<Option<DateTime<Utc>>>,
     pub expire_time: Option<Option<DateTime<Utc>>>,
     pub rotated_to: Option<KeyId>,
+    /// Tombstones the key.
+    pub delete_time: Option<DateTime<Utc>>,
+    pub owner_id: Option<OwnerId>,
+    pub annotations: Option<Annotations>,
+    pub allowed_cidrs: Option<AllowedCidrs>,
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
@@ -152,6 +166,10 @@ impl Store {
             disable_time,
             expire_time,
             rotated_to,
+            delete_time,
+            owner_id,
+            annotations,
+            allowed_cidrs,
         } = change.update;
         record_event(&txn, revision, workspace, id, change.event)
             .await
@@ -177,6 +195,18 @@ impl Store {
         if let Some(rotated_to) = rotated_to {
             update.rotated_to = Set(Some(rotated_to));
         }
+        if let Some(delete_time) = delete_time {
+            update.delete_time_us = Set(Some(micros(delete_time)));
+        }
+        if let Some(owner_id) = owner_id {
+            update.owner_id = Set(owner_id);
+        }
+        if let Some(annotations) = annotations {
+            update.annotations = Set(annotations);
+        }
+        if let Some(allowed_cidrs) = allowed_cidrs {
+            update.allowed_cidrs = Set(allowed_cidrs);
+        }
         let key = Entity::update(update)
             .exec(&txn)
             .await
@@ -191,15 +221,20 @@ impl Store {
     }
 
     /// Live keys of a workspace, newest first, after `cursor`; at most `limit`.
+    /// With an owner, only that owner's keys.
     pub(crate) async fn list(
         &self,
         workspace: &WorkspaceId,
+        owner: &OwnerId,
         cursor: Option<&PageCursor>,
         limit: u64,
     ) -> Result<Vec<Key>, StoreError> {
         let mut query = Entity::find()
             .filter(Column::WorkspaceId.eq(workspace.as_str()))
             .filter(Column::DeleteTimeUs.is_null());
+        if !owner.is_empty() {
+            query = query.filter(Column::OwnerId.eq(owner.as_str()));
+        }
         if let Some(cursor) = cursor {
             // A row-value comparison, so both backends seek the index instead of scanning.
             query = query.filter(
@@ -220,37 +255,5 @@ impl Store {
             .into_iter()
             .map(Key::from)
             .collect())
-    }
-
-    /// Tombstones a live key of the workspace, with its `deleted` event, and returns it as
-    /// now stored; `None` when there is no such live key (nothing is changed then).
-    pub(crate) async fn delete(
-        &self,
-        workspace: &WorkspaceId,
-        id: &KeyId,
-        event: NewEvent,
-    ) -> Result<Option<Key>, StoreError> {
-        let now = event.time_us;
-        let txn = self.db.begin().await?;
-        let revision = self.next_revision(&txn).await?;
-        let result = Entity::update_many()
-            .col_expr(Column::DeleteTimeUs, Expr::value(now))
-            .col_expr(Column::Revision, Expr::value(revision))
-            .filter(Column::Id.eq(id.as_str()))
-            .filter(Column::WorkspaceId.eq(workspace.as_str()))
-            .filter(Column::DeleteTimeUs.is_null())
-            .exec(&txn)
-            .await?;
-        if result.rows_affected != 1 {
-            // Dropping the transaction rolls the revision back too.
-            return Ok(None);
-        }
-        let Some(row) = Entity::find_by_id(id.clone()).one(&txn).await? else {
-            return Ok(None);
-        };
-        record_event(&txn, revision, workspace, id, event).await?;
-        self.announce(&txn, revision).await?;
-        txn.commit().await?;
-        Ok(Some(row.into()))
     }
 }

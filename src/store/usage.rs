@@ -26,13 +26,14 @@ pub(crate) struct KeyHour {
 }
 
 /// The usage table's count columns, each with its count: the one place they are named.
-fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 5] {
+fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 6] {
     let UsageCounts {
         valid,
         expired,
         disabled,
         deleted,
         insufficient_scope,
+        ip_not_allowed,
     } = *counts;
     [
         ("valid", valid),
@@ -40,11 +41,12 @@ fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 5] {
         ("disabled", disabled),
         ("deleted", deleted),
         ("insufficient_scope", insufficient_scope),
+        ("ip_not_allowed", ip_not_allowed),
     ]
 }
 
 /// The count columns' names.
-fn usage_column_names() -> [&'static str; 5] {
+fn usage_column_names() -> [&'static str; 6] {
     usage_columns(&UsageCounts::default()).map(|(name, _)| name)
 }
 
@@ -60,6 +62,7 @@ fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
         disabled: count("disabled")?,
         deleted: count("deleted")?,
         insufficient_scope: count("insufficient_scope")?,
+        ip_not_allowed: count("ip_not_allowed")?,
     })
 }
 
@@ -153,13 +156,17 @@ impl Store {
         hours.sort_by(|a, b| {
             (&a.key_id, a.usage.start_time_us).cmp(&(&b.key_id, b.usage.start_time_us))
         });
+        // The key, hour and workspace, each count, and the sketch.
+        let per_row = 3 + usage_column_names().len() + 1;
         let txn = self.db.begin().await?;
         for chunk in binary_chunks(&hours, PER_STATEMENT) {
             let mut placeholders = Placeholders::new(backend);
-            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 9);
+            let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * per_row);
             let mut rows = Vec::with_capacity(chunk.len());
             for hour in chunk {
-                let columns = (0..9).map(|_| placeholders.next()).collect::<Vec<_>>();
+                let columns = (0..per_row)
+                    .map(|_| placeholders.next())
+                    .collect::<Vec<_>>();
                 rows.push(format!("({})", columns.join(", ")));
                 values.push(hour.key_id.clone().into());
                 values.push(hour.usage.start_time_us.into());

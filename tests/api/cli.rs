@@ -585,3 +585,131 @@ async fn the_cli_updates_keys_takes_dates_and_bare_addresses_and_asks_before_it_
         assert!(words.contains(explained), "{explained}: {}", help.stdout);
     }
 }
+
+#[tokio::test]
+async fn the_cli_sets_owners_annotations_and_networks_and_respects_etags() {
+    let app = spawn_app().await;
+    let addr = app.addr.to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend(["--addr", addr.as_str()]);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            apikeys(&args, "", &[]).await
+        }
+    };
+    let created = run(&[
+        "create",
+        "--workspace",
+        "acme",
+        "--name",
+        "partner",
+        "--expires",
+        "never",
+        "--owner",
+        "partner_17",
+        "--annotation",
+        "plan=enterprise",
+        "--annotation",
+        "note=a=b",
+        "--allow-cidr",
+        "203.0.113.0/24",
+        "--json",
+    ])
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let secret = created.json()["secret"].as_str().unwrap().to_owned();
+    remember(&secret);
+    let key = created.json()["key"].clone();
+    assert_eq!(key["ownerId"], "partner_17");
+    assert_eq!(key["annotations"]["plan"], "enterprise");
+    assert_eq!(key["annotations"]["note"], "a=b", "split at the first '='");
+    assert_eq!(key["allowedCidrs"][0], "203.0.113.0/24");
+    let (id, etag) = (
+        key["id"].as_str().unwrap().to_owned(),
+        key["etag"].as_str().unwrap().to_owned(),
+    );
+
+    // The table view of one key shows what the row leaves out.
+    let shown = run(&["get", "--workspace", "acme", &id]).await;
+    assert!(shown.stdout.contains("Owner: partner_17"), "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains("Annotations: note=a=b, plan=enterprise")
+    );
+    assert!(shown.stdout.contains("Allowed from: 203.0.113.0/24"));
+    assert!(shown.stdout.contains(&format!("Etag: {etag}")));
+
+    let validate = |ip: &'static str| {
+        let args = [
+            "keys",
+            "validate",
+            "--client-ip",
+            ip,
+            "--addr",
+            addr.as_str(),
+        ]
+        .map(str::to_owned);
+        let secret = secret.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            apikeys(&args, &secret, &[]).await
+        }
+    };
+    let inside = validate("203.0.113.9").await;
+    assert_eq!(inside.code, 0, "{inside:?}");
+    let outside = validate("198.51.100.1").await;
+    assert_eq!(outside.code, 1, "{outside:?}");
+    assert!(outside.stdout.starts_with("IP_NOT_ALLOWED"), "{outside:?}");
+
+    // Clear the networks with the current etag; the old etag then refuses a change.
+    let cleared = run(&[
+        "update",
+        "--workspace",
+        "acme",
+        &id,
+        "--clear-cidrs",
+        "--owner",
+        "partner_18",
+        "--etag",
+        &etag,
+        "--json",
+    ])
+    .await;
+    assert_eq!(cleared.code, 0, "{cleared:?}");
+    assert!(cleared.json()["allowedCidrs"].is_null(), "{cleared:?}");
+    assert_eq!(cleared.json()["ownerId"], "partner_18");
+    assert_eq!(cleared.json()["annotations"]["plan"], "enterprise");
+    assert_eq!(validate("198.51.100.1").await.code, 0);
+    let stale = run(&["disable", "--workspace", "acme", &id, "--etag", &etag]).await;
+    assert_eq!(stale.code, 2, "{stale:?}");
+    assert!(stale.stderr.contains("ETAG_MISMATCH"), "{stale:?}");
+
+    let by_owner = run(&[
+        "list",
+        "--workspace",
+        "acme",
+        "--owner",
+        "partner_18",
+        "--json",
+    ])
+    .await;
+    assert_eq!(
+        by_owner.json()["keys"][0]["id"],
+        id.as_str(),
+        "{by_owner:?}"
+    );
+    let other = run(&[
+        "list",
+        "--workspace",
+        "acme",
+        "--owner",
+        "partner_17",
+        "--json",
+    ])
+    .await;
+    assert!(other.json()["keys"].is_null(), "{other:?}");
+}

@@ -7,6 +7,7 @@ fn delete(workspace: &str, key_id: &str) -> DeleteKeyRequest {
     DeleteKeyRequest {
         workspace_id: workspace.into(),
         key_id: key_id.into(),
+        ..Default::default()
     }
 }
 

@@ -168,7 +168,8 @@ async fn a_valid_key_in_either_header_is_allowed_with_its_identity_and_the_crede
             allowed.set["x-cloodot-key-scopes"],
             "orders:read,orders:write"
         );
-        assert_eq!(allowed.removed, [header]);
+        // The key's header, and the owner header a client may have sent: this key has none.
+        assert_eq!(allowed.removed, [header, "x-cloodot-owner-id"]);
     }
     // The scheme is case-insensitive; authorization wins when both are present.
     let lower = format!("bearer {secret}");
@@ -180,7 +181,7 @@ async fn a_valid_key_in_either_header_is_allowed_with_its_identity_and_the_crede
         .await,
     );
     assert_eq!(both.code, Code::Ok, "{both:?}");
-    assert_eq!(both.removed, ["authorization"]);
+    assert_eq!(both.removed, ["authorization", "x-cloodot-owner-id"]);
 }
 
 #[tokio::test]
@@ -218,7 +219,7 @@ async fn raw_header_values_are_read_and_one_that_is_not_utf8_is_a_malformed_key(
 
     assert_eq!(allowed.code, Code::Ok, "{allowed:?}");
     assert_eq!(allowed.set["x-cloodot-key-id"], id);
-    assert_eq!(allowed.removed, ["authorization"]);
+    assert_eq!(allowed.removed, ["authorization", "x-cloodot-owner-id"]);
     assert_denied(&refused, 401, "Bearer error=\"invalid_token\"", "malformed");
 }
 
@@ -253,6 +254,7 @@ async fn every_refusal_is_a_401_decision_naming_its_reason() {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: deleted.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();

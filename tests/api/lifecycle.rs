@@ -50,6 +50,7 @@ impl TestApp {
         let request = DisableKeyRequest {
             workspace_id: workspace.into(),
             key_id: id.into(),
+            ..Default::default()
         };
         Ok(self
             .client
@@ -62,6 +63,7 @@ impl TestApp {
         let request = EnableKeyRequest {
             workspace_id: workspace.into(),
             key_id: id.into(),
+            ..Default::default()
         };
         Ok(self
             .client
@@ -80,6 +82,7 @@ impl TestApp {
             workspace_id: workspace.into(),
             key_id: id.into(),
             grace_period,
+            ..Default::default()
         };
         Ok(self
             .client
@@ -230,6 +233,7 @@ async fn deleted_keys_cannot_be_changed_or_fetched() {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: key.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -314,15 +318,18 @@ async fn lifecycle_rpcs_need_an_owner_or_admin_and_well_formed_ids() {
     let disable = || DisableKeyRequest {
         workspace_id: "acme".into(),
         key_id: key.id.clone(),
+        ..Default::default()
     };
     let enable = || EnableKeyRequest {
         workspace_id: "acme".into(),
         key_id: key.id.clone(),
+        ..Default::default()
     };
     let rotate = || RotateKeyRequest {
         workspace_id: "acme".into(),
         key_id: key.id.clone(),
         grace_period: None,
+        ..Default::default()
     };
     let update = || UpdateKeyRequest {
         key: Some(ApiKey {
@@ -394,6 +401,7 @@ async fn rotating_issues_a_like_key_and_the_old_one_works_for_the_grace_period()
         workspace_id: "acme".into(),
         key_id: old.id.clone(),
         grace_period: grace(3600),
+        ..Default::default()
     };
     let rotated = app
         .client
@@ -781,6 +789,8 @@ async fn update_key_changes_what_the_mask_names_and_validate_key_sees_it_at_once
         // Output-only fields are ignored.
         masked_key: "clo_********XXXX".into(),
         created_by: "someone else".into(),
+        // No etag: whatever the key is now.
+        etag: String::new(),
         ..key.clone()
     };
 
@@ -962,6 +972,7 @@ async fn concurrent_rotations_of_one_key_issue_one_successor() {
         workspace_id: "acme".into(),
         key_id: key.id.clone(),
         grace_period: grace(60),
+        ..Default::default()
     };
 
     let (first, second) = tokio::join!(
@@ -988,10 +999,12 @@ async fn a_disable_racing_a_delete_leaves_the_key_deleted() {
             a.disable_key(as_owner(DisableKeyRequest {
                 workspace_id: "acme".into(),
                 key_id: key.id.clone(),
+                ..Default::default()
             })),
             b.delete_key(as_owner(DeleteKeyRequest {
                 workspace_id: "acme".into(),
                 key_id: key.id.clone(),
+                ..Default::default()
             }))
         );
         deleted.unwrap();

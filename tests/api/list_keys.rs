@@ -9,6 +9,7 @@ fn list(workspace: &str, page_size: i32, page_token: &str) -> ListKeysRequest {
         workspace_id: workspace.into(),
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     }
 }
 
@@ -200,6 +201,7 @@ async fn expired_keys_are_listed_as_expired_and_deleted_keys_are_hidden() {
         .delete_key(as_owner(apikeys::grpc::proto::DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: deleted.id,
+            ..Default::default()
         }))
         .await
         .unwrap();

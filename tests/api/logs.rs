@@ -161,6 +161,7 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
     let rename = |name: &str| UpdateKeyRequest {
         key: Some(ApiKey {
             name: name.into(),
+            etag: String::new(),
             ..key.clone()
         }),
         update_mask: None,
@@ -168,6 +169,7 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
     let disable = || DisableKeyRequest {
         workspace_id: "acme".into(),
         key_id: id.clone(),
+        ..Default::default()
     };
     c.update_key(as_actor(rename("ci"), "user_admin", "admin"))
         .await
@@ -179,6 +181,7 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
     c.enable_key(as_owner(EnableKeyRequest {
         workspace_id: "acme".into(),
         key_id: id.clone(),
+        ..Default::default()
     }))
     .await
     .unwrap();
@@ -186,6 +189,7 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
         workspace_id: "acme".into(),
         key_id: id.clone(),
         grace_period: None,
+        ..Default::default()
     };
     let rotated = c.rotate_key(as_owner(rotate())).await.unwrap().into_inner();
     let new_id = rotated.key.unwrap().id;
@@ -194,6 +198,7 @@ async fn every_change_to_a_key_records_exactly_one_event_newest_first() {
     let delete = || DeleteKeyRequest {
         workspace_id: "acme".into(),
         key_id: id.clone(),
+        ..Default::default()
     };
     c.delete_key(as_owner(delete())).await.unwrap();
     c.delete_key(as_owner(delete())).await.unwrap_err();
@@ -271,6 +276,7 @@ async fn a_change_whose_event_cannot_be_written_is_not_made() {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: key.id.clone(),
+            ..Default::default()
         }))
         .await;
     let created = app
@@ -387,6 +393,7 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: key.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -413,6 +420,7 @@ async fn validations_show_up_in_get_key_usage_by_result_and_hour_within_seconds(
         deleted: counts[3],
         insufficient_scope: counts[4],
         distinct_client_ips: ips,
+        ..Default::default()
     };
     assert_eq!(
         usage.buckets,
@@ -684,6 +692,7 @@ async fn an_events_page_token_pages_on_only_with_the_key_filter_it_was_issued_fo
             .disable_key(as_owner(DisableKeyRequest {
                 workspace_id: "acme".into(),
                 key_id: id.clone(),
+                ..Default::default()
             }))
             .await
             .unwrap();

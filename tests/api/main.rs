@@ -6,6 +6,7 @@ mod cli;
 mod create_key;
 mod delete_key;
 mod ext_authz;
+mod governance;
 mod health_and_reflection;
 mod hostile;
 mod lifecycle;

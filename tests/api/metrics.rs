@@ -62,6 +62,7 @@ async fn the_counters_move_with_the_calls_and_hold_no_secret() {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: "key_00000000000000000000".into(),
+            ..Default::default()
         }))
         .await;
     assert!(missing.is_err());

@@ -20,6 +20,7 @@ pub(crate) async fn delete(app: &mut TestApp, workspace: &str, id: &str) {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: workspace.into(),
             key_id: id.into(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -320,6 +321,7 @@ async fn disable_enable_update_and_rotate_reach_another_replica_within_the_bound
     a.try_update(
         apikeys::grpc::proto::ApiKey {
             scopes: vec!["orders:write".into()],
+            etag: String::new(),
             ..key.clone()
         },
         &["scopes"],

@@ -38,6 +38,7 @@ async fn exercise_every_rpc() -> (crate::support::TestApp, [String; 2]) {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: secret.clone(),
+            ..Default::default()
         }))
         .await;
     app.client
@@ -88,6 +89,7 @@ async fn exercise_every_rpc() -> (crate::support::TestApp, [String; 2]) {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: key.id,
+            ..Default::default()
         }))
         .await
         .unwrap();

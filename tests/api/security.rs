@@ -166,6 +166,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                     DisableKeyRequest {
                         workspace_id: "acme".into(),
                         key_id: NO_SUCH_KEY.into(),
+                        ..Default::default()
                     },
                 ))
                 .await,
@@ -177,6 +178,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                     EnableKeyRequest {
                         workspace_id: "acme".into(),
                         key_id: NO_SUCH_KEY.into(),
+                        ..Default::default()
                     },
                 ))
                 .await,
@@ -189,6 +191,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                         workspace_id: "acme".into(),
                         key_id: NO_SUCH_KEY.into(),
                         grace_period: None,
+                        ..Default::default()
                     },
                 ))
                 .await,
@@ -247,6 +250,7 @@ async fn call(guarded: &mut Guarded, rpc: Rpc, credential: Credential) -> Result
                 DeleteKeyRequest {
                     workspace_id: "acme".into(),
                     key_id: "key_0000000000000000".into(),
+                    ..Default::default()
                 },
             ))
             .await

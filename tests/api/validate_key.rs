@@ -207,6 +207,7 @@ async fn keys_and_deletions_survive_a_restart() {
         .delete_key(as_owner(DeleteKeyRequest {
             workspace_id: "acme".into(),
             key_id: gone.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();

@@ -30,6 +30,7 @@ impl From<Validation> for ValidationResult {
             Validation::Disabled => Self::Disabled,
             Validation::Deleted => Self::Deleted,
             Validation::InsufficientScope => Self::InsufficientScope,
+            Validation::IpNotAllowed => Self::IpNotAllowed,
         }
     }
 }
@@ -160,7 +161,15 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
 pub(super) fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
     let status = KeyStatus::from(key.status(now));
     ApiKey {
+        etag: key.etag(),
         masked_key: key.masked(),
+        allowed_cidrs: key.allowed_cidrs.to_strings(),
+        annotations: key
+            .annotations
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+        owner_id: key.owner_id.into(),
         create_time: Some(time(key.create_time)),
         expire_time: key.expire_time.map(time),
         last_used_time: key.last_used_time.map(time),

@@ -22,12 +22,13 @@ use super::proto::{
 };
 use crate::{
     domain::{
-        EventCursor, InvalidInput, KeyId, KeyName, PageCursor, Scopes, Validation, WorkspaceId,
+        AllowedCidrs, Annotations, EventCursor, InvalidInput, KeyId, KeyName, OwnerId, PageCursor,
+        Scopes, Validation, WorkspaceId,
     },
     error::ApiError,
     grpc::guard::ManagementRate,
     observability::{metrics::Metrics, telemetry},
-    service::{KeyEdit, KeyService},
+    service::{KeyEdit, KeyService, KeyTerms},
     usage::UsageCounts,
 };
 
@@ -109,6 +110,8 @@ impl ApiKeysService {
             response.workspace_id = found.workspace;
             response.scopes = found.scopes;
             response.name = found.name;
+            response.owner_id = found.owner_id;
+            response.annotations = found.annotations;
         }
         Ok(response)
     }
@@ -149,18 +152,18 @@ impl ApiKeysService {
         }
     }
 
-    /// DisableKey and EnableKey.
+    /// DisableKey and EnableKey: the workspace, key and etag.
     async fn set_disabled(
         &self,
-        request: Request<(String, String)>,
+        request: Request<(String, String, String)>,
         disabled: bool,
     ) -> Result<Response<ApiKey>, Status> {
         let actor = actor(request.metadata())?;
-        let (workspace_id, key_id) = request.get_ref();
+        let (workspace_id, key_id, etag) = request.get_ref();
         let (workspace, id) = self.key_of(&request, workspace_id, key_id)?;
         let row = self
             .keys
-            .set_disabled(&actor, &workspace, &id, disabled)
+            .set_disabled(&actor, &workspace, &id, disabled, etag)
             .await?;
         Ok(Response::new(api_key(row, self.keys.now())))
     }
@@ -178,10 +181,15 @@ impl ApiKeys for ApiKeysService {
         let request = request.into_inner();
         let name = KeyName::parse(&request.name).map_err(ApiError::from)?;
         let expiry = expiry(request.expiration, request.expire_time).map_err(ApiError::from)?;
-        let scopes = Scopes::parse(&request.scopes).map_err(ApiError::from)?;
+        let terms = KeyTerms {
+            scopes: Scopes::parse(&request.scopes).map_err(ApiError::from)?,
+            owner_id: OwnerId::parse(&request.owner_id).map_err(ApiError::from)?,
+            annotations: Annotations::parse(&request.annotations).map_err(ApiError::from)?,
+            allowed_cidrs: AllowedCidrs::parse(&request.allowed_cidrs).map_err(ApiError::from)?,
+        };
         let (key, secret) = self
             .keys
-            .create(&actor, &workspace, &name, expiry, &scopes)
+            .create(&actor, &workspace, &name, expiry, terms)
             .await?;
         tracing::Span::current().record("key_id", key.id.as_str());
         let now = self.keys.now();
@@ -200,20 +208,21 @@ impl ApiKeys for ApiKeysService {
         let workspace = self.workspace(&request, &request.get_ref().workspace_id)?;
         let request = request.into_inner();
         let page_size = page_size(request.page_size)?;
+        let owner = OwnerId::parse(&request.owner_id).map_err(ApiError::from)?;
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(PageCursor::decode(token, &workspace).map_err(ApiError::from)?),
+            token => Some(PageCursor::decode(token, &workspace, &owner).map_err(ApiError::from)?),
         };
         let page = self
             .keys
-            .list(&workspace, page_size, after.as_ref())
+            .list(&workspace, &owner, page_size, after.as_ref())
             .await?;
         let now = self.keys.now();
         Ok(Response::new(ListKeysResponse {
             keys: page.keys.into_iter().map(|key| api_key(key, now)).collect(),
             next_page_token: page
                 .next
-                .map(|cursor| cursor.encode(&workspace))
+                .map(|cursor| cursor.encode(&workspace, &owner))
                 .unwrap_or_default(),
         }))
     }
@@ -228,7 +237,9 @@ impl ApiKeys for ApiKeysService {
             let key = request.get_ref();
             self.key_of(&request, &key.workspace_id, &key.key_id)?
         };
-        self.keys.delete(&actor, &workspace, &id).await?;
+        self.keys
+            .delete(&actor, &workspace, &id, &request.get_ref().etag)
+            .await?;
         Ok(Response::new(DeleteKeyResponse {}))
     }
 
@@ -264,30 +275,38 @@ impl ApiKeys for ApiKeysService {
             .update_mask
             .map(|mask| mask.paths)
             .unwrap_or_default();
-        let (mut name, mut scopes) = (false, false);
-        if paths.is_empty() {
-            // AIP-134: no mask means every field that is set.
-            (name, scopes) = (!key.name.is_empty(), !key.scopes.is_empty());
-        }
-        for path in &paths {
-            match path.as_str() {
-                "name" => name = true,
-                "scopes" => scopes = true,
-                "*" => (name, scopes) = (true, true),
-                _ => return Err(ApiError::from(InvalidInput::UpdateMaskInvalid).into()),
-            }
-        }
+        let mask = UpdateMask::of(&paths, &key)?;
         let edit = KeyEdit {
-            name: name
+            name: mask
+                .name
                 .then(|| KeyName::parse(&key.name))
                 .transpose()
                 .map_err(ApiError::from)?,
-            scopes: scopes
+            scopes: mask
+                .scopes
                 .then(|| Scopes::parse(&key.scopes))
                 .transpose()
                 .map_err(ApiError::from)?,
+            owner_id: mask
+                .owner_id
+                .then(|| OwnerId::parse(&key.owner_id))
+                .transpose()
+                .map_err(ApiError::from)?,
+            annotations: mask
+                .annotations
+                .then(|| Annotations::parse(&key.annotations))
+                .transpose()
+                .map_err(ApiError::from)?,
+            allowed_cidrs: mask
+                .allowed_cidrs
+                .then(|| AllowedCidrs::parse(&key.allowed_cidrs))
+                .transpose()
+                .map_err(ApiError::from)?,
         };
-        let row = self.keys.update(&actor, &workspace, &id, edit).await?;
+        let row = self
+            .keys
+            .update(&actor, &workspace, &id, edit, &key.etag)
+            .await?;
         Ok(Response::new(api_key(row, self.keys.now())))
     }
 
@@ -296,7 +315,7 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<DisableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let request = request.map(|r| (r.workspace_id, r.key_id));
+        let request = request.map(|r| (r.workspace_id, r.key_id, r.etag));
         self.set_disabled(request, true).await
     }
 
@@ -305,7 +324,7 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<EnableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        let request = request.map(|r| (r.workspace_id, r.key_id));
+        let request = request.map(|r| (r.workspace_id, r.key_id, r.etag));
         self.set_disabled(request, false).await
     }
 
@@ -321,7 +340,10 @@ impl ApiKeys for ApiKeysService {
         };
         let request = request.into_inner();
         let grace = grace_period(request.grace_period).map_err(ApiError::from)?;
-        let rotated = self.keys.rotate(&actor, &workspace, &id, grace).await?;
+        let rotated = self
+            .keys
+            .rotate(&actor, &workspace, &id, grace, &request.etag)
+            .await?;
         tracing::Span::current().record("new_key_id", rotated.key.id.as_str());
         let now = self.keys.now();
         Ok(Response::new(RotateKeyResponse {
@@ -415,6 +437,7 @@ impl ApiKeys for ApiKeysService {
                         disabled,
                         deleted,
                         insufficient_scope,
+                        ip_not_allowed,
                     } = hour.counts;
                     let count = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
                     UsageBucket {
@@ -424,6 +447,7 @@ impl ApiKeys for ApiKeysService {
                         disabled: count(disabled),
                         deleted: count(deleted),
                         insufficient_scope: count(insufficient_scope),
+                        ip_not_allowed: count(ip_not_allowed),
                         distinct_client_ips: i64::try_from(hour.client_ips.estimate())
                             .unwrap_or(i64::MAX),
                     }
@@ -436,6 +460,52 @@ impl ApiKeys for ApiKeysService {
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
         }))
+    }
+}
+
+/// The fields an UpdateKey changes (AIP-134).
+#[derive(Debug, Default)]
+struct UpdateMask {
+    name: bool,
+    scopes: bool,
+    owner_id: bool,
+    annotations: bool,
+    allowed_cidrs: bool,
+}
+
+impl UpdateMask {
+    /// The mask's paths; with none, every field of `key` that is set.
+    fn of(paths: &[String], key: &ApiKey) -> Result<Self, ApiError> {
+        if paths.is_empty() {
+            return Ok(Self {
+                name: !key.name.is_empty(),
+                scopes: !key.scopes.is_empty(),
+                owner_id: !key.owner_id.is_empty(),
+                annotations: !key.annotations.is_empty(),
+                allowed_cidrs: !key.allowed_cidrs.is_empty(),
+            });
+        }
+        let mut mask = Self::default();
+        for path in paths {
+            match path.as_str() {
+                "name" => mask.name = true,
+                "scopes" => mask.scopes = true,
+                "owner_id" => mask.owner_id = true,
+                "annotations" => mask.annotations = true,
+                "allowed_cidrs" => mask.allowed_cidrs = true,
+                "*" => {
+                    mask = Self {
+                        name: true,
+                        scopes: true,
+                        owner_id: true,
+                        annotations: true,
+                        allowed_cidrs: true,
+                    }
+                }
+                _ => return Err(InvalidInput::UpdateMaskInvalid.into()),
+            }
+        }
+        Ok(mask)
     }
 }
 

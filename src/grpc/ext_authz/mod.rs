@@ -6,7 +6,7 @@
 mod request;
 mod response;
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use bytes::Bytes;
 use envoy_types::ext_authz::v3::pb::HttpStatusCode;
@@ -25,14 +25,22 @@ use crate::{
     service::KeyService,
 };
 
-/// Upstream request headers naming the key that was accepted.
-pub(crate) const KEY_ID_HEADER: &str = "x-cloodot-key-id";
-pub(crate) const WORKSPACE_ID_HEADER: &str = "x-cloodot-workspace-id";
-pub(crate) const KEY_SCOPES_HEADER: &str = "x-cloodot-key-scopes";
+/// The upstream headers' names after their prefix: the key that was accepted, its owner,
+/// and each forwarded annotation after `annotation-`.
+const KEY_ID_HEADER: &str = "key-id";
+const WORKSPACE_ID_HEADER: &str = "workspace-id";
+const KEY_SCOPES_HEADER: &str = "key-scopes";
+const OWNER_ID_HEADER: &str = "owner-id";
+const ANNOTATION_HEADER: &str = "annotation-";
+/// The default prefix of every upstream header.
+pub const DEFAULT_HEADER_PREFIX: &str = "x-cloodot-";
 /// The per-route `context_extensions` entry listing the scopes a route needs.
 pub(crate) const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
+/// Where proxies in front of the gateway name the client.
+const FORWARDED_FOR: &str = "x-forwarded-for";
 
-/// How gateways present keys.
+/// How gateways present keys, where the client's address is read from, and what goes
+/// upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewaySettings {
     /// Headers that may carry the key, in order of preference, lower case. `authorization`
@@ -41,6 +49,43 @@ pub struct GatewaySettings {
     /// Remove the header that carried the key before the request goes upstream, so the
     /// backend never sees it (like Kong's `hide_credentials`).
     pub hide_credentials: bool,
+    /// How many proxies in front of the gateway append to `x-forwarded-for` and are trusted:
+    /// 0, the client is the Check's source address; N, it is the Nth address from the right
+    /// of `x-forwarded-for` (none when the header holds fewer).
+    pub trusted_hops: usize,
+    /// The prefix of every upstream header (`x-cloodot-` gives `x-cloodot-key-id`), lower case.
+    pub header_prefix: String,
+    /// Annotations sent upstream as `<prefix>annotation-<key>`: annotation keys without ':'
+    /// (not allowed in a header name).
+    pub forward_annotations: Vec<String>,
+}
+
+/// The upstream headers' full names, made once.
+#[derive(Debug)]
+struct UpstreamHeaders {
+    key_id: Bytes,
+    workspace_id: Bytes,
+    key_scopes: Bytes,
+    owner_id: Bytes,
+    /// Each forwarded annotation's key and header.
+    annotations: Vec<(String, Bytes)>,
+}
+
+impl UpstreamHeaders {
+    fn new(settings: &GatewaySettings) -> Self {
+        let name = |suffix: &str| Bytes::from(format!("{}{suffix}", settings.header_prefix));
+        Self {
+            key_id: name(KEY_ID_HEADER),
+            workspace_id: name(WORKSPACE_ID_HEADER),
+            key_scopes: name(KEY_SCOPES_HEADER),
+            owner_id: name(OWNER_ID_HEADER),
+            annotations: settings
+                .forward_annotations
+                .iter()
+                .map(|key| (key.clone(), name(&format!("{ANNOTATION_HEADER}{key}"))))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +94,7 @@ pub struct ExtAuthzService {
     settings: Arc<GatewaySettings>,
     /// `settings.key_headers`, as a response names the one to remove.
     key_headers: Arc<[Bytes]>,
+    upstream: Arc<UpstreamHeaders>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -61,9 +107,23 @@ impl ExtAuthzService {
                 .iter()
                 .map(|name| Bytes::from(name.clone()))
                 .collect(),
+            upstream: Arc::new(UpstreamHeaders::new(&settings)),
             settings: Arc::new(settings),
             metrics,
         }
+    }
+
+    /// The client's address: the Check's source, or the address the outermost trusted proxy
+    /// saw in `x-forwarded-for`. `None` when it cannot be told (no source address, fewer
+    /// addresses than trusted hops, or one that is not an IP).
+    fn client_ip(&self, attributes: &AttributeContext) -> Option<IpAddr> {
+        let hops = self.settings.trusted_hops;
+        if hops == 0 {
+            return attributes.client_ip();
+        }
+        let forwarded = std::str::from_utf8(attributes.header(FORWARDED_FOR)?).ok()?;
+        let entry = forwarded.rsplit(',').nth(hops - 1)?.trim();
+        entry.parse().ok()
     }
 
     /// The key and the header it came in, by the configured order. A value that is not
@@ -127,7 +187,10 @@ impl ExtAuthzService {
                 .collect(),
             Some(Err(())) => return route_misconfigured(),
         };
-        let outcome = match self.keys.validate(&key, &required, attributes.client_ip()) {
+        let outcome = match self
+            .keys
+            .validate(&key, &required, self.client_ip(attributes))
+        {
             Ok(outcome) => outcome,
             Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
                 return route_misconfigured();
@@ -159,21 +222,35 @@ impl ExtAuthzService {
                 if self.settings.hide_credentials {
                     remove.push(header.clone());
                 }
+                let upstream = &*self.upstream;
                 let scopes = (!found.scopes.is_empty()).then(|| found.scopes.join(","));
                 let mut headers = vec![
-                    response::header(KEY_ID_HEADER, found.id),
-                    response::header(WORKSPACE_ID_HEADER, found.workspace),
+                    response::named_header(upstream.key_id.clone(), found.id),
+                    response::named_header(upstream.workspace_id.clone(), found.workspace),
                 ];
                 // A client's own value never reaches the backend: overwritten or removed.
-                match scopes {
-                    Some(scopes) => headers.push(response::header(KEY_SCOPES_HEADER, scopes)),
-                    None => remove.push(Bytes::from_static(KEY_SCOPES_HEADER.as_bytes())),
+                let mut set = |name: &Bytes, value: Option<String>| match value {
+                    Some(value) => headers.push(response::named_header(name.clone(), value)),
+                    None => remove.push(name.clone()),
+                };
+                set(&upstream.key_scopes, scopes);
+                let owner = (!found.owner_id.is_empty()).then_some(found.owner_id);
+                set(&upstream.owner_id, owner);
+                let mut annotations = found.annotations;
+                for (key, name) in &upstream.annotations {
+                    set(name, annotations.remove(key));
                 }
                 return (
                     CheckResponse::allowed(headers, remove),
                     CheckDecision::Allowed,
                 );
             }
+            (Validation::IpNotAllowed, _) => denied(
+                Code::PermissionDenied,
+                HttpStatusCode::Forbidden,
+                json!({"error": "ip_not_allowed", "reason": reason}),
+                None,
+            ),
             (Validation::InsufficientScope, _) => denied(
                 Code::PermissionDenied,
                 HttpStatusCode::Forbidden,

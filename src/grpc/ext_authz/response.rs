@@ -77,9 +77,14 @@ pub(crate) struct HeaderValueOption {
 
 /// A header set on the request or the denial, replacing any the client sent.
 pub(crate) fn header(key: &'static str, value: impl Into<Bytes>) -> HeaderValueOption {
+    named_header(Bytes::from_static(key.as_bytes()), value)
+}
+
+/// [`header`], for a name made at start-up.
+pub(crate) fn named_header(key: Bytes, value: impl Into<Bytes>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: Bytes::from_static(key.as_bytes()),
+            key,
             value: value.into(),
             raw_value: Bytes::new(),
         }),

@@ -2,7 +2,9 @@
 
 use sea_orm::entity::prelude::*;
 
-use crate::domain::{KeyHash, KeyId, KeyName, Scopes, WorkspaceId};
+use crate::domain::{
+    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, OwnerId, Scopes, WorkspaceId,
+};
 
 #[sea_orm::model]
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -34,6 +36,12 @@ pub struct Model {
     pub rotated_to: Option<KeyId>,
     /// The client IP of the last valid use, when the gateway sent one.
     pub last_used_ip: Option<String>,
+    /// '' for none.
+    pub owner_id: OwnerId,
+    /// A JSON object of strings; '' for none.
+    pub annotations: Annotations,
+    /// Canonical networks separated by single spaces; '' for any address.
+    pub allowed_cidrs: AllowedCidrs,
 }
 
 impl ActiveModelBehavior for ActiveModel {}
@@ -57,6 +65,9 @@ impl From<Model> for crate::domain::Key {
             scopes: row.scopes,
             rotated_to: row.rotated_to,
             revision: row.revision,
+            owner_id: row.owner_id,
+            annotations: row.annotations,
+            allowed_cidrs: row.allowed_cidrs,
         }
     }
 }

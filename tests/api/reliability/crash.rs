@@ -101,6 +101,7 @@ async fn load(mut client: Client, ledger: Arc<Mutex<Ledger>>, killed: Arc<Atomic
             let request = DeleteKeyRequest {
                 workspace_id: WORKSPACE.into(),
                 key_id: victim.0.clone(),
+                ..Default::default()
             };
             match client.delete_key(as_owner(request)).await {
                 Ok(_) => {

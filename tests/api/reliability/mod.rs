@@ -101,6 +101,7 @@ pub(crate) async fn listed_ids(client: &mut Client, workspace: &str) -> Vec<Stri
                 workspace_id: workspace.into(),
                 page_size: 1000,
                 page_token,
+                ..Default::default()
             }))
             .await
             .expect("list keys")

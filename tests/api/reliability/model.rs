@@ -3,10 +3,18 @@
 //! between them, each answer checked field by field against an in-memory model of what the
 //! API promises (proto/…/api_keys.proto): keys as shown, errors with their reasons, validation
 //! results with the key's identity, last use, and at the end the audit trail event by event.
+//! Keys carry owners, annotations and allowed networks; validations come from addresses in
+//! and out of them; changes send no etag, the current one or a stale one (and etags must
+//! change exactly when the key does).
 //! Each case runs in a workspace of its own on one server; proptest shrinks a failing case
 //! to the shortest sequence that still fails.
 
-use std::{cell::Cell, collections::BTreeSet, fmt::Debug, time::Duration};
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    time::Duration,
+};
 
 use apikeys::{
     clock::{Clock, ManualClock},
@@ -33,6 +41,31 @@ use crate::support::{TestDb, as_actor, spawn_app_with};
 
 const NAMES: [&str; 4] = ["ci", "  Zapier – prod  ", "k", "billing sync"];
 const SCOPES: [&str; 4] = ["admin.all", "billing", "orders:read", "orders:write"];
+/// Owners ("" is none).
+const OWNERS: [&str; 3] = ["", "user_1", "svc:billing"];
+/// Annotations; a later pick of the same key wins.
+const ANNOTATIONS: [(&str, &str); 3] = [("tier", "gold"), ("tier", "free"), ("region", "eu west")];
+/// Allowed networks as sent, and as shown (sorted as listed here).
+const CIDRS: [(&str, &str); 3] = [
+    ("10.0.0.0/8", "10.0.0.0/8"),
+    ("192.0.2.7", "192.0.2.7/32"),
+    ("2001:db8::/32", "2001:db8::/32"),
+];
+/// Client addresses a validation may come from ("" is none sent).
+const IPS: [&str; 6] = [
+    "",
+    "10.1.2.3",
+    "192.0.2.7",
+    "203.0.113.9",
+    "2001:db8::5",
+    "::ffff:10.9.9.9",
+];
+/// Which of IPS each of CIDRS holds, worked out by hand.
+const HOLDS: [[bool; 6]; 3] = [
+    [false, true, false, false, false, true],
+    [false, false, true, false, false, false],
+    [false, false, false, false, true, false],
+];
 /// (id, role) of the two people managing keys.
 const ACTORS: [(&str, &str); 2] = [("user_owner", "owner"), ("user_admin", "admin")];
 const SECOND_US: i64 = 1_000_000;
@@ -46,7 +79,27 @@ enum Mask {
     Absent,
     Name,
     Scopes,
+    Owner,
+    Annotations,
+    Cidrs,
     All,
+}
+
+/// The etag a change sends.
+#[derive(Debug, Clone, Copy)]
+enum Etag {
+    None,
+    Current,
+    /// One the key had before (or, for a key never changed, one that is no etag at all).
+    Stale,
+}
+
+/// What a key carries besides its name and scopes: indexes into OWNERS, ANNOTATIONS, CIDRS.
+#[derive(Debug, Clone, Default)]
+struct Terms {
+    owner: usize,
+    annotations: Vec<usize>,
+    cidrs: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,27 +108,35 @@ enum Op {
         name: usize,
         expiration: Expiration,
         scopes: Vec<usize>,
+        terms: Terms,
     },
     List {
         page_size: i32,
+        /// Index into OWNERS ("" lists every key).
+        owner: usize,
     },
     Get(Index),
     Update {
         key: Index,
         name: Option<usize>,
         scopes: Option<Vec<usize>>,
+        terms: Terms,
         mask: Mask,
+        etag: Etag,
     },
-    Disable(Index),
-    Enable(Index),
+    Disable(Index, Etag),
+    Enable(Index, Etag),
     Rotate {
         key: Index,
         grace_seconds: Option<i64>,
+        etag: Etag,
     },
-    Delete(Index),
+    Delete(Index, Etag),
     Validate {
         key: Index,
         required: Vec<usize>,
+        /// Index into IPS.
+        ip: usize,
     },
     /// The clock moves on by this many hours.
     Advance(i64),
@@ -83,6 +144,24 @@ enum Op {
 
 fn scope_picks() -> impl Strategy<Value = Vec<usize>> {
     proptest::collection::vec(0..SCOPES.len(), 0..4)
+}
+
+fn terms() -> impl Strategy<Value = Terms> {
+    (
+        // Most keys have no owner, annotations or networks, as in life.
+        prop_oneof![3 => Just(0), 1 => 1..OWNERS.len()],
+        prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..ANNOTATIONS.len(), 1..3)],
+        prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..CIDRS.len(), 1..3)],
+    )
+        .prop_map(|(owner, annotations, cidrs)| Terms {
+            owner,
+            annotations,
+            cidrs,
+        })
+}
+
+fn etag() -> impl Strategy<Value = Etag> {
+    prop_oneof![3 => Just(Etag::None), 2 => Just(Etag::Current), 1 => Just(Etag::Stale)]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -96,6 +175,9 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Mask::Absent),
         Just(Mask::Name),
         Just(Mask::Scopes),
+        Just(Mask::Owner),
+        Just(Mask::Annotations),
+        Just(Mask::Cidrs),
         Just(Mask::All)
     ];
     // Absent is "stops at once", as is 0; eight days is more than the seven allowed.
@@ -106,24 +188,38 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Some(8 * 86_400))
     ];
     prop_oneof![
-        4 => (0..NAMES.len(), expiration, scope_picks()).prop_map(|(name, expiration, scopes)| {
-            Op::Create { name, expiration, scopes }
-        }),
-        1 => (1..4i32).prop_map(|page_size| Op::List { page_size }),
+        4 => (0..NAMES.len(), expiration, scope_picks(), terms()).prop_map(
+            |(name, expiration, scopes, terms)| Op::Create { name, expiration, scopes, terms }
+        ),
+        1 => (1..4i32, 0..OWNERS.len()).prop_map(|(page_size, owner)| Op::List { page_size, owner }),
         1 => any::<Index>().prop_map(Op::Get),
-        2 => (
+        3 => (
             any::<Index>(),
             proptest::option::of(0..NAMES.len()),
             proptest::option::of(scope_picks()),
+            terms(),
             mask,
+            etag(),
         )
-            .prop_map(|(key, name, scopes, mask)| Op::Update { key, name, scopes, mask }),
-        2 => any::<Index>().prop_map(Op::Disable),
-        2 => any::<Index>().prop_map(Op::Enable),
-        2 => (any::<Index>(), grace).prop_map(|(key, grace_seconds)| Op::Rotate { key, grace_seconds }),
-        2 => any::<Index>().prop_map(Op::Delete),
-        5 => (any::<Index>(), proptest::collection::vec(0..SCOPES.len(), 0..3))
-            .prop_map(|(key, required)| Op::Validate { key, required }),
+            .prop_map(|(key, name, scopes, terms, mask, etag)| Op::Update {
+                key,
+                name,
+                scopes,
+                terms,
+                mask,
+                etag,
+            }),
+        2 => (any::<Index>(), etag()).prop_map(|(key, etag)| Op::Disable(key, etag)),
+        2 => (any::<Index>(), etag()).prop_map(|(key, etag)| Op::Enable(key, etag)),
+        2 => (any::<Index>(), grace, etag())
+            .prop_map(|(key, grace_seconds, etag)| Op::Rotate { key, grace_seconds, etag }),
+        2 => (any::<Index>(), etag()).prop_map(|(key, etag)| Op::Delete(key, etag)),
+        5 => (
+            any::<Index>(),
+            proptest::collection::vec(0..SCOPES.len(), 0..3),
+            prop_oneof![2 => Just(0), 3 => 0..IPS.len()],
+        )
+            .prop_map(|(key, required, ip)| Op::Validate { key, required, ip }),
         1 => prop_oneof![Just(1i64), Just(24 * 31), Just(24 * 400)].prop_map(Op::Advance),
     ]
 }
@@ -142,9 +238,70 @@ struct Key {
     rotated: bool,
     created_by: String,
     last_used_us: Option<i64>,
+    owner: String,
+    annotations: BTreeMap<String, String>,
+    /// Indexes into CIDRS, sorted.
+    cidrs: BTreeSet<usize>,
+    /// As the server last showed it, and the one before (empty before the first change).
+    etag: String,
+    stale_etag: String,
+}
+
+/// The owner, annotations and networks `terms` picks.
+fn picked(terms: &Terms) -> (String, BTreeMap<String, String>, BTreeSet<usize>) {
+    let annotations = terms
+        .annotations
+        .iter()
+        .map(|&i| (ANNOTATIONS[i].0.to_owned(), ANNOTATIONS[i].1.to_owned()))
+        .collect();
+    (
+        OWNERS[terms.owner].to_owned(),
+        annotations,
+        terms.cidrs.iter().copied().collect(),
+    )
+}
+
+/// `terms` as a request sends them.
+fn sent(
+    terms: &Terms,
+) -> (
+    String,
+    std::collections::HashMap<String, String>,
+    Vec<String>,
+) {
+    let (owner, annotations, _) = picked(terms);
+    let cidrs = terms.cidrs.iter().map(|&i| CIDRS[i].0.to_owned()).collect();
+    (owner, annotations.into_iter().collect(), cidrs)
 }
 
 impl Key {
+    /// Whether a request from IPS[ip] may use the key.
+    fn admits(&self, ip: usize) -> bool {
+        self.cidrs.is_empty() || self.cidrs.iter().any(|&c| HOLDS[c][ip])
+    }
+
+    /// The etag a change sends, by `etag`.
+    fn etag(&self, etag: Etag) -> String {
+        match etag {
+            Etag::None => String::new(),
+            Etag::Current => self.etag.clone(),
+            Etag::Stale if self.stale_etag.is_empty() => "0123456789abcdef".into(),
+            Etag::Stale => self.stale_etag.clone(),
+        }
+    }
+
+    /// Takes the etag the server showed after a change the model made: it must be new.
+    fn adopt_etag(&mut self, shown: &ApiKey) -> Result<(), String> {
+        if shown.etag.is_empty() || shown.etag == self.etag {
+            return Err(format!(
+                "key {}: the etag must change with the key, was {:?}, now {:?}",
+                self.id, self.etag, shown.etag
+            ));
+        }
+        self.stale_etag = std::mem::replace(&mut self.etag, shown.etag.clone());
+        Ok(())
+    }
+
     fn expired(&self, now: i64) -> bool {
         self.expire_us.is_some_and(|at| at <= now)
     }
@@ -169,6 +326,10 @@ impl Key {
             last_used_time: self.last_used_us.map(timestamp),
             created_by: self.created_by.clone(),
             scopes: self.scopes.iter().cloned().collect(),
+            allowed_cidrs: self.cidrs.iter().map(|&c| CIDRS[c].1.to_owned()).collect(),
+            annotations: self.annotations.clone().into_iter().collect(),
+            owner_id: self.owner.clone(),
+            etag: self.etag.clone(),
         }
     }
 }
@@ -286,18 +447,24 @@ impl Model {
                 name,
                 expiration,
                 scopes: picks,
+                terms,
             } => {
+                let (owner_id, annotations, allowed_cidrs) = sent(terms);
                 let request = CreateKeyRequest {
                     workspace_id: ws.clone(),
                     name: NAMES[*name].into(),
                     expiration: (*expiration).into(),
                     scopes: scopes(picks),
-                    ..Default::default()
+                    expire_time: None,
+                    allowed_cidrs,
+                    annotations,
+                    owner_id,
                 };
                 let created = outcome(client.create_key(by(actor, request)).await)
                     .map_err(|e| format!("CreateKey refused: {e:?}"))?;
                 let got = created.key.ok_or("CreateKey returned no key")?;
-                let key = Key {
+                let (owner, annotations, cidrs) = picked(terms);
+                let mut key = Key {
                     id: got.id.clone(),
                     secret: created.secret,
                     name: NAMES[*name].trim().to_owned(),
@@ -309,12 +476,19 @@ impl Model {
                     rotated: false,
                     created_by: actor_id.to_owned(),
                     last_used_us: None,
+                    owner,
+                    annotations,
+                    cidrs,
+                    etag: String::new(),
+                    stale_etag: String::new(),
                 };
+                key.adopt_etag(&got)?;
                 same("CreateKey", got, key.shown(&ws, now))?;
                 self.event(&key.id, KeyEventType::Created, actor, now);
                 self.keys.push(key);
             }
-            Op::List { page_size } => {
+            Op::List { page_size, owner } => {
+                let owner = OWNERS[*owner];
                 let mut got = Vec::new();
                 let mut page_token = String::new();
                 loop {
@@ -322,6 +496,7 @@ impl Model {
                         workspace_id: ws.clone(),
                         page_size: *page_size,
                         page_token,
+                        owner_id: owner.into(),
                     };
                     let page = outcome(client.list_keys(by(actor, request)).await)
                         .map_err(|e| format!("ListKeys refused: {e:?}"))?;
@@ -336,7 +511,11 @@ impl Model {
                     }
                     page_token = page.next_page_token;
                 }
-                let mut live: Vec<&Key> = self.keys.iter().filter(|k| !k.deleted).collect();
+                let mut live: Vec<&Key> = self
+                    .keys
+                    .iter()
+                    .filter(|k| !k.deleted && (owner.is_empty() || k.owner == owner))
+                    .collect();
                 // Newest first, by create_time then id.
                 live.sort_by(|a, b| (b.create_us, &b.id).cmp(&(a.create_us, &a.id)));
                 let want: Vec<ApiKey> = live.iter().map(|k| k.shown(&ws, now)).collect();
@@ -362,26 +541,49 @@ impl Model {
                 key,
                 name,
                 scopes: picks,
+                terms,
                 mask,
+                etag,
             } => {
                 let key = self.pick(key);
                 let new_name = name.map(|n| NAMES[n]).unwrap_or_default();
                 let new_scopes = picks.as_deref().map(scopes).unwrap_or_default();
-                let (set_name, set_scopes, paths) = match mask {
-                    Mask::Absent => (!new_name.is_empty(), !new_scopes.is_empty(), None),
-                    Mask::Name => (true, false, Some(vec!["name".to_owned()])),
-                    Mask::Scopes => (false, true, Some(vec!["scopes".to_owned()])),
-                    Mask::All => (true, true, Some(vec!["*".to_owned()])),
+                let (owner_id, annotations, allowed_cidrs) = sent(terms);
+                // Which fields the update sets: by the mask, or with none those given.
+                let paths: Option<&[&str]> = match mask {
+                    Mask::Absent => None,
+                    Mask::Name => Some(&["name"]),
+                    Mask::Scopes => Some(&["scopes"]),
+                    Mask::Owner => Some(&["owner_id"]),
+                    Mask::Annotations => Some(&["annotations"]),
+                    Mask::Cidrs => Some(&["allowed_cidrs"]),
+                    Mask::All => Some(&["*"]),
                 };
+                let set = |field: &str, given: bool| match paths {
+                    None => given,
+                    Some(paths) => paths.contains(&field) || paths.contains(&"*"),
+                };
+                let set_name = set("name", !new_name.is_empty());
+                let set_scopes = set("scopes", !new_scopes.is_empty());
+                let set_owner = set("owner_id", !owner_id.is_empty());
+                let set_annotations = set("annotations", !annotations.is_empty());
+                let set_cidrs = set("allowed_cidrs", !allowed_cidrs.is_empty());
+                let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let request = UpdateKeyRequest {
                     key: Some(ApiKey {
                         workspace_id: ws.clone(),
                         id: self.id(key),
                         name: new_name.to_owned(),
                         scopes: new_scopes.clone(),
+                        owner_id,
+                        annotations,
+                        allowed_cidrs,
+                        etag: sent_etag.clone(),
                         ..Default::default()
                     }),
-                    update_mask: paths.map(|paths| FieldMask { paths }),
+                    update_mask: paths.map(|paths| FieldMask {
+                        paths: paths.iter().map(|path| (*path).to_owned()).collect(),
+                    }),
                 };
                 let got = outcome(client.update_key(by(actor, request)).await);
                 let want = if set_name && new_name.is_empty() {
@@ -390,7 +592,10 @@ impl Model {
                     let k = &mut self.keys[k];
                     if k.deleted {
                         refused(Code::FailedPrecondition, "KEY_DELETED")
+                    } else if !sent_etag.is_empty() && sent_etag != k.etag {
+                        refused(Code::Aborted, "ETAG_MISMATCH")
                     } else {
+                        let (owner, annotations, cidrs) = picked(terms);
                         let mut changed = Vec::new();
                         if set_name && k.name != new_name.trim() {
                             k.name = new_name.trim().to_owned();
@@ -400,6 +605,23 @@ impl Model {
                         if set_scopes && k.scopes != new_scopes {
                             k.scopes = new_scopes;
                             changed.push("scopes".to_owned());
+                        }
+                        if set_owner && k.owner != owner {
+                            k.owner = owner;
+                            changed.push("owner_id".to_owned());
+                        }
+                        if set_annotations && k.annotations != annotations {
+                            k.annotations = annotations;
+                            changed.push("annotations".to_owned());
+                        }
+                        if set_cidrs && k.cidrs != cidrs {
+                            k.cidrs = cidrs;
+                            changed.push("allowed_cidrs".to_owned());
+                        }
+                        if !changed.is_empty()
+                            && let Ok(shown) = &got
+                        {
+                            k.adopt_etag(shown)?;
                         }
                         let (shown, id) = (k.shown(&ws, now), k.id.clone());
                         if !changed.is_empty() {
@@ -413,20 +635,23 @@ impl Model {
                 };
                 same("UpdateKey", got, want)?;
             }
-            Op::Disable(index) | Op::Enable(index) => {
-                let disable = matches!(op, Op::Disable(_));
+            Op::Disable(index, etag) | Op::Enable(index, etag) => {
+                let disable = matches!(op, Op::Disable(..));
                 let key = self.pick(index);
                 let (workspace_id, key_id) = (ws.clone(), self.id(key));
+                let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let got = if disable {
                     let request = DisableKeyRequest {
                         workspace_id,
                         key_id,
+                        etag: sent_etag.clone(),
                     };
                     outcome(client.disable_key(by(actor, request)).await)
                 } else {
                     let request = EnableKeyRequest {
                         workspace_id,
                         key_id,
+                        etag: sent_etag.clone(),
                     };
                     outcome(client.enable_key(by(actor, request)).await)
                 };
@@ -435,11 +660,17 @@ impl Model {
                     Some(k) if self.keys[k].deleted => {
                         refused(Code::FailedPrecondition, "KEY_DELETED")
                     }
+                    Some(k) if !sent_etag.is_empty() && sent_etag != self.keys[k].etag => {
+                        refused(Code::Aborted, "ETAG_MISMATCH")
+                    }
                     Some(k) if !disable && self.keys[k].expired(now) => {
                         refused(Code::FailedPrecondition, "KEY_EXPIRED")
                     }
                     Some(k) => {
                         if self.keys[k].disabled != disable {
+                            if let Ok(shown) = &got {
+                                self.keys[k].adopt_etag(shown)?;
+                            }
                             self.keys[k].disabled = disable;
                             let kind = if disable {
                                 KeyEventType::Disabled
@@ -454,13 +685,19 @@ impl Model {
                 };
                 same(if disable { "DisableKey" } else { "EnableKey" }, got, want)?;
             }
-            Op::Rotate { key, grace_seconds } => {
+            Op::Rotate {
+                key,
+                grace_seconds,
+                etag,
+            } => {
                 let key = self.pick(key);
+                let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let request = RotateKeyRequest {
                     workspace_id: ws.clone(),
                     key_id: self.id(key),
                     grace_period: grace_seconds
                         .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                    etag: sent_etag.clone(),
                 };
                 let got = outcome(client.rotate_key(by(actor, request)).await);
                 let grace_us = grace_seconds.unwrap_or(0) * SECOND_US;
@@ -471,6 +708,9 @@ impl Model {
                     match state {
                         None => Some((Code::NotFound, "KEY_NOT_FOUND")),
                         Some(k) if k.deleted => Some((Code::FailedPrecondition, "KEY_DELETED")),
+                        Some(k) if !sent_etag.is_empty() && sent_etag != k.etag => {
+                            Some((Code::Aborted, "ETAG_MISMATCH"))
+                        }
                         Some(k) if k.expired(now) => {
                             Some((Code::FailedPrecondition, "KEY_EXPIRED"))
                         }
@@ -487,12 +727,15 @@ impl Model {
                         let rotated = got.map_err(|e| format!("RotateKey refused: {e:?}"))?;
                         let got_new = rotated.key.ok_or("RotateKey returned no key")?;
                         let old = &mut self.keys[k];
+                        if let Some(old_shown) = &rotated.old_key {
+                            old.adopt_etag(old_shown)?;
+                        }
                         let grace_end = now + grace_us;
                         let lifetime = old.expire_us.map(|at| at - old.create_us);
                         old.expire_us =
                             Some(old.expire_us.map_or(grace_end, |at| at.min(grace_end)));
                         old.rotated = true;
-                        let new = Key {
+                        let mut new = Key {
                             id: got_new.id.clone(),
                             secret: rotated.secret,
                             name: old.name.clone(),
@@ -504,7 +747,13 @@ impl Model {
                             rotated: false,
                             created_by: actor_id.to_owned(),
                             last_used_us: None,
+                            owner: old.owner.clone(),
+                            annotations: old.annotations.clone(),
+                            cidrs: old.cidrs.clone(),
+                            etag: String::new(),
+                            stale_etag: String::new(),
                         };
+                        new.adopt_etag(&got_new)?;
                         same(
                             "RotateKey old key",
                             rotated.old_key,
@@ -519,14 +768,23 @@ impl Model {
                     (None, None) => unreachable!("an unknown key is refused"),
                 }
             }
-            Op::Delete(index) => {
+            Op::Delete(index, etag) => {
                 let key = self.pick(index);
+                let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let request = DeleteKeyRequest {
                     workspace_id: ws.clone(),
                     key_id: self.id(key),
+                    etag: sent_etag.clone(),
                 };
                 let got = outcome(client.delete_key(by(actor, request)).await).map(|_| ());
                 let want = match key {
+                    Some(k)
+                        if !self.keys[k].deleted
+                            && !sent_etag.is_empty()
+                            && sent_etag != self.keys[k].etag =>
+                    {
+                        refused(Code::Aborted, "ETAG_MISMATCH")
+                    }
                     Some(k) if !self.keys[k].deleted => {
                         self.keys[k].deleted = true;
                         let id = self.keys[k].id.clone();
@@ -537,7 +795,7 @@ impl Model {
                 };
                 same("DeleteKey", got, want)?;
             }
-            Op::Validate { key, required } => {
+            Op::Validate { key, required, ip } => {
                 let key = self.pick(key);
                 let secret = key.map_or_else(
                     || Secret::generate().expose().to_owned(),
@@ -546,7 +804,7 @@ impl Model {
                 let request = ValidateKeyRequest {
                     key: secret,
                     required_scopes: scopes(required),
-                    ..Default::default()
+                    client_ip: IPS[*ip].into(),
                 };
                 let got = outcome(client.validate_key(request).await)
                     .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
@@ -563,6 +821,8 @@ impl Model {
                             ValidationResult::Expired
                         } else if k.disabled {
                             ValidationResult::Disabled
+                        } else if !k.admits(*ip) {
+                            ValidationResult::IpNotAllowed
                         } else if !required.iter().all(|&s| k.scopes.contains(SCOPES[s])) {
                             ValidationResult::InsufficientScope
                         } else {
@@ -582,6 +842,8 @@ impl Model {
                             expire_time: k.expire_us.map(timestamp),
                             scopes: k.scopes.iter().cloned().collect(),
                             name: k.name.clone(),
+                            annotations: k.annotations.clone().into_iter().collect(),
+                            owner_id: k.owner.clone(),
                         }
                     }
                 };

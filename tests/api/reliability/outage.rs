@@ -226,6 +226,7 @@ async fn writer(
                 let request = DeleteKeyRequest {
                     workspace_id: "outage".into(),
                     key_id: id.clone(),
+                    ..Default::default()
                 };
                 let outcome = client.delete_key(as_owner(request)).await;
                 if outcome.is_ok() {
@@ -301,6 +302,7 @@ async fn a_postgres_crash_under_load_never_yields_a_false_valid_and_is_recovered
             let request = DeleteKeyRequest {
                 workspace_id: "outage".into(),
                 key_id: key.id,
+                ..Default::default()
             };
             app.client.delete_key(as_owner(request)).await.unwrap();
             keys.push((Kind::Deleted, secret));

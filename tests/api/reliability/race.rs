@@ -61,6 +61,7 @@ async fn revoke(client: &mut Client, id: &str, how: Revocation) -> Option<String
             let request = DeleteKeyRequest {
                 workspace_id,
                 key_id,
+                ..Default::default()
             };
             client.delete_key(as_owner(request)).await.expect("delete");
             None
@@ -69,6 +70,7 @@ async fn revoke(client: &mut Client, id: &str, how: Revocation) -> Option<String
             let request = DisableKeyRequest {
                 workspace_id,
                 key_id,
+                ..Default::default()
             };
             client
                 .disable_key(as_owner(request))
@@ -81,6 +83,7 @@ async fn revoke(client: &mut Client, id: &str, how: Revocation) -> Option<String
                 workspace_id,
                 key_id,
                 grace_period: None,
+                ..Default::default()
             };
             let rotated = client.rotate_key(as_owner(request)).await.expect("rotate");
             Some(rotated.into_inner().secret)

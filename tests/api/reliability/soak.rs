@@ -181,6 +181,7 @@ async fn manager(
                     seconds: 60,
                     nanos: 0,
                 }),
+                ..Default::default()
             };
             calls += 1;
             failures
@@ -202,6 +203,7 @@ async fn manager(
         let request = DeleteKeyRequest {
             workspace_id: ws(),
             key_id: oldest.id.clone(),
+            ..Default::default()
         };
         calls += 1;
         failures.check("DeleteKey", client.delete_key(as_owner(request)).await);
@@ -223,6 +225,7 @@ async fn manager(
             workspace_id: ws(),
             page_size: 50,
             page_token: String::new(),
+            ..Default::default()
         };
         failures.check("ListKeys", client.list_keys(as_owner(request)).await);
         let (workspace_id, key_id) = target();
@@ -245,12 +248,14 @@ async fn manager(
         let request = DisableKeyRequest {
             workspace_id,
             key_id,
+            ..Default::default()
         };
         failures.check("DisableKey", client.disable_key(as_owner(request)).await);
         let (workspace_id, key_id) = target();
         let request = EnableKeyRequest {
             workspace_id,
             key_id,
+            ..Default::default()
         };
         failures.check("EnableKey", client.enable_key(as_owner(request)).await);
         let request = ListKeyEventsRequest {
