@@ -23,7 +23,8 @@
 //!         listener connection killed before each delete
 //!     cargo bench --bench load -- --callgrind 20000 [--previous-bin PATH]
 //!         instructions per call (valgrind's callgrind, counting only while the calls run)
-//!         for the echo, ValidateKey hit/unknown/malformed, Check hit and the stream
+//!         for the echo, ValidateKey hit/unknown/malformed (and a hit on a key with allowed
+//!         networks and annotations), Check hit and the stream
 //!
 //! A PostgreSQL URL names a server database this tool may create databases beside.
 //!
@@ -359,6 +360,7 @@ async fn run(options: Options) {
     let malformed: Vec<String> = (0..options.keys)
         .map(|i| format!("clo_not-a-key-{i}"))
         .collect();
+    let governed_secrets = create_governed_keys(&apikeys.addr, options.keys).await;
     let usage_off_secrets = create_keys(&usage_off.addr, None, options.keys, &[]).await;
     let callers_secrets = create_keys(&callers.addr, Some(&admin_token), options.keys, &[]).await;
 
@@ -392,6 +394,15 @@ async fn run(options: Options) {
                 "ValidateKey hit, client_ip",
                 Shape::Unary,
                 validate_bodies(&secrets, &[], true),
+                valid,
+            )
+            .await,
+        plain(&apikeys)
+            .scenario(
+                &options,
+                "ValidateKey hit, allowlist",
+                Shape::Unary,
+                validate_bodies(&governed_secrets, &[], true),
                 valid,
             )
             .await,
@@ -615,6 +626,7 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
     for name in [
         "ValidateKey hit",
         "ValidateKey hit, client_ip",
+        "ValidateKey hit, allowlist",
         "ValidateKey unknown key",
         "ValidateKey malformed",
         "ext_authz Check hit",
@@ -632,6 +644,7 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
     }
     let pairs = [
         ("ValidateKey hit, client_ip", "ValidateKey hit, usage off"),
+        ("ValidateKey hit, allowlist", "ValidateKey hit, client_ip"),
         ("ValidateKey hit, client_ip", "DB-backed hit (f4f862b)"),
         ("ValidateKey unknown key", "DB-backed unknown (f4f862b)"),
         ("ValidateKey hit, client_ip", "previous hit, client_ip"),
@@ -1071,6 +1084,36 @@ async fn channels(addr: &str, n: usize) -> Vec<Channel> {
 }
 
 async fn create_keys(addr: &str, token: Option<&str>, n: usize, scopes: &[&str]) -> Vec<String> {
+    let terms = CreateKeyRequest {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    create_keys_with(addr, token, n, &terms).await
+}
+
+/// Keys with an owner, two annotations and three allowed networks, one of which holds every
+/// `client_ip` the bench sends (203.0.113.0–15).
+async fn create_governed_keys(addr: &str, n: usize) -> Vec<String> {
+    let terms = CreateKeyRequest {
+        owner_id: "bench-owner".into(),
+        annotations: [("plan", "enterprise"), ("region", "eu")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+        allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
+            .map(str::to_owned)
+            .into(),
+        ..Default::default()
+    };
+    create_keys_with(addr, None, n, &terms).await
+}
+
+/// `n` keys, each with the scopes, owner, annotations and networks of `terms`.
+async fn create_keys_with(
+    addr: &str,
+    token: Option<&str>,
+    n: usize,
+    terms: &CreateKeyRequest,
+) -> Vec<String> {
     let mut client = ApiKeysClient::new(channels(addr, 1).await.remove(0));
     let mut secrets = Vec::with_capacity(n);
     for i in 0..n {
@@ -1078,8 +1121,7 @@ async fn create_keys(addr: &str, token: Option<&str>, n: usize, scopes: &[&str])
             workspace_id: format!("bench-{}", i % 10),
             name: format!("bench key {i}"),
             expiration: Expiration::Never.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
+            ..terms.clone()
         });
         let metadata = request.metadata_mut();
         metadata.insert("x-actor-id", "bench".parse().unwrap());
@@ -1619,6 +1661,13 @@ async fn run_callgrind(options: &Options, calls: usize) {
             ),
         ];
         if label.is_empty() {
+            let governed = create_governed_keys(&server.server.addr, keys).await;
+            plan.push((
+                "ValidateKey hit, allowlist",
+                Shape::Unary,
+                validate_bodies(&governed, &[], true),
+                valid,
+            ));
             plan.push((
                 "ValidateKeys stream hit",
                 Shape::Stream,

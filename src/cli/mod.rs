@@ -134,9 +134,10 @@ pub struct KeyTermsArgs {
 
 /// `KEY=VALUE`, split at the first `=`.
 fn parse_annotation(text: &str) -> Result<(String, String), String> {
+    // The input is not echoed: it may be a key pasted in the wrong place.
     text.split_once('=')
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+        .ok_or_else(|| "an annotation is KEY=VALUE".to_owned())
 }
 
 /// The key a command acts on.
@@ -229,7 +230,8 @@ pub enum KeysCommand {
         #[arg(long)]
         etag: Option<String>,
     },
-    /// Rotate a key: a new key with the same name, scopes and lifetime, printed once.
+    /// Rotate a key: a new key with the same name, scopes, owner, annotations, networks and
+    /// lifetime, printed once.
     Rotate {
         #[command(flatten)]
         key: KeyRef,

@@ -66,6 +66,11 @@ impl Annotations {
     pub fn parse<'a>(
         entries: impl IntoIterator<Item = (&'a String, &'a String)>,
     ) -> Result<Self, InvalidInput> {
+        // Sorted first, so the reason given for several bad entries is always the same one.
+        let entries: BTreeMap<&String, &String> = entries.into_iter().collect();
+        if entries.len() > MAX_ANNOTATIONS {
+            return Err(InvalidInput::TooManyAnnotations);
+        }
         let mut map = BTreeMap::new();
         for (key, value) in entries {
             if !is_scope(key) || contains_key(key) {
@@ -76,9 +81,6 @@ impl Annotations {
                 return Err(InvalidInput::AnnotationValueInvalid);
             }
             map.insert(key.clone(), value.clone());
-        }
-        if map.len() > MAX_ANNOTATIONS {
-            return Err(InvalidInput::TooManyAnnotations);
         }
         Ok(Self(map))
     }
@@ -133,7 +135,7 @@ impl Cidr {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (input, None),
         };
-        let network: IpAddr = address.parse().ok()?;
+        let mut network: IpAddr = address.parse().ok()?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -143,6 +145,16 @@ impl Cidr {
             }
             Some(_) => return None,
         };
+        // An IPv4-mapped network (`::ffff:192.0.2.0/120`) is the IPv4 one it maps, as a
+        // client's mapped address is judged as its IPv4 address; one that also spans
+        // addresses that map nothing is refused.
+        let mut prefix: u8 = prefix;
+        if let IpAddr::V6(v6) = network
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            prefix = prefix.checked_sub(96)?;
+            network = IpAddr::V4(v4);
+        }
         let cidr = Self { network, prefix };
         (cidr.masked(network) == network).then_some(cidr)
     }
@@ -191,6 +203,10 @@ pub struct AllowedCidrs(Vec<Cidr>);
 
 impl AllowedCidrs {
     pub fn parse<S: AsRef<str>>(input: &[S]) -> Result<Self, InvalidInput> {
+        // Duplicates are dropped, but no list of them needs to be this long: bound the work.
+        if input.len() > 4 * MAX_CIDRS {
+            return Err(InvalidInput::TooManyCidrs);
+        }
         let mut cidrs = input
             .iter()
             .map(|cidr| Cidr::parse(cidr.as_ref().trim()))
@@ -265,6 +281,12 @@ mod tests {
                 .contains(ip("203.0.113.9"))
         );
         assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::")));
+        // A network written IPv4-mapped is the IPv4 one, and holds mapped clients too.
+        let mapped = Cidr::parse("::ffff:192.0.2.0/120").unwrap();
+        assert_eq!(mapped.to_string(), "192.0.2.0/24");
+        assert!(mapped.contains(ip("::ffff:192.0.2.1")));
+        assert!(mapped.contains(ip("192.0.2.1")));
+        assert_eq!(Cidr::parse("::ffff:192.0.2.0/64"), None);
     }
 
     #[test]

@@ -68,18 +68,14 @@ impl Key {
         self.expire_time.is_some_and(|at| at <= now)
     }
 
-    /// The key's etag (AIP-154): it changes with every change to the key, as the revision
-    /// does, and shows nothing of it but equality.
+    /// The key's etag (AIP-154): it changes with every change made to the key through the
+    /// API, as the revision does (not with its last use, nor when it expires).
     pub(crate) fn etag(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         hasher.update(self.id.as_str().as_bytes());
         hasher.update(&self.revision.to_be_bytes());
         let hash = hasher.finalize();
-        let mut etag = String::with_capacity(16);
-        for byte in &hash.as_bytes()[..8] {
-            etag.push_str(&format!("{byte:02x}"));
-        }
-        etag
+        hash.to_hex()[..16].to_owned()
     }
 
     /// Whether `etag` is absent (empty) or the key's current one.

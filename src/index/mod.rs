@@ -28,7 +28,8 @@ use crate::{
 /// A key's scopes, sorted; keys with the same scopes share one.
 pub(crate) type ScopeSet = Arc<[Box<str>]>;
 
-/// What the index knows of one key: about 200 bytes with the map's own overhead and its
+/// What the index knows of one key: about 200 bytes (with `terms`, 8 more than before it)
+/// with the map's own overhead and its
 /// name (see BENCHMARKS.md).
 #[derive(Debug)]
 struct Record {

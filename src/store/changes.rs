@@ -36,7 +36,7 @@ impl Store {
             return tokio::task::spawn_blocking(move || reader.changes_since(&cursor, limit))
                 .await
                 .map_err(|err| StoreError::Internal(DbErr::Custom(err.to_string())))?
-                .map_err(|err| StoreError::Unavailable(DbErr::Custom(err.to_string())));
+                .map_err(super::sqlite_scan::store_error);
         }
         // Only the columns the index keeps: the start-up load reads every row through here.
         Ok(Entity::find()

@@ -75,7 +75,8 @@ const SQLITE_OPEN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Connects; on SQLite, a connection refused because another process holds the file (the
 /// switch to WAL takes an exclusive lock, and SQLite answers some of its lock conflicts at once
-/// instead of waiting out the busy timeout) is tried again until [`SQLITE_OPEN_PATIENCE`].
+/// instead of waiting out the busy timeout) is tried again while [`SQLITE_OPEN_PATIENCE`] has
+/// not passed (the last try may take its own connect timeout more).
 async fn connect_waiting_out_locks(options: ConnectOptions) -> Result<DatabaseConnection, DbErr> {
     let deadline = tokio::time::Instant::now() + SQLITE_OPEN_PATIENCE;
     loop {
@@ -208,6 +209,9 @@ impl Store {
     }
 
     pub async fn close(self) -> Result<(), StoreError> {
+        if let Some(Some(reader)) = self.change_reader.get() {
+            reader.close();
+        }
         self.db.close().await?;
         Ok(())
     }

@@ -67,6 +67,39 @@ impl ChangeReader {
     }
 }
 
+/// A rusqlite error as the store classes it: the file busy, locked, unreadable or gone is
+/// unavailable (the poll tries again); anything else (a schema or decoding problem) internal.
+pub(super) fn store_error(err: rusqlite::Error) -> super::StoreError {
+    use rusqlite::ErrorCode;
+    let unavailable = err.sqlite_error_code().is_some_and(|code| {
+        matches!(
+            code,
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+        )
+    });
+    let err = sea_orm::DbErr::Custom(err.to_string());
+    if unavailable {
+        super::StoreError::Unavailable(err)
+    } else {
+        super::StoreError::Internal(err)
+    }
+}
+
+impl ChangeReader {
+    /// Closes the connection (a later read opens another).
+    pub(super) fn close(&self) {
+        drop(
+            self.conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
 fn read_changes(
     conn: &Connection,
     cursor: &ChangeCursor,

@@ -572,3 +572,64 @@ async fn behind_trusted_proxies_the_client_is_read_from_x_forwarded_for() {
         assert_eq!(unknown.http_status, Some(403), "{xff:?}: {unknown:?}");
     }
 }
+
+#[tokio::test]
+async fn x_forwarded_for_on_several_lines_is_one_list_and_a_repeated_forward_is_sent_once() {
+    let clock = apikeys::clock::ManualClock::new(chrono::Utc::now());
+    let app = spawn_app_with(TestDb::new().await, clock, |settings| {
+        settings.gateway_trusted_hops = 1;
+        settings.gateway_forward_annotations = vec!["tier".into(), "tier".into()];
+    })
+    .await;
+    let mut app = app;
+    let (_, secret) = app
+        .create_with(governed("", &[("tier", "gold")], &["192.0.2.0/24"]))
+        .await;
+    // A client's own line first, then the one line the trusted proxy appended.
+    let mut request = check_from("10.0.0.2", &[]);
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.headers.clear();
+    let line = |key: &str, value: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+        key: key.into(),
+        raw_value: value.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
+        headers: vec![
+            line("x-api-key", &secret),
+            line("x-forwarded-for", "203.0.113.9"),
+            line("x-forwarded-for", "192.0.2.44"),
+        ],
+    });
+    let allowed = decision(app.check(request.clone()).await);
+    assert_eq!(allowed.code, Code::Ok, "{allowed:?}");
+    assert_eq!(allowed.set["x-cloodot-annotation-tier"], "gold");
+    assert!(
+        !allowed
+            .removed
+            .contains(&"x-cloodot-annotation-tier".to_owned())
+    );
+    // The client's line last: it is the one the proxy's count lands on, and it is outside.
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.header_map.as_mut().unwrap().headers.swap(1, 2);
+    let refused = decision(app.check(request).await);
+    assert_eq!(refused.http_status, Some(403), "{refused:?}");
+}

@@ -79,9 +79,12 @@ impl UpstreamHeaders {
             workspace_id: name(WORKSPACE_ID_HEADER),
             key_scopes: name(KEY_SCOPES_HEADER),
             owner_id: name(OWNER_ID_HEADER),
+            // Once each: a second entry would find the value taken and remove the header.
             annotations: settings
                 .forward_annotations
                 .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .map(|key| (key.clone(), name(&format!("{ANNOTATION_HEADER}{key}"))))
                 .collect(),
         }
@@ -121,9 +124,13 @@ impl ExtAuthzService {
         if hops == 0 {
             return attributes.client_ip();
         }
-        let forwarded = std::str::from_utf8(attributes.header(FORWARDED_FOR)?).ok()?;
-        let entry = forwarded.rsplit(',').nth(hops - 1)?.trim();
-        entry.parse().ok()
+        let forwarded = attributes.header_lines(FORWARDED_FOR);
+        let entry = forwarded
+            .iter()
+            .rev()
+            .flat_map(|line| line.rsplit(|&byte| byte == b','))
+            .nth(hops - 1)?;
+        std::str::from_utf8(entry).ok()?.trim().parse().ok()
     }
 
     /// The key and the header it came in, by the configured order. A value that is not

@@ -120,6 +120,39 @@ impl AttributeContext {
         })
     }
 
+    /// Every value of request header `name` (lower case) in the order the lines came: from
+    /// `headers`, the one value Envoy joined them into; from `header_map`, each line. A list
+    /// header such as `x-forwarded-for` is these, joined with commas.
+    pub(crate) fn header_lines(&self, name: &str) -> Vec<&[u8]> {
+        let Some(http) = self
+            .request
+            .as_ref()
+            .and_then(|request| request.http.as_ref())
+        else {
+            return Vec::new();
+        };
+        if !http.headers.is_empty() {
+            return last(&http.headers, name)
+                .map(|value| &value[..])
+                .into_iter()
+                .collect();
+        }
+        let Some(map) = http.header_map.as_ref() else {
+            return Vec::new();
+        };
+        map.headers
+            .iter()
+            .filter(|header| header.key.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|header| {
+                if header.raw_value.is_empty() {
+                    &header.value[..]
+                } else {
+                    &header.raw_value[..]
+                }
+            })
+            .collect()
+    }
+
     /// The route's `context_extensions` entry `name`; `Err` when it is not UTF-8.
     pub(crate) fn context_extension(&self, name: &str) -> Option<Result<&str, ()>> {
         last(&self.context_extensions, name).map(|value| std::str::from_utf8(value).map_err(drop))
@@ -284,6 +317,42 @@ mod tests {
             decoded(&request).header("x-api-key"),
             Some(&b"clo_first"[..])
         );
+    }
+
+    #[test]
+    fn every_line_of_a_list_header_is_read_in_order() {
+        let line = |key: &str, value: &[u8]| core::HeaderValue {
+            key: key.into(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        };
+        let request = full_request(attribute_context::HttpRequest {
+            header_map: Some(core::HeaderMap {
+                headers: vec![
+                    line("X-Forwarded-For", b"192.0.2.1"),
+                    line("x-api-key", b"clo_key"),
+                    line("x-forwarded-for", b"203.0.113.7, 10.0.0.1"),
+                ],
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            decoded(&request).header_lines("x-forwarded-for"),
+            [&b"192.0.2.1"[..], &b"203.0.113.7, 10.0.0.1"[..]]
+        );
+        let joined = full_request(attribute_context::HttpRequest {
+            headers: [(
+                "x-forwarded-for".to_owned(),
+                "192.0.2.1,10.0.0.1".to_owned(),
+            )]
+            .into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            decoded(&joined).header_lines("x-forwarded-for"),
+            [&b"192.0.2.1,10.0.0.1"[..]]
+        );
+        assert!(decoded(&joined).header_lines("absent").is_empty());
     }
 
     #[test]

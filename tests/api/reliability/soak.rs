@@ -410,9 +410,10 @@ fn minutes_of_mixed_load_fail_nothing_and_leak_nothing() {
             "open files went from {min_files} to {max_files}"
         );
         // Connections: within the pool's bound, and not growing: the pool opens one more under
-        // a burst and closes idle ones later, so a sample may exceed the first half's; a pool
-        // that leaked them would only grow, and never come back down to the first half's
-        // level in the second.
+        // a burst and closes it only after 10 idle minutes (sqlx's default, longer than this
+        // run), so the second half may hold one more than the first ever did (seen on
+        // PostgreSQL under the whole suite: 6 throughout the first half, 7 throughout the
+        // second); a pool that leaked them would keep growing past that.
         let db_connections: Vec<i64> = settled.iter().map(|s| s.db_connections).collect();
         let (early, late) = db_connections.split_at(db_connections.len() / 2);
         let (min_db, max_db) = (
@@ -425,7 +426,7 @@ fn minutes_of_mixed_load_fail_nothing_and_leak_nothing() {
             "{max_db} connections to the database, more than the pool holds"
         );
         assert!(
-            late.iter().min() <= early.iter().max(),
+            late.iter().min().copied() <= early.iter().max().map(|most| most + 1),
             "database connections grew: {early:?} then {late:?}"
         );
         let trend = samples
