@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         .file_descriptor_set_path(out_dir.join("apikeys_descriptor.bin"))
         // Undecodable requests are the caller's error, not INTERNAL (src/grpc/codec.rs).
         .codec_path("crate::grpc::codec::ProtoCodec")
+        // Maps as BTreeMap: sorted wherever they are shown, and an empty one (the common
+        // case, in every ValidateKey answer) is made without a hasher's random state.
+        .btree_map(".")
         .compile_with_config(
             config,
             &[PathBuf::from("proto/cloodot/apikeys/v1/api_keys.proto")],

@@ -32,8 +32,11 @@ fn details(key: &ApiKey) -> String {
         text.push_str(&format!("Owner: {}\n", key.owner_id));
     }
     if !key.annotations.is_empty() {
-        let sorted: std::collections::BTreeMap<_, _> = key.annotations.iter().collect();
-        let pairs: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let pairs: Vec<String> = key
+            .annotations
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         text.push_str(&format!("Annotations: {}\n", pairs.join(", ")));
     }
     if !key.allowed_cidrs.is_empty() {
@@ -305,10 +308,9 @@ pub(super) fn key_json(key: &ApiKey) -> Value {
     ])
 }
 
-/// A `map<string, string>` as JSON, keys sorted so the output is stable.
-fn sorted_map(map: &std::collections::HashMap<String, String>) -> Value {
-    let sorted: std::collections::BTreeMap<&String, &String> = map.iter().collect();
-    json!(sorted)
+/// A `map<string, string>` as JSON (sorted by key, as the map is).
+fn sorted_map(map: &std::collections::BTreeMap<String, String>) -> Value {
+    json!(map)
 }
 
 pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {

@@ -149,7 +149,7 @@ pub struct Found {
     pub expire_time_us: Option<i64>,
     /// Empty for none.
     pub owner_id: String,
-    pub annotations: std::collections::HashMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
     /// The answer, from the key's status, the client's address and the scopes required.
     pub result: Validation,
 }

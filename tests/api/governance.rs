@@ -1,7 +1,7 @@
 //! What a key carries besides its identity: owners (and ListKeys' filter), annotations,
 //! allowed networks (IP_NOT_ALLOWED, on ValidateKey and Envoy's Check), etags on every change.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use apikeys::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
@@ -17,7 +17,7 @@ use crate::{
     support::{TestApp, TestDb, as_owner, assert_error, spawn_app, spawn_app_with},
 };
 
-fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -225,16 +225,21 @@ impl ExtAuthzService {
         let reason = refused.reason();
         let response = match (outcome.result, outcome.key) {
             (Validation::Valid, Some(found)) => {
-                let mut remove = Vec::with_capacity(2);
+                let upstream = &*self.upstream;
+                // Room for every header each list may get, so neither grows while it fills:
+                // the key's header, scopes, owner and each forwarded annotation.
+                let optional = 2 + upstream.annotations.len();
+                let mut remove = Vec::with_capacity(1 + optional);
                 if self.settings.hide_credentials {
                     remove.push(header.clone());
                 }
-                let upstream = &*self.upstream;
                 let scopes = (!found.scopes.is_empty()).then(|| found.scopes.join(","));
-                let mut headers = vec![
-                    response::named_header(upstream.key_id.clone(), found.id),
-                    response::named_header(upstream.workspace_id.clone(), found.workspace),
-                ];
+                let mut headers = Vec::with_capacity(2 + optional);
+                headers.push(response::named_header(upstream.key_id.clone(), found.id));
+                headers.push(response::named_header(
+                    upstream.workspace_id.clone(),
+                    found.workspace,
+                ));
                 // A client's own value never reaches the backend: overwritten or removed.
                 let mut set = |name: &Bytes, value: Option<String>| match value {
                     Some(value) => headers.push(response::named_header(name.clone(), value)),

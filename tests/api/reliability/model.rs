@@ -262,13 +262,7 @@ fn picked(terms: &Terms) -> (String, BTreeMap<String, String>, BTreeSet<usize>) 
 }
 
 /// `terms` as a request sends them.
-fn sent(
-    terms: &Terms,
-) -> (
-    String,
-    std::collections::HashMap<String, String>,
-    Vec<String>,
-) {
+fn sent(terms: &Terms) -> (String, BTreeMap<String, String>, Vec<String>) {
     let (owner, annotations, _) = picked(terms);
     let cidrs = terms.cidrs.iter().map(|&i| CIDRS[i].0.to_owned()).collect();
     (owner, annotations.into_iter().collect(), cidrs)
