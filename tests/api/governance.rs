@@ -37,7 +37,12 @@ fn governed(owner: &str, pairs: &[(&str, &str)], cidrs: &[&str]) -> CreateKeyReq
 }
 
 impl TestApp {
-    async fn validate_ip(&mut self, secret: &str, ip: &str) -> ValidationResult {
+    /// ValidateKey's answer to `secret` presented from `ip`.
+    async fn answer_from(
+        &mut self,
+        secret: &str,
+        ip: &str,
+    ) -> apikeys::grpc::proto::ValidateKeyResponse {
         self.client
             .validate_key(ValidateKeyRequest {
                 key: secret.into(),
@@ -47,7 +52,10 @@ impl TestApp {
             .await
             .unwrap()
             .into_inner()
-            .result()
+    }
+
+    async fn validate_ip(&mut self, secret: &str, ip: &str) -> ValidationResult {
+        self.answer_from(secret, ip).await.result()
     }
 
     async fn get(&mut self, id: &str) -> ApiKey {
@@ -84,16 +92,7 @@ async fn a_key_carries_its_owner_annotations_and_networks_into_every_validation(
     );
     assert_eq!(app.get(&key.id).await, key);
 
-    let answer = app
-        .client
-        .validate_key(ValidateKeyRequest {
-            key: secret.clone(),
-            client_ip: "10.20.30.40".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = app.answer_from(&secret, "10.20.30.40").await;
     assert!(answer.valid, "{answer:?}");
     assert_eq!(answer.owner_id, "user_42");
     assert_eq!(answer.annotations, key.annotations);
@@ -299,16 +298,7 @@ async fn updates_replace_or_clear_what_the_mask_names_and_are_audited() {
         .into_inner();
     assert_eq!(updated.owner_id, "bob");
     assert_eq!(updated.allowed_cidrs, ["192.0.2.0/24"]);
-    let answer = app
-        .client
-        .validate_key(ValidateKeyRequest {
-            key: secret.clone(),
-            client_ip: "192.0.2.9".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = app.answer_from(&secret, "192.0.2.9").await;
     assert_eq!(answer.owner_id, "bob");
     assert_eq!(answer.annotations, annotations(&[("tier", "gold")]));
     assert_eq!(
