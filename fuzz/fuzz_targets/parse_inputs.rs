@@ -1,12 +1,14 @@
 //! Every parser of caller-supplied text: keys, names, ids, workspace ids, page tokens, actor
-//! metadata, scopes and the callers file. None may panic, and what they accept must be what they say.
+//! metadata, scopes, owners, annotations, allowed networks and the callers file. None may panic,
+//! and what they accept must be what they say.
 #![no_main]
 
 use apikeys::{
     auth::{Callers, check_name},
     domain::{
-        Actor, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES, PageCursor, PresentedKey, Scopes,
-        WorkspaceId, check_required, column_scopes, contains_key, is_scope,
+        Actor, AllowedCidrs, Annotations, Cidr, KEY_LEN, KEY_PREFIX, KeyId, KeyName, MAX_SCOPES,
+        OwnerId, PageCursor, PresentedKey, Scopes, WorkspaceId, check_required, column_scopes,
+        contains_key, is_scope,
     },
 };
 use libfuzzer_sys::fuzz_target;
@@ -35,12 +37,44 @@ fuzz_target!(|text: &str| {
     if let Ok(id) = KeyId::parse(text) {
         assert_eq!(id.as_str(), text);
     }
-    // A page token decodes only for the workspace it was made for, and exactly round-trips.
+    // A page token decodes only for the workspace and owner filter it was made for, and
+    // exactly round-trips.
     let acme = WorkspaceId::parse("acme").expect("a valid workspace id");
-    if let Ok(cursor) = PageCursor::decode(text, &acme) {
-        assert_eq!(cursor.encode(&acme), text);
+    let anyone = OwnerId::default();
+    if let Ok(cursor) = PageCursor::decode(text, &acme, &anyone) {
+        assert_eq!(cursor.encode(&acme, &anyone), text);
         let globex = WorkspaceId::parse("globex").expect("a valid workspace id");
-        assert!(PageCursor::decode(text, &globex).is_err());
+        assert!(PageCursor::decode(text, &globex, &anyone).is_err());
+        let alice = OwnerId::parse("alice").expect("a valid owner id");
+        assert!(PageCursor::decode(text, &acme, &alice).is_err());
+    }
+    // An owner id is short visible ASCII and never a key.
+    if let Ok(owner) = OwnerId::parse(text) {
+        assert!(owner.as_str().len() <= 128);
+        assert!(owner.as_str().bytes().all(|b| b.is_ascii_graphic()));
+        assert!(!contains_key(owner.as_str()));
+    }
+    // A network shows in a canonical form that parses back to itself.
+    if let Some(cidr) = Cidr::parse(text) {
+        assert_eq!(Cidr::parse(&cidr.to_string()), Some(cidr));
+    }
+    // Networks and annotations, one per line, round-trip through their stored columns.
+    let lines: Vec<&str> = text.split('\n').collect();
+    if let Ok(cidrs) = AllowedCidrs::parse(&lines) {
+        assert!(cidrs.to_strings().len() <= 64);
+        assert_eq!(AllowedCidrs::from_column(&cidrs.to_column()), Ok(cidrs));
+    }
+    let pairs: Vec<(String, String)> = lines
+        .iter()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    if let Ok(annotations) = Annotations::parse(pairs.iter().map(|(k, v)| (k, v))) {
+        assert!(annotations.iter().all(|(k, v)| !contains_key(k) && !contains_key(v)));
+        assert_eq!(
+            Annotations::from_column(&annotations.to_column()),
+            Ok(annotations)
+        );
     }
     // Scopes, one per line: what is accepted is a sorted set of well-formed scopes that the
     // stored column gives back exactly.
