@@ -70,7 +70,11 @@ fuzz_target!(|text: &str| {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     if let Ok(annotations) = Annotations::parse(pairs.iter().map(|(k, v)| (k, v))) {
-        assert!(annotations.iter().all(|(k, v)| !contains_key(k) && !contains_key(v)));
+        assert!(
+            annotations
+                .iter()
+                .all(|(k, v)| !contains_key(k) && !contains_key(v))
+        );
         assert_eq!(
             Annotations::from_column(&annotations.to_column()),
             Ok(annotations)

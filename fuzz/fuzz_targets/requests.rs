@@ -10,7 +10,9 @@
 use std::sync::{Arc, OnceLock};
 
 use apikeys::{
+    app::MAX_REQUEST_BYTES,
     clock::SystemClock,
+    config::Settings,
     grpc::{
         ApiKeysRoutes, ApiKeysService, EXT_AUTHZ_CHECK_PATH, ExtAuthzServer, ExtAuthzService,
         guard::{ManagementRate, Rate},
@@ -20,10 +22,8 @@ use apikeys::{
             UpdateKeyRequest, ValidateKeyRequest, ValidateKeysRequest,
         },
     },
-    config::Settings,
     index::{KeyIndex, Syncer},
     service::KeyService,
-    app::MAX_REQUEST_BYTES,
     store::Store,
 };
 use arbitrary::Arbitrary;
