@@ -54,15 +54,6 @@ pub(crate) struct KeyEdit {
     pub allowed_cidrs: Option<AllowedCidrs>,
 }
 
-/// Refuses a change to a key whose etag is not `etag` (empty: any).
-fn check_etag(key: &Key, etag: &str) -> Result<(), ApiError> {
-    if key.etag_matches(etag) {
-        Ok(())
-    } else {
-        Err(ApiError::EtagMismatch)
-    }
-}
-
 /// RotateKey's result.
 #[derive(Debug)]
 pub(crate) struct Rotated {
@@ -207,18 +198,24 @@ impl KeyService {
     }
 
     /// Changes a key through `decide`, applies what changed to this replica's index before
-    /// returning, and logs it as `what`.
+    /// returning, and logs it as `what`. A live key whose etag is not `etag` (empty: any) is
+    /// refused before `decide` sees it; a deleted one is for `decide` to answer.
     async fn change<'a>(
         &self,
         actor: &Actor,
         workspace: &WorkspaceId,
         id: &KeyId,
-        what: &'static str,
+        (what, etag): (&'static str, &str),
         decide: impl FnOnce(&Key) -> Result<Option<Change<'a>>, ApiError>,
     ) -> Result<Changed, ApiError> {
         let mut changed = self
             .store
-            .change(workspace, id, decide)
+            .change(workspace, id, |key| {
+                if !key.is_deleted() && !key.etag_matches(etag) {
+                    return Err(ApiError::EtagMismatch);
+                }
+                decide(key)
+            })
             .await?
             .ok_or(ApiError::KeyNotFound)?;
         if changed.changed {
@@ -243,11 +240,10 @@ impl KeyService {
     ) -> Result<Key, ApiError> {
         let mut event = NewEvent::new(EventKind::Updated, actor, self.now());
         let changed = self
-            .change(actor, workspace, id, "updated", |key| {
+            .change(actor, workspace, id, ("updated", etag), |key| {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                check_etag(key, etag)?;
                 let name = edit.name.filter(|name| *name != key.name);
                 let scopes = edit.scopes.filter(|scopes| *scopes != key.scopes);
                 let owner_id = edit.owner_id.filter(|owner| *owner != key.owner_id);
@@ -298,11 +294,10 @@ impl KeyService {
             ("enabled", EventKind::Enabled)
         };
         let changed = self
-            .change(actor, workspace, id, what, |key| {
+            .change(actor, workspace, id, (what, etag), |key| {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                check_etag(key, etag)?;
                 // An expired key stays as it is: enabling cannot revive it.
                 if !disabled && key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
@@ -336,11 +331,10 @@ impl KeyService {
         let secret = Secret::generate();
         let new_id = KeyId::generate();
         let changed = self
-            .change(actor, workspace, id, "rotated", |key| {
+            .change(actor, workspace, id, ("rotated", etag), |key| {
                 if key.is_deleted() {
                     return Err(ApiError::KeyState(KeyStateConflict::Deleted));
                 }
-                check_etag(key, etag)?;
                 if key.has_expired(now) {
                     return Err(ApiError::KeyState(KeyStateConflict::Expired));
                 }
@@ -406,12 +400,11 @@ impl KeyService {
     ) -> Result<(), ApiError> {
         let now = self.now();
         // The very next ValidateKey on this replica answers DELETED.
-        self.change(actor, workspace, id, "deleted", |key| {
+        self.change(actor, workspace, id, ("deleted", etag), |key| {
             // Deleted already: as if it never was.
             if key.is_deleted() {
                 return Err(ApiError::KeyNotFound);
             }
-            check_etag(key, etag)?;
             Ok(Some(Change {
                 update: KeyUpdate {
                     delete_time: Some(now),

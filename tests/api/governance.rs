@@ -454,6 +454,14 @@ async fn a_rotated_key_keeps_its_owner_annotations_and_networks() {
     );
 }
 
+/// The HTTP part of a Check request, to change.
+fn http_of(
+    request: &mut envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+) -> &mut envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+    let attributes = request.attributes.as_mut().unwrap();
+    attributes.request.as_mut().unwrap().http.as_mut().unwrap()
+}
+
 /// A Check from `source` with `headers`.
 fn check_from(
     source: &str,
@@ -577,16 +585,7 @@ async fn x_forwarded_for_on_several_lines_is_one_list_and_a_repeated_forward_is_
         .await;
     // A client's own line first, then the one line the trusted proxy appended.
     let mut request = check_from("10.0.0.2", &[]);
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_of(&mut request);
     http.headers.clear();
     let line = |key: &str, value: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
         key: key.into(),
@@ -609,16 +608,7 @@ async fn x_forwarded_for_on_several_lines_is_one_list_and_a_repeated_forward_is_
             .contains(&"x-cloodot-annotation-tier".to_owned())
     );
     // The client's line last: it is the one the proxy's count lands on, and it is outside.
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_of(&mut request);
     http.header_map.as_mut().unwrap().headers.swap(1, 2);
     let refused = decision(app.check(request).await);
     assert_eq!(refused.http_status, Some(403), "{refused:?}");

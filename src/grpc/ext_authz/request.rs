@@ -113,11 +113,7 @@ impl AttributeContext {
             .headers
             .iter()
             .find(|header| header.key.eq_ignore_ascii_case(name.as_bytes()))?;
-        Some(if header.raw_value.is_empty() {
-            &header.value
-        } else {
-            &header.raw_value
-        })
+        Some(header.bytes())
     }
 
     /// Every value of request header `name` (lower case) in the order the lines came: from
@@ -143,13 +139,7 @@ impl AttributeContext {
         map.headers
             .iter()
             .filter(|header| header.key.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|header| {
-                if header.raw_value.is_empty() {
-                    &header.value[..]
-                } else {
-                    &header.raw_value[..]
-                }
-            })
+            .map(HeaderValue::bytes)
             .collect()
     }
 
@@ -168,6 +158,17 @@ impl AttributeContext {
             .socket_address
             .as_ref()?;
         std::str::from_utf8(&socket.address).ok()?.parse().ok()
+    }
+}
+
+impl HeaderValue {
+    /// The value as sent: `raw_value` when Envoy filled it, else `value`.
+    fn bytes(&self) -> &[u8] {
+        if self.raw_value.is_empty() {
+            &self.value
+        } else {
+            &self.raw_value
+        }
     }
 }
 
