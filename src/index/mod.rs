@@ -28,9 +28,8 @@ use crate::{
 /// A key's scopes, sorted; keys with the same scopes share one.
 pub(crate) type ScopeSet = Arc<[Box<str>]>;
 
-/// What the index knows of one key: about 200 bytes (with `terms`, 8 more than before it)
-/// with the map's own overhead and its
-/// name (see BENCHMARKS.md).
+/// What the index knows of one key: about 200 bytes with the map's own overhead and its
+/// name (see BENCHMARKS.md), `terms` (8 bytes, null for most keys) included.
 #[derive(Debug)]
 struct Record {
     /// The id without its `key_` prefix.
@@ -309,9 +308,10 @@ impl KeyIndex {
     }
 
     /// The key with this hash, as of `now_us`, judged for a request from `client_ip` that
-    /// needs every one of `required` (sorted or not). An answer of VALID (active, with the scopes required) notes the use
-    /// (at most once per `use_resolution_us`); with usage recorded, every answer is counted
-    /// in the key's hour. All in memory, for the flush to write.
+    /// needs every one of `required` (sorted or not). An answer of VALID (active, from an
+    /// allowed address, with the scopes required) notes the use (at most once per
+    /// `use_resolution_us`); with usage recorded, every answer is counted in the key's hour.
+    /// All in memory, for the flush to write.
     pub fn lookup<S: AsRef<str>>(
         &self,
         hash: &KeyHash,
