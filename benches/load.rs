@@ -249,6 +249,7 @@ fn validate_request(key: &str, required: &[&str], client_ip: bool, i: usize) -> 
         } else {
             String::new()
         },
+        rate_limits: Vec::new(),
     }
 }
 

@@ -41,6 +41,7 @@ fn validate(index: &KeyIndex, input: &str, client_ip: Option<IpAddr>) -> bool {
                 1_800_000_000_000_000,
                 1_000_000,
                 client_ip,
+                &[],
             )
             .is_some(),
         Err(_) => false,

@@ -8,8 +8,8 @@ use crate::{
     clock::Clock,
     domain::{
         Actor, AllowedCidrs, Annotations, EventKind, Expiry, Key, KeyEvent, KeyField, KeyId,
-        KeyName, OwnerId, PageCursor, PresentedKey, Scopes, Secret, Validation, WorkspaceId,
-        check_required,
+        KeyName, OwnerId, PageCursor, PresentedKey, RateLimitAsk, RateLimits, Scopes, Secret,
+        Validation, WorkspaceId, check_required,
     },
     error::{ApiError, KeyStateConflict},
     index::{Found, KeyIndex, Syncer},
@@ -42,6 +42,7 @@ pub(crate) struct KeyTerms {
     pub owner_id: OwnerId,
     pub annotations: Annotations,
     pub allowed_cidrs: AllowedCidrs,
+    pub rate_limits: RateLimits,
 }
 
 /// What UpdateKey changes; `None` leaves a field as it is.
@@ -52,6 +53,7 @@ pub(crate) struct KeyEdit {
     pub owner_id: Option<OwnerId>,
     pub annotations: Option<Annotations>,
     pub allowed_cidrs: Option<AllowedCidrs>,
+    pub rate_limits: Option<RateLimits>,
 }
 
 /// RotateKey's result.
@@ -136,6 +138,7 @@ impl KeyService {
                     owner_id: terms.owner_id,
                     annotations: terms.annotations,
                     allowed_cidrs: terms.allowed_cidrs,
+                    rate_limits: terms.rate_limits,
                 },
                 NewEvent::new(EventKind::Created, actor, now),
             )
@@ -251,12 +254,14 @@ impl KeyService {
                 let allowed_cidrs = edit
                     .allowed_cidrs
                     .filter(|given| *given != key.allowed_cidrs);
+                let rate_limits = edit.rate_limits.filter(|given| *given != key.rate_limits);
                 event.changed_fields = [
                     (KeyField::Name, name.is_some()),
                     (KeyField::Scopes, scopes.is_some()),
                     (KeyField::OwnerId, owner_id.is_some()),
                     (KeyField::Annotations, annotations.is_some()),
                     (KeyField::AllowedCidrs, allowed_cidrs.is_some()),
+                    (KeyField::RateLimits, rate_limits.is_some()),
                 ]
                 .into_iter()
                 .filter_map(|(field, changed)| changed.then_some(field))
@@ -268,6 +273,7 @@ impl KeyService {
                         owner_id,
                         annotations,
                         allowed_cidrs,
+                        rate_limits,
                         ..Default::default()
                     },
                     insert: None,
@@ -370,6 +376,7 @@ impl KeyService {
                         owner_id: key.owner_id.clone(),
                         annotations: key.annotations.clone(),
                         allowed_cidrs: key.allowed_cidrs.clone(),
+                        rate_limits: key.rate_limits.clone(),
                     }),
                     event: NewEvent {
                         new_key_id: Some(new_id.clone()),
@@ -463,15 +470,18 @@ impl KeyService {
     }
 
     /// Answers from memory: no database round trip, whatever the input. `required` are the
-    /// scopes the key must all have; `client_ip`, where the gateway saw the key come from.
+    /// scopes the key must all have; `client_ip`, where the gateway saw the key come from;
+    /// `asks`, what the request spends from the key's rate limits.
     pub fn validate<S: AsRef<str>>(
         &self,
         presented: &str,
         required: &[S],
         client_ip: Option<IpAddr>,
+        asks: &[RateLimitAsk<'_>],
     ) -> Result<ValidateOutcome, ApiError> {
         // The gateway's configuration is at fault, whatever the key.
         check_required(required)?;
+        RateLimitAsk::check_all(asks)?;
         // Garbage and typos are answered from the input alone, even when the index is stale.
         let Ok(key) = PresentedKey::parse(presented) else {
             return Ok(ValidateOutcome {
@@ -485,9 +495,9 @@ impl KeyService {
         }
         let now = self.clock.now_us();
         let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
-        let Some(found) = self
-            .index
-            .lookup(&key.hash(), required, now, resolution, client_ip)
+        let Some(found) =
+            self.index
+                .lookup(&key.hash(), required, now, resolution, client_ip, asks)
         else {
             return Ok(ValidateOutcome {
                 result: Validation::NotFound,

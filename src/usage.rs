@@ -23,6 +23,7 @@ pub(crate) struct UsageCounts {
     pub deleted: u64,
     pub insufficient_scope: u64,
     pub ip_not_allowed: u64,
+    pub rate_limited: u64,
 }
 
 impl UsageCounts {
@@ -34,6 +35,7 @@ impl UsageCounts {
             Validation::Deleted => &mut self.deleted,
             Validation::InsufficientScope => &mut self.insufficient_scope,
             Validation::IpNotAllowed => &mut self.ip_not_allowed,
+            Validation::RateLimited => &mut self.rate_limited,
             // No key, so no key's usage.
             Validation::Malformed | Validation::NotFound => return,
         };
@@ -49,8 +51,9 @@ impl UsageCounts {
             deleted,
             insufficient_scope,
             ip_not_allowed,
+            rate_limited,
         } = *self;
-        valid + expired + disabled + deleted + insufficient_scope + ip_not_allowed
+        valid + expired + disabled + deleted + insufficient_scope + ip_not_allowed + rate_limited
     }
 
     /// Adds `other`'s counts.
@@ -62,6 +65,7 @@ impl UsageCounts {
             deleted,
             insufficient_scope,
             ip_not_allowed,
+            rate_limited,
         } = *other;
         self.valid += valid;
         self.expired += expired;
@@ -69,6 +73,7 @@ impl UsageCounts {
         self.deleted += deleted;
         self.insufficient_scope += insufficient_scope;
         self.ip_not_allowed += ip_not_allowed;
+        self.rate_limited += rate_limited;
     }
 }
 

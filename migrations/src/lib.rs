@@ -8,6 +8,7 @@ mod m20261126_000002_add_revisions;
 mod m20261127_000003_add_lifecycle;
 mod m20261127_000004_add_events_and_usage;
 mod m20261202_000005_add_governance;
+mod m20261202_000006_add_rate_limits;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_add_lifecycle::Migration),
             Box::new(m20261127_000004_add_events_and_usage::Migration),
             Box::new(m20261202_000005_add_governance::Migration),
+            Box::new(m20261202_000006_add_rate_limits::Migration),
         ]
     }
 }

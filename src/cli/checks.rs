@@ -97,11 +97,10 @@ pub(super) async fn usage(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Validates a key read from standard input.
+/// Validates a key read from standard input, as `request` (without its key) asks.
 pub(super) async fn validate(
     session: &mut Session<'_>,
-    required_scopes: Vec<String>,
-    client_ip: String,
+    mut request: ValidateKeyRequest,
 ) -> Result<ExitCode, String> {
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
@@ -110,11 +109,7 @@ pub(super) async fn validate(
         .lock()
         .read_line(&mut key)
         .map_err(|err| format!("cannot read the key from standard input: {err}"))?;
-    let request = ValidateKeyRequest {
-        key: key.trim().to_owned(),
-        required_scopes,
-        client_ip,
-    };
+    request.key = key.trim().to_owned();
     let answer = client
         .validate_key(connection.request(request)?)
         .await

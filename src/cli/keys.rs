@@ -14,7 +14,7 @@ use super::{
 };
 use crate::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
-    ListKeysRequest, RotateKeyRequest, UpdateKeyRequest,
+    ListKeysRequest, RateLimit, RotateKeyRequest, UpdateKeyRequest,
 };
 
 /// Creates a key and prints its secret, once.
@@ -38,6 +38,7 @@ pub(super) async fn create(
         allowed_cidrs: terms.allowed_cidrs,
         annotations: terms.annotations.into_iter().collect(),
         owner_id: terms.owner.unwrap_or_default(),
+        rate_limits: terms.rate_limits,
     };
     let created = client
         .create_key(connection.request(request)?)
@@ -161,6 +162,7 @@ pub(super) struct Edit {
     pub owner: Option<String>,
     pub annotations: Option<Vec<(String, String)>>,
     pub allowed_cidrs: Option<Vec<String>>,
+    pub rate_limits: Option<Vec<RateLimit>>,
     /// Empty: whatever the key is now.
     pub etag: String,
 }
@@ -178,6 +180,7 @@ pub(super) async fn update(
         ("owner_id", edit.owner.is_some()),
         ("annotations", edit.annotations.is_some()),
         ("allowed_cidrs", edit.allowed_cidrs.is_some()),
+        ("rate_limits", edit.rate_limits.is_some()),
     ]
     .into_iter()
     .filter(|(_, given)| *given)
@@ -185,7 +188,7 @@ pub(super) async fn update(
     .collect();
     if paths.is_empty() {
         return Err(
-            "nothing to change: give --name, --scope, --owner, --annotation, --allow-cidr or a --clear-… flag"
+            "nothing to change: give --name, --scope, --owner, --annotation, --allow-cidr, --rate-limit or a --clear-… flag"
                 .to_owned(),
         );
     }
@@ -198,6 +201,7 @@ pub(super) async fn update(
             owner_id: edit.owner.unwrap_or_default(),
             annotations: edit.annotations.unwrap_or_default().into_iter().collect(),
             allowed_cidrs: edit.allowed_cidrs.unwrap_or_default(),
+            rate_limits: edit.rate_limits.unwrap_or_default(),
             etag: edit.etag,
             ..Default::default()
         }),

@@ -19,7 +19,9 @@ use tonic_types::StatusExt;
 use crate::{
     auth::CallerRole,
     config::{Settings, parse_duration},
-    grpc::proto::{Expiration, api_keys_client::ApiKeysClient},
+    grpc::proto::{
+        Expiration, RateLimit, RateLimitRequest, ValidateKeyRequest, api_keys_client::ApiKeysClient,
+    },
 };
 
 /// The product's words, shown with every new secret and before every delete.
@@ -130,6 +132,50 @@ pub struct KeyTermsArgs {
     /// for more, at most 64); none means any address.
     #[arg(long = "allow-cidr")]
     pub allowed_cidrs: Vec<String>,
+    /// A rate limit, `NAME=LIMIT/WINDOW`, with `,auto` to apply it to every validation
+    /// (e.g. `requests=100/1m,auto`; a window of 1s to 24h in s, m, h or d); repeat for
+    /// more, at most 8.
+    #[arg(long = "rate-limit", value_parser = parse_rate_limit)]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// `NAME=LIMIT/WINDOW[,auto]`.
+fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    let shape = || "a rate limit is NAME=LIMIT/WINDOW[,auto], e.g. requests=100/1m,auto".to_owned();
+    let (text, auto_apply) = match text.strip_suffix(",auto") {
+        Some(text) => (text, true),
+        None => (text, false),
+    };
+    let (name, rest) = text.split_once('=').ok_or_else(shape)?;
+    let (limit, window) = rest.split_once('/').ok_or_else(shape)?;
+    let limit = limit.parse().map_err(|_| shape())?;
+    let window = parse_duration(window)?;
+    Ok(RateLimit {
+        name: name.to_owned(),
+        limit,
+        window: Some(prost_types::Duration {
+            seconds: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(window.subsec_nanos()).unwrap_or(0),
+        }),
+        auto_apply,
+    })
+}
+
+/// `NAME` or `NAME=COST`.
+fn parse_rate_limit_request(text: &str) -> Result<RateLimitRequest, String> {
+    let (name, cost) = match text.split_once('=') {
+        Some((name, cost)) => {
+            let cost = cost
+                .parse()
+                .map_err(|_| "a rate limit to spend is NAME or NAME=COST".to_owned())?;
+            (name, Some(cost))
+        }
+        None => (text, None),
+    };
+    Ok(RateLimitRequest {
+        name: name.to_owned(),
+        cost,
+    })
 }
 
 /// `KEY=VALUE`, split at the first `=`.
@@ -185,7 +231,7 @@ pub enum KeysCommand {
         #[command(flatten)]
         key: KeyRef,
     },
-    /// Change a key's name, scopes, owner, annotations or allowed networks; what is not
+    /// Change a key's name, scopes, owner, annotations, allowed networks or rate limits; what is not
     /// given stays as it is, and each list given replaces the key's.
     Update {
         #[command(flatten)]
@@ -210,6 +256,9 @@ pub enum KeysCommand {
         /// Remove every allowed network: the key may be used from any address.
         #[arg(long, conflicts_with = "allowed_cidrs")]
         clear_cidrs: bool,
+        /// Remove every rate limit.
+        #[arg(long, conflicts_with = "rate_limits")]
+        clear_rate_limits: bool,
         /// Change the key only if its etag is still this one (from `keys get --json`).
         #[arg(long)]
         etag: Option<String>,
@@ -283,6 +332,10 @@ pub enum KeysCommand {
         /// The address the key is presented from, checked against its allowed networks.
         #[arg(long)]
         client_ip: Option<String>,
+        /// A rate limit of the key to spend from, `NAME` or `NAME=COST` (repeat for more);
+        /// limits applied to every validation are spent from anyway.
+        #[arg(long = "rate-limit", value_parser = parse_rate_limit_request)]
+        rate_limits: Vec<RateLimitRequest>,
     },
 }
 
@@ -384,6 +437,7 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             clear_owner,
             clear_annotations,
             clear_cidrs,
+            clear_rate_limits,
             etag,
         } => {
             let given = |clear: bool, empty: bool| clear || !empty;
@@ -399,6 +453,8 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
                     .then_some(terms.annotations),
                 allowed_cidrs: given(clear_cidrs, terms.allowed_cidrs.is_empty())
                     .then_some(terms.allowed_cidrs),
+                rate_limits: given(clear_rate_limits, terms.rate_limits.is_empty())
+                    .then_some(terms.rate_limits),
                 etag: etag.unwrap_or_default(),
             };
             keys::update(session, key, edit).await
@@ -420,7 +476,16 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
         KeysCommand::Validate {
             required_scopes,
             client_ip,
-        } => checks::validate(session, required_scopes, client_ip.unwrap_or_default()).await,
+            rate_limits,
+        } => {
+            let request = ValidateKeyRequest {
+                required_scopes,
+                client_ip: client_ip.unwrap_or_default(),
+                rate_limits,
+                ..Default::default()
+            };
+            checks::validate(session, request).await
+        }
     }
 }
 

@@ -42,6 +42,18 @@ fn details(key: &ApiKey) -> String {
     if !key.allowed_cidrs.is_empty() {
         text.push_str(&format!("Allowed from: {}\n", key.allowed_cidrs.join(", ")));
     }
+    if !key.rate_limits.is_empty() {
+        let limits: Vec<String> = key
+            .rate_limits
+            .iter()
+            .map(|limit| {
+                let window = limit.window.map_or(0, |window| window.seconds);
+                let auto = if limit.auto_apply { ",auto" } else { "" };
+                format!("{}={}/{window}s{auto}", limit.name, limit.limit)
+            })
+            .collect();
+        text.push_str(&format!("Rate limits: {}\n", limits.join(", ")));
+    }
     if !key.etag.is_empty() {
         text.push_str(&format!("Etag: {}\n", key.etag));
     }
@@ -189,7 +201,7 @@ pub(super) fn event_json(event: &KeyEvent) -> Value {
 }
 
 pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
-    let rows: Vec<[String; 8]> = usage
+    let rows: Vec<[String; 9]> = usage
         .buckets
         .iter()
         .map(|hour| {
@@ -201,6 +213,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
                 hour.deleted.to_string(),
                 hour.insufficient_scope.to_string(),
                 hour.ip_not_allowed.to_string(),
+                hour.rate_limited.to_string(),
                 hour.distinct_client_ips.to_string(),
             ]
         })
@@ -214,6 +227,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
             "Deleted",
             "Missing scope",
             "IP refused",
+            "Rate limited",
             "Client IPs",
         ],
         &rows,
@@ -244,6 +258,7 @@ pub(super) fn usage_json(usage: &GetKeyUsageResponse) -> Value {
                 ("insufficientScope", int64(hour.insufficient_scope)),
                 ("distinctClientIps", int64(hour.distinct_client_ips)),
                 ("ipNotAllowed", int64(hour.ip_not_allowed)),
+                ("rateLimited", int64(hour.rate_limited)),
             ])
         })
         .collect();
@@ -305,7 +320,38 @@ pub(super) fn key_json(key: &ApiKey) -> Value {
         ("annotations", sorted_map(&key.annotations)),
         ("ownerId", json!(key.owner_id)),
         ("etag", json!(key.etag)),
+        (
+            "rateLimits",
+            Value::Array(
+                key.rate_limits
+                    .iter()
+                    .map(|limit| {
+                        message([
+                            ("name", json!(limit.name)),
+                            ("limit", int64(limit.limit)),
+                            ("window", duration(&limit.window)),
+                            ("autoApply", json!(limit.auto_apply)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
     ])
+}
+
+/// A duration as the proto3 JSON mapping writes it: seconds with 0, 3, 6 or 9 fractional
+/// digits and an `s`.
+fn duration(duration: &Option<prost_types::Duration>) -> Value {
+    let Some(duration) = duration else {
+        return Value::Null;
+    };
+    let fraction = match duration.nanos {
+        0 => String::new(),
+        nanos if nanos % 1_000_000 == 0 => format!(".{:03}", nanos / 1_000_000),
+        nanos if nanos % 1_000 == 0 => format!(".{:06}", nanos / 1_000),
+        nanos => format!(".{nanos:09}"),
+    };
+    json!(format!("{}{fraction}s", duration.seconds))
 }
 
 /// A `map<string, string>` as JSON (sorted by key, as the map is).
@@ -324,6 +370,24 @@ pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
         ("name", json!(answer.name)),
         ("annotations", sorted_map(&answer.annotations)),
         ("ownerId", json!(answer.owner_id)),
+        (
+            "rateLimits",
+            Value::Array(
+                answer
+                    .rate_limits
+                    .iter()
+                    .map(|state| {
+                        message([
+                            ("name", json!(state.name)),
+                            ("limit", int64(state.limit)),
+                            ("remaining", int64(state.remaining)),
+                            ("resetTime", rfc3339(&state.reset_time)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("retryAfter", duration(&answer.retry_after)),
     ])
 }
 
@@ -335,11 +399,29 @@ pub(super) fn validation_text(answer: &ValidateKeyResponse) -> String {
     if answer.key_id.is_empty() {
         return result.to_owned();
     }
-    format!(
+    let mut text = format!(
         "{result}: key {} (\"{}\") of workspace {}, expires {}",
         answer.key_id,
         answer.name,
         answer.workspace_id,
         time_or_never(&answer.expire_time)
-    )
+    );
+    for state in &answer.rate_limits {
+        text.push_str(&format!(
+            "\n  rate limit {}: {} of {} left until {}",
+            state.name,
+            state.remaining,
+            state.limit,
+            time_or_never(&state.reset_time)
+        ));
+    }
+    if let Some(wait) = answer.retry_after {
+        let millis = wait.seconds * 1_000 + i64::from(wait.nanos / 1_000_000);
+        text.push_str(&format!(
+            "\n  retry after {}.{:03}s",
+            millis / 1_000,
+            millis % 1_000
+        ));
+    }
+    text
 }

@@ -31,6 +31,7 @@ pub(crate) enum KeyField {
     OwnerId,
     Annotations,
     AllowedCidrs,
+    RateLimits,
 }
 
 impl KeyField {
@@ -41,6 +42,7 @@ impl KeyField {
             Self::OwnerId => "owner_id",
             Self::Annotations => "annotations",
             Self::AllowedCidrs => "allowed_cidrs",
+            Self::RateLimits => "rate_limits",
         }
     }
 }

@@ -35,7 +35,7 @@ pub enum InvalidInput {
     )]
     RequiredScopesInvalid,
     #[error(
-        "update_mask paths must be `name`, `scopes`, `owner_id`, `annotations`, `allowed_cidrs` or `*`"
+        "update_mask paths must be `name`, `scopes`, `owner_id`, `annotations`, `allowed_cidrs`, `rate_limits` or `*`"
     )]
     UpdateMaskInvalid,
     #[error("grace_period must be between 0 and 7 days")]
@@ -68,6 +68,18 @@ pub enum InvalidInput {
     CidrInvalid,
     #[error("a key has at most 64 allowed CIDRs")]
     TooManyCidrs,
+    #[error(
+        "each rate limit name must be 1 to 64 characters of a-z, 0-9, '_', '.', ':' or '-', and distinct"
+    )]
+    RateLimitNameInvalid,
+    #[error("each rate limit's limit must be from 1 to 1,000,000,000")]
+    RateLimitLimitInvalid,
+    #[error("each rate limit's window must be from 1 second to 24 hours, in whole seconds")]
+    RateLimitWindowInvalid,
+    #[error("a key has, and a request names, at most 8 rate limits")]
+    TooManyRateLimits,
+    #[error("cost must not be negative")]
+    CostInvalid,
 }
 
 impl InvalidInput {
@@ -101,6 +113,11 @@ impl InvalidInput {
             Self::TooManyAnnotations => "TOO_MANY_ANNOTATIONS",
             Self::CidrInvalid => "CIDR_INVALID",
             Self::TooManyCidrs => "TOO_MANY_CIDRS",
+            Self::RateLimitNameInvalid => "RATE_LIMIT_NAME_INVALID",
+            Self::RateLimitLimitInvalid => "RATE_LIMIT_LIMIT_INVALID",
+            Self::RateLimitWindowInvalid => "RATE_LIMIT_WINDOW_INVALID",
+            Self::TooManyRateLimits => "TOO_MANY_RATE_LIMITS",
+            Self::CostInvalid => "COST_INVALID",
         }
     }
 
@@ -132,6 +149,11 @@ impl InvalidInput {
             | Self::AnnotationValueInvalid
             | Self::TooManyAnnotations => "annotations",
             Self::CidrInvalid | Self::TooManyCidrs => "allowed_cidrs",
+            Self::RateLimitNameInvalid
+            | Self::RateLimitLimitInvalid
+            | Self::RateLimitWindowInvalid
+            | Self::TooManyRateLimits
+            | Self::CostInvalid => "rate_limits",
         }
     }
 }

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, KeyStatus, OwnerId, Scopes, WorkspaceId,
-    masked_key,
+    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, KeyStatus, OwnerId, RateLimits, Scopes,
+    WorkspaceId, masked_key,
 };
 
 /// A key as stored, tombstone or not. Never the key itself: only its hash and last four
@@ -41,6 +41,8 @@ pub(crate) struct Key {
     pub annotations: Annotations,
     /// Empty: any address.
     pub allowed_cidrs: AllowedCidrs,
+    /// Empty: no limit.
+    pub rate_limits: RateLimits,
 }
 
 impl Key {

@@ -12,6 +12,7 @@ mod key_id;
 mod key_name;
 mod legibility;
 mod page_token;
+mod rate_limit;
 mod scopes;
 mod secret;
 mod validation;
@@ -28,6 +29,10 @@ pub use key_name::KeyName;
 pub(crate) use legibility::{Legibility, legibility};
 pub(crate) use page_token::EventCursor;
 pub use page_token::PageCursor;
+pub use rate_limit::{
+    LimitJudgement, LimitState, MAX_RATE_LIMITS, RateLimit, RateLimitAsk, RateLimits, Window,
+    ceil_div, column_rate_limits, judge as judge_limits,
+};
 pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{
     KEY_LEN, KEY_PREFIX, KeyHash, MalformedKey, PresentedKey, Secret, contains_key, masked_key,

@@ -47,6 +47,8 @@ pub enum Validation {
     /// Active, but the request came from outside the key's allowed networks (or from an
     /// unknown address).
     IpNotAllowed,
+    /// Active, but a rate limit the request was judged against had too little left.
+    RateLimited,
 }
 
 /// How a gateway's authorization check (Envoy's ext_authz `Check`) ended: allowed, or denied
@@ -58,7 +60,8 @@ pub enum CheckDecision {
     Allowed,
     /// No configured header carried a key.
     MissingKey,
-    /// The route's `required_scopes` is not a list of scopes: the gateway is misconfigured.
+    /// The route's `required_scopes` is not a list of scopes, or its `rate_limits` not a list
+    /// of limits: the gateway is misconfigured.
     RouteMisconfigured,
     /// The index could not answer (stale): denied, failing closed.
     Unavailable,
@@ -88,6 +91,7 @@ impl CheckDecision {
                 Validation::Deleted => "deleted",
                 Validation::InsufficientScope => "insufficient_scope",
                 Validation::IpNotAllowed => "ip_not_allowed",
+                Validation::RateLimited => "rate_limited",
             },
         }
     }
@@ -95,7 +99,7 @@ impl CheckDecision {
 
 impl Validation {
     /// Every answer, for what is made once per answer (metric series, tests).
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Valid,
         Self::Malformed,
         Self::NotFound,
@@ -104,6 +108,7 @@ impl Validation {
         Self::Deleted,
         Self::InsufficientScope,
         Self::IpNotAllowed,
+        Self::RateLimited,
     ];
 
     /// The answer for a known key: its status first, then where the request came from, then

@@ -19,7 +19,8 @@ pub use sync::{SyncSettings, Syncer};
 
 use crate::{
     domain::{
-        Cidr, KeyHash, KeyStatus, Validation, column_annotations, column_cidrs, column_scopes,
+        Cidr, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation, Window,
+        column_annotations, column_cidrs, column_rate_limits, column_scopes, judge_limits,
     },
     store::IndexRow,
     usage::{HourUsage, hour_start},
@@ -60,6 +61,8 @@ struct Terms {
     annotations: Box<[(Box<str>, Box<str>)]>,
     /// Empty: any address.
     allowed_cidrs: Box<[Cidr]>,
+    /// Sorted by name; empty: no limit.
+    rate_limits: Box<[RateLimit]>,
 }
 
 impl Terms {
@@ -72,6 +75,7 @@ impl Terms {
                 .map(|(key, value)| (key.into_boxed_str(), value.into_boxed_str()))
                 .collect(),
             allowed_cidrs: column_cidrs(&row.allowed_cidrs).collect(),
+            rate_limits: column_rate_limits(&row.rate_limits).into(),
         };
         (terms != Self::default()).then(|| Box::new(terms))
     }
@@ -110,6 +114,9 @@ struct ActivityState {
     /// The client IP of the last valid use.
     last_used_ip: Option<IpAddr>,
     unflushed: Option<Box<Unflushed>>,
+    /// The current window of each rate limit spent from (kept across changes to the key, so
+    /// an update does not refill a limit).
+    windows: Vec<Window>,
 }
 
 /// What the next flush takes of a key.
@@ -149,8 +156,11 @@ pub struct Found {
     /// Empty for none.
     pub owner_id: String,
     pub annotations: std::collections::BTreeMap<String, String>,
-    /// The answer, from the key's status, the client's address and the scopes required.
+    /// The answer, from the key's status, the client's address, the scopes required and the
+    /// rate limits.
     pub result: Validation,
+    /// The rate limits judged, when the key was otherwise valid.
+    pub limits: LimitJudgement,
 }
 
 /// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
@@ -308,10 +318,11 @@ impl KeyIndex {
     }
 
     /// The key with this hash, as of `now_us`, judged for a request from `client_ip` that
-    /// needs every one of `required` (sorted or not). An answer of VALID (active, from an
-    /// allowed address, with the scopes required) notes the use (at most once per
-    /// `use_resolution_us`); with usage recorded, every answer is counted in the key's hour.
-    /// All in memory, for the flush to write.
+    /// needs every one of `required` (sorted or not) and spends `asks` from the key's rate
+    /// limits (and 1 from each auto-applied one). An answer of VALID (active, from an allowed
+    /// address, with the scopes required, within every limit judged) spends from the limits
+    /// and notes the use (at most once per `use_resolution_us`); with usage recorded, every
+    /// answer is counted in the key's hour. All in memory, for the flush to write.
     pub fn lookup<S: AsRef<str>>(
         &self,
         hash: &KeyHash,
@@ -319,6 +330,7 @@ impl KeyIndex {
         now_us: i64,
         use_resolution_us: i64,
         client_ip: Option<IpAddr>,
+        asks: &[RateLimitAsk<'_>],
     ) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
@@ -338,11 +350,18 @@ impl KeyIndex {
             .terms
             .as_ref()
             .is_none_or(|terms| terms.admits(client_ip));
-        let result = Validation::of_known(status, ip_allowed, has_required_scopes);
-        let use_due = result == Validation::Valid
-            && record.last_used_us().saturating_add(use_resolution_us) <= now_us;
-        if use_due || self.record_usage {
-            self.note(hash, record, result, use_due, now_us, client_ip);
+        let mut result = Validation::of_known(status, ip_allowed, has_required_scopes);
+        let limits = match &record.terms {
+            Some(terms) if result == Validation::Valid && !terms.rate_limits.is_empty() => {
+                Some((&*terms.rate_limits, asks))
+            }
+            _ => None,
+        };
+        let use_stale = record.last_used_us().saturating_add(use_resolution_us) <= now_us;
+        let mut judged = LimitJudgement::default();
+        if limits.is_some() || (use_stale && result == Validation::Valid) || self.record_usage {
+            (result, judged) =
+                self.note(hash, record, result, limits, use_stale, now_us, client_ip);
         }
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
         id.push_str(ID_PREFIX);
@@ -371,20 +390,28 @@ impl KeyIndex {
                 .map(|(key, value)| (String::from(&**key), String::from(&**value)))
                 .collect(),
             result,
+            limits: judged,
         })
     }
 
-    /// Notes a use and counts an answer in the key's activity, and queues the key for the
-    /// next flush.
+    /// Judges the request against `limits` (the key's, and what the request asks) when
+    /// given, then notes a use (when the answer is still VALID and `use_stale`: the last one
+    /// noted is older than the resolution) and counts the answer in the key's activity, and
+    /// queues the key for the next flush. All under the key's lock, so concurrent requests
+    /// spend from its limits one at a time. Returns the answer: RATE_LIMITED if a limit
+    /// refused.
+    #[allow(clippy::too_many_arguments)]
     fn note(
         &self,
         hash: &KeyHash,
         record: &Record,
-        result: Validation,
-        use_due: bool,
+        mut result: Validation,
+        limits: Option<(&[RateLimit], &[RateLimitAsk<'_>])>,
+        use_stale: bool,
         now_us: i64,
         client_ip: Option<IpAddr>,
-    ) {
+    ) -> (Validation, LimitJudgement) {
+        let mut judged = LimitJudgement::default();
         let activity = record.activity.get_or_init(|| {
             Arc::new(Activity {
                 last_used_us: AtomicI64::new(i64::MIN),
@@ -394,6 +421,17 @@ impl KeyIndex {
         });
         {
             let mut state = lock(&activity.state);
+            if let Some((limits, asks)) = limits {
+                judged = judge_limits(limits, asks, &mut state.windows, now_us);
+                if !judged.admitted() {
+                    result = Validation::RateLimited;
+                }
+            }
+            let use_due = use_stale && result == Validation::Valid;
+            if !use_due && !self.record_usage {
+                // Only the limits were judged: nothing for a flush.
+                return (result, judged);
+            }
             if use_due {
                 activity.last_used_us.fetch_max(now_us, Ordering::Relaxed);
                 state.last_used_ip = client_ip;
@@ -417,6 +455,7 @@ impl KeyIndex {
         {
             lock(&self.pending).push(*hash);
         }
+        (result, judged)
     }
 
     /// The last valid use this replica has seen of the key, if any.
@@ -512,6 +551,7 @@ mod tests {
             owner_id: String::new(),
             annotations: String::new(),
             allowed_cidrs: String::new(),
+            rate_limits: String::new(),
         }
     }
 
@@ -530,21 +570,23 @@ mod tests {
         let index = KeyIndex::new();
         let secret = Secret::generate();
         index.apply(&row(7, &secret, 1, false));
-        let found = index.lookup(&secret.hash(), NONE, 999, 1, None).unwrap();
+        let found = index
+            .lookup(&secret.hash(), NONE, 999, 1, None, &[])
+            .unwrap();
         assert_eq!(found.id, "key_00000000000000000007");
         assert_eq!(&*found.workspace, "ws-1");
         assert_eq!(found.result, Validation::Valid);
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 1_000, 1, None)
+                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[])
                 .unwrap()
                 .result,
             Validation::Expired
         );
         assert!(
             index
-                .lookup(&Secret::generate().hash(), NONE, 0, 1, None)
+                .lookup(&Secret::generate().hash(), NONE, 0, 1, None, &[])
                 .is_none()
         );
     }
@@ -557,14 +599,14 @@ mod tests {
         key.scopes = "orders:read orders:write".into();
         index.apply(&key);
         let found = index
-            .lookup(&secret.hash(), &["orders:write"], 0, 1, None)
+            .lookup(&secret.hash(), &["orders:write"], 0, 1, None, &[])
             .unwrap();
         assert_eq!(found.result, Validation::Valid);
         assert_eq!(found.scopes, ["orders:read", "orders:write"]);
         assert_eq!(found.name, "key 1");
         assert_eq!(index.take_activity().len(), 1);
         let found = index
-            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1, None)
+            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1, None, &[])
             .unwrap();
         assert_eq!(found.result, Validation::InsufficientScope);
         key.revision = 2;
@@ -572,7 +614,7 @@ mod tests {
         index.apply(&key);
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 20, 1, None)
+                .lookup(&secret.hash(), NONE, 20, 1, None, &[])
                 .unwrap()
                 .result,
             Validation::Disabled
@@ -580,7 +622,7 @@ mod tests {
         // Expired wins over disabled, deleted over both.
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 1_000, 1, None)
+                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[])
                 .unwrap()
                 .result,
             Validation::Expired
@@ -617,7 +659,7 @@ mod tests {
         index.apply(&row(1, &secret, 4, false));
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 0, 1, None)
+                .lookup(&secret.hash(), NONE, 0, 1, None, &[])
                 .unwrap()
                 .result,
             Validation::Deleted
@@ -630,9 +672,9 @@ mod tests {
         let secret = Secret::generate();
         index.apply(&row(1, &secret, 1, false));
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        index.lookup(&secret.hash(), NONE, 100, 10, None);
-        index.lookup(&secret.hash(), NONE, 105, 10, None); // within the resolution: not noted
-        index.lookup(&secret.hash(), NONE, 120, 10, Some(ip));
+        index.lookup(&secret.hash(), NONE, 100, 10, None, &[]);
+        index.lookup(&secret.hash(), NONE, 105, 10, None, &[]); // within the resolution: not noted
+        index.lookup(&secret.hash(), NONE, 120, 10, Some(ip), &[]);
         let taken = index.take_activity();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].key_id, "key_00000000000000000001");
@@ -659,9 +701,9 @@ mod tests {
         let mut key = row(1, &secret, 1, false);
         key.expire_time_us = None;
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, HOUR_US - 1, 1, None);
-        index.lookup(&secret.hash(), NONE, HOUR_US, 1, None);
-        index.lookup(&secret.hash(), NONE, HOUR_US + 1, 1, None);
+        index.lookup(&secret.hash(), NONE, HOUR_US - 1, 1, None, &[]);
+        index.lookup(&secret.hash(), NONE, HOUR_US, 1, None, &[]);
+        index.lookup(&secret.hash(), NONE, HOUR_US + 1, 1, None, &[]);
         let mut hours: Vec<_> = index
             .take_activity()
             .into_iter()
@@ -678,11 +720,11 @@ mod tests {
         let secret = Secret::generate();
         let mut key = row(1, &secret, 1, false);
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, 10, 1, None);
+        index.lookup(&secret.hash(), NONE, 10, 1, None, &[]);
         key.revision = 2;
         key.disable_time_us = Some(11);
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, 12, 1, None);
+        index.lookup(&secret.hash(), NONE, 12, 1, None, &[]);
         let taken = index.take_activity();
         assert_eq!(
             taken[0].usage.as_ref().unwrap().counts,
@@ -695,8 +737,8 @@ mod tests {
 
         let off = KeyIndex::recording_usage(false);
         off.apply(&row(1, &secret, 1, false));
-        off.lookup(&secret.hash(), NONE, 10, 1, None);
-        off.lookup(&secret.hash(), NONE, 2_000, 1, None); // expired: not a use
+        off.lookup(&secret.hash(), NONE, 10, 1, None, &[]);
+        off.lookup(&secret.hash(), NONE, 2_000, 1, None, &[]); // expired: not a use
         let taken = off.take_activity();
         assert_eq!(taken[0].last_used, Some((10, None)));
         assert_eq!(taken[0].usage, None);

@@ -76,6 +76,7 @@ struct ValidationCounters {
     deleted: Counter,
     insufficient_scope: Counter,
     ip_not_allowed: Counter,
+    rate_limited: Counter,
 }
 
 impl ValidationCounters {
@@ -89,6 +90,7 @@ impl ValidationCounters {
             deleted: series(Validation::Deleted),
             insufficient_scope: series(Validation::InsufficientScope),
             ip_not_allowed: series(Validation::IpNotAllowed),
+            rate_limited: series(Validation::RateLimited),
         }
     }
 
@@ -102,6 +104,7 @@ impl ValidationCounters {
             Validation::Deleted => &self.deleted,
             Validation::InsufficientScope => &self.insufficient_scope,
             Validation::IpNotAllowed => &self.ip_not_allowed,
+            Validation::RateLimited => &self.rate_limited,
         }
     }
 }
@@ -162,6 +165,7 @@ pub(crate) fn result_label(result: Validation) -> &'static str {
         Validation::Deleted => "VALIDATION_RESULT_DELETED",
         Validation::InsufficientScope => "VALIDATION_RESULT_INSUFFICIENT_SCOPE",
         Validation::IpNotAllowed => "VALIDATION_RESULT_IP_NOT_ALLOWED",
+        Validation::RateLimited => "VALIDATION_RESULT_RATE_LIMITED",
     }
 }
 

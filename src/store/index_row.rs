@@ -26,10 +26,12 @@ pub struct IndexRow {
     pub owner_id: String,
     pub annotations: String,
     pub allowed_cidrs: String,
+    /// As stored: see [`crate::domain::RateLimits::to_column`].
+    pub rate_limits: String,
 }
 
 /// The columns both readers select, in this order.
-pub(super) const INDEX_COLUMNS: [&str; 13] = [
+pub(super) const INDEX_COLUMNS: [&str; 14] = [
     "id",
     "workspace_id",
     "key_hash",
@@ -43,6 +45,7 @@ pub(super) const INDEX_COLUMNS: [&str; 13] = [
     "owner_id",
     "annotations",
     "allowed_cidrs",
+    "rate_limits",
 ];
 
 /// Where `name` is in [`INDEX_COLUMNS`]; evaluated while compiling, so a name that is not
@@ -98,6 +101,7 @@ impl IndexRow {
             owner_id: row.text(const { at("owner_id") })?,
             annotations: row.text(const { at("annotations") })?,
             allowed_cidrs: row.text(const { at("allowed_cidrs") })?,
+            rate_limits: row.text(const { at("rate_limits") })?,
         })
     }
 }
@@ -158,6 +162,7 @@ impl From<&Key> for IndexRow {
             owner_id: String::from(key.owner_id.as_str()),
             annotations: key.annotations.to_column(),
             allowed_cidrs: key.allowed_cidrs.to_column(),
+            rate_limits: key.rate_limits.to_column(),
         }
     }
 }

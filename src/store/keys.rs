@@ -13,8 +13,8 @@ use super::{
     events::{NewEvent, record_event},
 };
 use crate::domain::{
-    AllowedCidrs, Annotations, Key, KeyHash, KeyId, KeyName, OwnerId, PageCursor, Scopes,
-    WorkspaceId,
+    AllowedCidrs, Annotations, Key, KeyHash, KeyId, KeyName, OwnerId, PageCursor, RateLimits,
+    Scopes, WorkspaceId,
 };
 
 /// A key to insert, already validated and hashed.
@@ -32,6 +32,7 @@ pub(crate) struct NewKey<'a> {
     pub owner_id: OwnerId,
     pub annotations: Annotations,
     pub allowed_cidrs: AllowedCidrs,
+    pub rate_limits: RateLimits,
 }
 
 impl NewKey<'_> {
@@ -55,6 +56,7 @@ impl NewKey<'_> {
             owner_id: Set(self.owner_id),
             annotations: Set(self.annotations),
             allowed_cidrs: Set(self.allowed_cidrs),
+            rate_limits: Set(self.rate_limits),
         }
     }
 }
@@ -72,6 +74,7 @@ pub(crate) struct KeyUpdate {
     pub owner_id: Option<OwnerId>,
     pub annotations: Option<Annotations>,
     pub allowed_cidrs: Option<AllowedCidrs>,
+    pub rate_limits: Option<RateLimits>,
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
@@ -170,6 +173,7 @@ impl Store {
             owner_id,
             annotations,
             allowed_cidrs,
+            rate_limits,
         } = change.update;
         record_event(&txn, revision, workspace, id, change.event)
             .await
@@ -206,6 +210,9 @@ impl Store {
         }
         if let Some(allowed_cidrs) = allowed_cidrs {
             update.allowed_cidrs = Set(allowed_cidrs);
+        }
+        if let Some(rate_limits) = rate_limits {
+            update.rate_limits = Set(rate_limits);
         }
         let key = Entity::update(update)
             .exec(&txn)

@@ -26,7 +26,7 @@ pub(crate) struct KeyHour {
 }
 
 /// The usage table's count columns, each with its count: the one place they are named.
-fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 6] {
+fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 7] {
     let UsageCounts {
         valid,
         expired,
@@ -34,6 +34,7 @@ fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 6] {
         deleted,
         insufficient_scope,
         ip_not_allowed,
+        rate_limited,
     } = *counts;
     [
         ("valid", valid),
@@ -42,11 +43,12 @@ fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 6] {
         ("deleted", deleted),
         ("insufficient_scope", insufficient_scope),
         ("ip_not_allowed", ip_not_allowed),
+        ("rate_limited", rate_limited),
     ]
 }
 
 /// The count columns' names.
-fn usage_column_names() -> [&'static str; 6] {
+fn usage_column_names() -> [&'static str; 7] {
     usage_columns(&UsageCounts::default()).map(|(name, _)| name)
 }
 
@@ -63,6 +65,7 @@ fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
         deleted: count("deleted")?,
         insufficient_scope: count("insufficient_scope")?,
         ip_not_allowed: count("ip_not_allowed")?,
+        rate_limited: count("rate_limited")?,
     })
 }
 

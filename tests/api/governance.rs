@@ -121,6 +121,7 @@ async fn the_address_is_judged_after_the_keys_state_and_before_its_scopes() {
         })
         .await;
     let validate = |required: &[&str], ip: &str| ValidateKeyRequest {
+        rate_limits: Vec::new(),
         key: secret.clone(),
         required_scopes: required.iter().map(|s| (*s).to_owned()).collect(),
         client_ip: ip.into(),

@@ -114,6 +114,7 @@ impl TestApp {
                 key: key.into(),
                 required_scopes: required_scopes.iter().map(|s| s.to_string()).collect(),
                 client_ip: client_ip.into(),
+                rate_limits: Vec::new(),
             })
             .await
             .expect("validate")

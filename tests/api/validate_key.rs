@@ -85,14 +85,14 @@ async fn validation_is_answered_without_the_database() {
 
     for input in garbage(apikeys::domain::Secret::generate().expose()) {
         let outcome = service
-            .validate(&input, &[] as &[&str], None)
+            .validate(&input, &[] as &[&str], None, &[])
             .expect("answered without the database");
         assert_eq!(outcome.result, Validation::Malformed);
     }
     // Well-formed keys too: validation is a memory lookup.
     let unknown = apikeys::domain::Secret::generate();
     let outcome = service
-        .validate(unknown.expose(), &[] as &[&str], None)
+        .validate(unknown.expose(), &[] as &[&str], None, &[])
         .expect("answered without the database");
     assert_eq!(outcome.result, Validation::NotFound);
 }

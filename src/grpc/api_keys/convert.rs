@@ -5,7 +5,10 @@ use chrono::{DateTime, Utc};
 use tonic::metadata::MetadataMap;
 
 use crate::{
-    domain::{Actor, EventKind, Expiration, Expiry, InvalidInput, Key, Validation},
+    domain::{
+        Actor, EventKind, Expiration, Expiry, InvalidInput, Key, LimitJudgement, MAX_RATE_LIMITS,
+        RateLimit, RateLimitAsk, RateLimits, Validation, ceil_div,
+    },
     error::ApiError,
     grpc::proto::{self, ApiKey, KeyEvent, KeyEventType, KeyStatus, ValidationResult},
     service::{DEFAULT_PAGE_SIZE, MAX_GRACE_PERIOD},
@@ -31,6 +34,7 @@ impl From<Validation> for ValidationResult {
             Validation::Deleted => Self::Deleted,
             Validation::InsufficientScope => Self::InsufficientScope,
             Validation::IpNotAllowed => Self::IpNotAllowed,
+            Validation::RateLimited => Self::RateLimited,
         }
     }
 }
@@ -158,9 +162,73 @@ fn expiration(value: i32) -> Result<Expiration, InvalidInput> {
     }
 }
 
+/// A key's limits as given; every one checked, then the list.
+pub(super) fn rate_limits(limits: &[proto::RateLimit]) -> Result<RateLimits, InvalidInput> {
+    if limits.len() > MAX_RATE_LIMITS {
+        return Err(InvalidInput::TooManyRateLimits);
+    }
+    let limits = limits
+        .iter()
+        .map(|limit| {
+            let window = limit.window.map(|window| (window.seconds, window.nanos));
+            RateLimit::parse(&limit.name, limit.limit, window, limit.auto_apply)
+        })
+        .collect::<Result<_, _>>()?;
+    RateLimits::new(limits)
+}
+
+/// What a validation asks of its key's limits; no allocation when it asks nothing.
+pub(crate) fn rate_limit_asks(
+    asks: &[proto::RateLimitRequest],
+) -> Result<Vec<RateLimitAsk<'_>>, InvalidInput> {
+    if asks.len() > MAX_RATE_LIMITS {
+        return Err(InvalidInput::TooManyRateLimits);
+    }
+    asks.iter()
+        .map(|ask| RateLimitAsk::parse(&ask.name, ask.cost))
+        .collect()
+}
+
+/// Where the limits judged stand, as the wire shows them.
+pub(crate) fn rate_limit_states(judged: &LimitJudgement) -> Vec<proto::RateLimitState> {
+    judged
+        .states
+        .iter()
+        .map(|state| proto::RateLimitState {
+            name: state.name.clone(),
+            limit: state.limit,
+            remaining: state.remaining,
+            reset_time: Some(timestamp(state.reset_us)),
+        })
+        .collect()
+}
+
+/// A wait in microseconds as a Duration, rounded up to the millisecond.
+pub(crate) fn retry_after(micros: i64) -> prost_types::Duration {
+    let millis = ceil_div(micros.max(0), 1_000);
+    prost_types::Duration {
+        seconds: millis / 1_000,
+        nanos: (millis % 1_000 * 1_000_000) as i32,
+    }
+}
+
 pub(super) fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
     let status = KeyStatus::from(key.status(now));
     ApiKey {
+        rate_limits: key
+            .rate_limits
+            .as_slice()
+            .iter()
+            .map(|limit| proto::RateLimit {
+                name: String::from(&*limit.name),
+                limit: limit.limit,
+                window: Some(prost_types::Duration {
+                    seconds: limit.window_ms / 1_000,
+                    nanos: (limit.window_ms % 1_000 * 1_000_000) as i32,
+                }),
+                auto_apply: limit.auto_apply,
+            })
+            .collect(),
         etag: key.etag(),
         masked_key: key.masked(),
         allowed_cidrs: key.allowed_cidrs.to_strings(),

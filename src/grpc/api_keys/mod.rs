@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::field::Empty;
 
 use self::convert::{
-    actor, api_key, expiry, grace_period, key_event, page_size, time, timestamp, usage_range,
+    actor, api_key, expiry, grace_period, key_event, page_size, rate_limit_asks, rate_limit_states,
+    rate_limits, retry_after, time, timestamp, usage_range,
 };
 use self::stream::Validations;
 use super::proto::{
@@ -95,9 +96,10 @@ impl ApiKeysService {
                     .map_err(|_| InvalidInput::ClientIpInvalid)?,
             ),
         };
-        let outcome = self
-            .keys
-            .validate(&request.key, &request.required_scopes, client_ip)?;
+        let asks = rate_limit_asks(&request.rate_limits)?;
+        let outcome =
+            self.keys
+                .validate(&request.key, &request.required_scopes, client_ip, &asks)?;
         let result = answered(outcome.result, self.metrics.as_deref());
         let mut response = ValidateKeyResponse {
             valid: result == ValidationResult::Valid,
@@ -112,6 +114,10 @@ impl ApiKeysService {
             response.name = found.name;
             response.owner_id = found.owner_id;
             response.annotations = found.annotations;
+            if !found.limits.states.is_empty() {
+                response.rate_limits = rate_limit_states(&found.limits);
+                response.retry_after = found.limits.retry_after_us.map(retry_after);
+            }
         }
         Ok(response)
     }
@@ -186,6 +192,7 @@ impl ApiKeys for ApiKeysService {
             owner_id: OwnerId::parse(&request.owner_id).map_err(ApiError::from)?,
             annotations: Annotations::parse(&request.annotations).map_err(ApiError::from)?,
             allowed_cidrs: AllowedCidrs::parse(&request.allowed_cidrs).map_err(ApiError::from)?,
+            rate_limits: rate_limits(&request.rate_limits).map_err(ApiError::from)?,
         };
         let (key, secret) = self
             .keys
@@ -300,6 +307,11 @@ impl ApiKeys for ApiKeysService {
             allowed_cidrs: mask
                 .allowed_cidrs
                 .then(|| AllowedCidrs::parse(&key.allowed_cidrs))
+                .transpose()
+                .map_err(ApiError::from)?,
+            rate_limits: mask
+                .rate_limits
+                .then(|| rate_limits(&key.rate_limits))
                 .transpose()
                 .map_err(ApiError::from)?,
         };
@@ -438,6 +450,7 @@ impl ApiKeys for ApiKeysService {
                         deleted,
                         insufficient_scope,
                         ip_not_allowed,
+                        rate_limited,
                     } = hour.counts;
                     let count = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
                     UsageBucket {
@@ -448,6 +461,7 @@ impl ApiKeys for ApiKeysService {
                         deleted: count(deleted),
                         insufficient_scope: count(insufficient_scope),
                         ip_not_allowed: count(ip_not_allowed),
+                        rate_limited: count(rate_limited),
                         distinct_client_ips: i64::try_from(hour.client_ips.estimate())
                             .unwrap_or(i64::MAX),
                     }
@@ -471,6 +485,7 @@ struct UpdateMask {
     owner_id: bool,
     annotations: bool,
     allowed_cidrs: bool,
+    rate_limits: bool,
 }
 
 impl UpdateMask {
@@ -483,6 +498,7 @@ impl UpdateMask {
                 owner_id: !key.owner_id.is_empty(),
                 annotations: !key.annotations.is_empty(),
                 allowed_cidrs: !key.allowed_cidrs.is_empty(),
+                rate_limits: !key.rate_limits.is_empty(),
             });
         }
         let mut mask = Self::default();
@@ -493,6 +509,7 @@ impl UpdateMask {
                 "owner_id" => mask.owner_id = true,
                 "annotations" => mask.annotations = true,
                 "allowed_cidrs" => mask.allowed_cidrs = true,
+                "rate_limits" => mask.rate_limits = true,
                 "*" => {
                     mask = Self {
                         name: true,
@@ -500,6 +517,7 @@ impl UpdateMask {
                         owner_id: true,
                         annotations: true,
                         allowed_cidrs: true,
+                        rate_limits: true,
                     }
                 }
                 _ => return Err(InvalidInput::UpdateMaskInvalid.into()),

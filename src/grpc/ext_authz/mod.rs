@@ -18,7 +18,7 @@ use self::{request::AttributeContext, response::header};
 pub(crate) use self::{request::CheckRequest, response::CheckResponse};
 
 use crate::{
-    domain::{CheckDecision, InvalidInput, Validation},
+    domain::{CheckDecision, InvalidInput, LimitJudgement, RateLimitAsk, Validation, ceil_div},
     error::ApiError,
     observability::metrics::Metrics,
     observability::telemetry,
@@ -36,6 +36,9 @@ const ANNOTATION_HEADER: &str = "annotation-";
 pub const DEFAULT_HEADER_PREFIX: &str = "x-cloodot-";
 /// The per-route `context_extensions` entry listing the scopes a route needs.
 pub(crate) const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
+/// The per-route `context_extensions` entry naming the rate limits a route spends from:
+/// `name` or `name=cost`, separated by commas.
+pub(crate) const RATE_LIMITS_EXTENSION: &str = "rate_limits";
 /// Where proxies in front of the gateway name the client.
 const FORWARDED_FOR: &str = "x-forwarded-for";
 
@@ -192,15 +195,30 @@ impl ExtAuthzService {
                 .map(str::trim)
                 .filter(|scope| !scope.is_empty())
                 .collect(),
-            Some(Err(())) => return route_misconfigured(),
+            Some(Err(())) => return route_misconfigured(REQUIRED_SCOPES_EXTENSION),
+        };
+        let asks = match attributes.context_extension(RATE_LIMITS_EXTENSION) {
+            None => Vec::new(),
+            Some(Ok(limits)) => match route_rate_limits(limits) {
+                Some(asks) => asks,
+                None => return route_misconfigured(RATE_LIMITS_EXTENSION),
+            },
+            Some(Err(())) => return route_misconfigured(RATE_LIMITS_EXTENSION),
         };
         let outcome = match self
             .keys
-            .validate(&key, &required, self.client_ip(attributes))
+            .validate(&key, &required, self.client_ip(attributes), &asks)
         {
             Ok(outcome) => outcome,
             Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
-                return route_misconfigured();
+                return route_misconfigured(REQUIRED_SCOPES_EXTENSION);
+            }
+            Err(ApiError::InvalidInput(
+                InvalidInput::RateLimitNameInvalid
+                | InvalidInput::TooManyRateLimits
+                | InvalidInput::CostInvalid,
+            )) => {
+                return route_misconfigured(RATE_LIMITS_EXTENSION);
             }
             Err(err) => {
                 // Fail closed: a stale index (or anything else) never lets a request through.
@@ -252,10 +270,28 @@ impl ExtAuthzService {
                 for (key, name) in &upstream.annotations {
                     set(name, annotations.remove(key));
                 }
+                // The client learns where its limits stand, as on a 429.
+                let downstream = rate_limit_headers(&found.limits);
                 return (
-                    CheckResponse::allowed(headers, remove),
+                    CheckResponse::allowed(headers, remove, downstream),
                     CheckDecision::Allowed,
                 );
+            }
+            (Validation::RateLimited, found) => {
+                let limits = found.map(|found| found.limits).unwrap_or_default();
+                let mut response = denied(
+                    Code::ResourceExhausted,
+                    HttpStatusCode::TooManyRequests,
+                    json!({"error": "rate_limited", "reason": reason}),
+                    None,
+                );
+                let wait = limits.retry_after_us.unwrap_or(0);
+                // Whole seconds, rounded up: a client that waits this long is let through.
+                let seconds = ceil_div(wait.max(1), 1_000_000);
+                let mut extra = rate_limit_headers(&limits);
+                extra.push(response::header("retry-after", seconds.to_string()));
+                response.add_headers(extra);
+                response
             }
             (Validation::IpNotAllowed, _) => denied(
                 Code::PermissionDenied,
@@ -287,11 +323,62 @@ impl ExtAuthzService {
     }
 }
 
-/// A route whose `context_extensions.required_scopes` is not a list of scopes: the
+/// A route's `context_extensions` entry `rate_limits`: `name` or `name=cost` (a whole number
+/// from 0), separated by commas; `None` when it is not.
+fn route_rate_limits(entry: &str) -> Option<Vec<RateLimitAsk<'_>>> {
+    entry
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (name, cost) = match entry.split_once('=') {
+                Some((name, cost)) => (name.trim(), Some(cost.trim().parse().ok()?)),
+                None => (entry, None),
+            };
+            RateLimitAsk::parse(name, cost).ok()
+        })
+        .collect()
+}
+
+/// The IETF draft's `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-
+/// ratelimit-headers): each limit judged, its quota and window, what is left and the
+/// seconds until its window ends. None when no limit was judged.
+fn rate_limit_headers(limits: &LimitJudgement) -> Vec<response::HeaderValueOption> {
+    if limits.states.is_empty() {
+        return Vec::new();
+    }
+    let mut policy = String::new();
+    let mut current = String::new();
+    for state in &limits.states {
+        use std::fmt::Write as _;
+        let separator = if policy.is_empty() { "" } else { ", " };
+        let _ = write!(
+            policy,
+            "{separator}\"{}\";q={};w={}",
+            state.name,
+            state.limit,
+            state.window_ms / 1_000
+        );
+        let _ = write!(
+            current,
+            "{separator}\"{}\";r={};t={}",
+            state.name,
+            state.remaining,
+            ceil_div((state.reset_us - limits.now_us).max(0), 1_000_000)
+        );
+    }
+    vec![
+        header("ratelimit-policy", policy),
+        header("ratelimit", current),
+    ]
+}
+
+/// A route whose `context_extensions` entry `extension` is not what it must be: the
 /// gateway's configuration is at fault, whatever the key.
-fn route_misconfigured() -> (CheckResponse, CheckDecision) {
+fn route_misconfigured(extension: &'static str) -> (CheckResponse, CheckDecision) {
     tracing::error!(
-        "a route's context_extensions.required_scopes is not a list of scopes; denying"
+        extension,
+        "a route's context_extensions entry is not well-formed; denying"
     );
     let decision = CheckDecision::RouteMisconfigured;
     let response = denied(

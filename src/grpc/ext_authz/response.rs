@@ -57,13 +57,16 @@ struct HttpStatus {
     code: i32,
 }
 
-/// `envoy.service.auth.v3.OkHttpResponse`: `headers` and `headers_to_remove`.
+/// `envoy.service.auth.v3.OkHttpResponse`: `headers`, `headers_to_remove` and
+/// `response_headers_to_add` (set on the response the client gets).
 #[derive(Clone, PartialEq, prost::Message)]
 struct OkHttpResponse {
     #[prost(message, repeated, tag = "2")]
     headers: Vec<HeaderValueOption>,
     #[prost(bytes = "bytes", repeated, tag = "5")]
     headers_to_remove: Vec<Bytes>,
+    #[prost(message, repeated, tag = "6")]
+    response_headers_to_add: Vec<HeaderValueOption>,
 }
 
 /// `envoy.config.core.v3.HeaderValueOption`: `header` and `append_action`.
@@ -94,8 +97,13 @@ pub(crate) fn named_header(key: Bytes, value: impl Into<Bytes>) -> HeaderValueOp
 }
 
 impl CheckResponse {
-    /// Let the request through with `headers` set and `remove` removed.
-    pub(crate) fn allowed(headers: Vec<HeaderValueOption>, remove: Vec<Bytes>) -> Self {
+    /// Let the request through with `headers` set and `remove` removed, and `downstream`
+    /// set on the response its client gets.
+    pub(crate) fn allowed(
+        headers: Vec<HeaderValueOption>,
+        remove: Vec<Bytes>,
+        downstream: Vec<HeaderValueOption>,
+    ) -> Self {
         Self {
             status: Some(RpcStatus {
                 code: Code::Ok as i32,
@@ -103,7 +111,15 @@ impl CheckResponse {
             http_response: Some(HttpResponse::Ok(OkHttpResponse {
                 headers,
                 headers_to_remove: remove,
+                response_headers_to_add: downstream,
             })),
+        }
+    }
+
+    /// Adds `headers` to a denial's (an allowed request's headers are set when it is made).
+    pub(crate) fn add_headers(&mut self, headers: Vec<HeaderValueOption>) {
+        if let Some(HttpResponse::Denied(denied)) = &mut self.http_response {
+            denied.headers.extend(headers);
         }
     }
 
@@ -141,6 +157,7 @@ mod tests {
         let response = CheckResponse::allowed(
             vec![header("x-cloodot-key-id", String::from("key_abc"))],
             vec![Bytes::from_static(b"authorization")],
+            vec![header("ratelimit", "\"requests\";r=9;t=1")],
         );
 
         let full = as_envoy_reads_it(&response);
@@ -160,6 +177,11 @@ mod tests {
             ("x-cloodot-key-id", "key_abc")
         );
         assert_eq!(ok.headers_to_remove, ["authorization"]);
+        let downstream = ok.response_headers_to_add[0].header.clone().unwrap();
+        assert_eq!(
+            (downstream.key.as_str(), downstream.value.as_str()),
+            ("ratelimit", "\"requests\";r=9;t=1")
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use sea_orm::entity::prelude::*;
 
 use crate::domain::{
-    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, OwnerId, Scopes, WorkspaceId,
+    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, OwnerId, RateLimits, Scopes, WorkspaceId,
 };
 
 #[sea_orm::model]
@@ -42,6 +42,8 @@ pub struct Model {
     pub annotations: Annotations,
     /// Canonical networks separated by single spaces; '' for any address.
     pub allowed_cidrs: AllowedCidrs,
+    /// A JSON array of limits; '' for none.
+    pub rate_limits: RateLimits,
 }
 
 impl ActiveModelBehavior for ActiveModel {}
@@ -68,6 +70,7 @@ impl From<Model> for crate::domain::Key {
             owner_id: row.owner_id,
             annotations: row.annotations,
             allowed_cidrs: row.allowed_cidrs,
+            rate_limits: row.rate_limits,
         }
     }
 }

@@ -324,6 +324,7 @@ impl Key {
             annotations: self.annotations.clone().into_iter().collect(),
             owner_id: self.owner.clone(),
             etag: self.etag.clone(),
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -453,6 +454,7 @@ impl Model {
                     allowed_cidrs,
                     annotations,
                     owner_id,
+                    rate_limits: Vec::new(),
                 };
                 let created = outcome(client.create_key(by(actor, request)).await)
                     .map_err(|e| format!("CreateKey refused: {e:?}"))?;
@@ -799,6 +801,7 @@ impl Model {
                     key: secret,
                     required_scopes: scopes(required),
                     client_ip: IPS[*ip].into(),
+                    rate_limits: Vec::new(),
                 };
                 let got = outcome(client.validate_key(request).await)
                     .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
@@ -838,6 +841,8 @@ impl Model {
                             name: k.name.clone(),
                             annotations: k.annotations.clone().into_iter().collect(),
                             owner_id: k.owner.clone(),
+                            rate_limits: Vec::new(),
+                            retry_after: None,
                         }
                     }
                 };

@@ -119,6 +119,7 @@ async fn validator(
         };
         let request = ValidateKeyRequest {
             key,
+            rate_limits: Vec::new(),
             required_scopes: if rng.bool() {
                 vec!["orders:read".into()]
             } else {
