@@ -53,8 +53,9 @@ use apikeys::grpc::proto::{
     self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
     DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest, GetKeyUsageRequest,
     GetKeyUsageResponse, ListKeyEventsRequest, ListKeyEventsResponse, ListKeysRequest,
-    ListKeysResponse, RotateKeyRequest, RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest,
-    ValidateKeyResponse, ValidateKeysRequest, ValidateKeysResponse, ValidationResult,
+    ListKeysResponse, RateLimit, RateLimitRequest, RotateKeyRequest, RotateKeyResponse,
+    UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
+    ValidateKeysResponse, ValidationResult,
     api_keys_client::ApiKeysClient,
     api_keys_server::{ApiKeys, ApiKeysServer},
 };
@@ -240,6 +241,21 @@ fn validate_bodies(keys: &[String], required: &[&str], client_ip: bool) -> Vec<B
         .collect()
 }
 
+/// ValidateKey requests for `keys` from one of 16 addresses, each spending 1 from `writes`.
+fn limited_bodies(keys: &[String]) -> Vec<Bytes> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let mut request = validate_request(key, &[], true, i);
+            request.rate_limits.push(RateLimitRequest {
+                name: "writes".into(),
+                cost: None,
+            });
+            wire::frame(&request)
+        })
+        .collect()
+}
+
 fn validate_request(key: &str, required: &[&str], client_ip: bool, i: usize) -> ValidateKeyRequest {
     ValidateKeyRequest {
         key: key.to_owned(),
@@ -362,6 +378,7 @@ async fn run(options: Options) {
         .map(|i| format!("clo_not-a-key-{i}"))
         .collect();
     let governed_secrets = create_governed_keys(&apikeys.addr, options.keys).await;
+    let limited_secrets = create_limited_keys(&apikeys.addr, options.keys).await;
     let usage_off_secrets = create_keys(&usage_off.addr, None, options.keys, &[]).await;
     let callers_secrets = create_keys(&callers.addr, Some(&admin_token), options.keys, &[]).await;
 
@@ -404,6 +421,15 @@ async fn run(options: Options) {
                 "ValidateKey hit, allowlist",
                 Shape::Unary,
                 validate_bodies(&governed_secrets, &[], true),
+                valid,
+            )
+            .await,
+        plain(&apikeys)
+            .scenario(
+                &options,
+                "ValidateKey hit, allowlist + two limits",
+                Shape::Unary,
+                limited_bodies(&limited_secrets),
                 valid,
             )
             .await,
@@ -1103,6 +1129,29 @@ async fn create_governed_keys(addr: &str, n: usize) -> Vec<String> {
         allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
             .map(str::to_owned)
             .into(),
+        ..Default::default()
+    };
+    create_keys_with(addr, None, n, &terms).await
+}
+
+/// `n` governed keys that also have two rate limits: `requests`, applied to every validation,
+/// and `writes`, which the scenario names. Both far above what a run can spend.
+async fn create_limited_keys(addr: &str, n: usize) -> Vec<String> {
+    let limit = |name: &str, auto_apply| RateLimit {
+        name: name.into(),
+        limit: 1_000_000_000,
+        window: Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        }),
+        auto_apply,
+    };
+    let terms = CreateKeyRequest {
+        owner_id: "bench-owner".into(),
+        allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
+            .map(str::to_owned)
+            .into(),
+        rate_limits: vec![limit("requests", true), limit("writes", false)],
         ..Default::default()
     };
     create_keys_with(addr, None, n, &terms).await

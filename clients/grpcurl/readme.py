@@ -41,6 +41,8 @@ SHAPES = {
     "expireTime": TIME,
     "lastUsedTime": TIME,
     "startTime": TIME,
+    "resetTime": TIME,
+    "retryAfter": r"\d+(\.\d{1,3})?s",
     "etag": r"[0-9a-f]{16}",
 }
 READ_ONLY = re.compile(r"/(Get|List)\w*$|Health/Check$")

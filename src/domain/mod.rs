@@ -31,7 +31,7 @@ pub(crate) use page_token::EventCursor;
 pub use page_token::PageCursor;
 pub use rate_limit::{
     LimitJudgement, LimitState, MAX_RATE_LIMITS, RateLimit, RateLimitAsk, RateLimits, Window,
-    ceil_div, column_rate_limits, judge as judge_limits,
+    ceil_div, column_rate_limits, judge as judge_limits, keep_windows_of,
 };
 pub use scopes::{MAX_SCOPES, Scopes, check_required, column_scopes, is_scope};
 pub use secret::{

@@ -170,6 +170,20 @@ impl<'a> RateLimitAsk<'a> {
     }
 }
 
+impl Window {
+    /// Whether this window counts for `limit` (whichever of its windows).
+    fn counts_for(&self, limit: &RateLimit) -> bool {
+        self.name == limit.name && self.window_ms == limit.window_ms
+    }
+}
+
+/// Drops the windows of limits that are not among `limits` (by name and window length), as
+/// when a key's limits change: a limit removed and added again starts afresh, a limit whose
+/// count alone changed keeps what was spent.
+pub fn keep_windows_of(limits: &[RateLimit], windows: &mut Vec<Window>) {
+    windows.retain(|window| limits.iter().any(|limit| window.counts_for(limit)));
+}
+
 /// `value / unit`, rounded up; both at least 0 and 1.
 pub fn ceil_div(value: i64, unit: i64) -> i64 {
     value / unit + i64::from(value % unit != 0)
@@ -179,6 +193,8 @@ pub fn ceil_div(value: i64, unit: i64) -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     name: Box<str>,
+    /// The limit's window length: a limit whose window changes starts counting afresh.
+    window_ms: i64,
     /// The window's start, in microseconds since the epoch.
     start_us: i64,
     /// Units spent in it.
@@ -242,7 +258,7 @@ pub fn judge(
     let used = |windows: &[Window], limit: &RateLimit, start_us: i64| {
         windows
             .iter()
-            .find(|window| window.name == limit.name && window.start_us == start_us)
+            .find(|window| window.counts_for(limit) && window.start_us == start_us)
             .map_or(0, |window| window.used)
     };
     let mut retry_after_us = None;
@@ -259,7 +275,7 @@ pub fn judge(
         // Windows of limits the key no longer has, or that ended, go.
         windows.retain(|window| {
             limits.iter().any(|limit| {
-                limit.name == window.name
+                window.counts_for(limit)
                     && window.start_us + limit.window_us() > now_us
                     && window.start_us <= now_us
             })
@@ -270,11 +286,12 @@ pub fn judge(
             }
             match windows
                 .iter_mut()
-                .find(|window| window.name == limit.name && window.start_us == start_us)
+                .find(|window| window.counts_for(limit) && window.start_us == start_us)
             {
                 Some(window) => window.used += cost,
                 None => windows.push(Window {
                     name: limit.name.clone(),
+                    window_ms: limit.window_ms,
                     start_us,
                     used: cost,
                 }),
@@ -381,6 +398,26 @@ mod tests {
         assert!(judge(&limits, &[], &mut windows, 0).admitted());
         let refused = judge(&limits, &[], &mut windows, 500_000);
         assert_eq!(refused.retry_after_us, Some(9_500_000));
+    }
+
+    #[test]
+    fn a_changed_window_or_a_removed_limit_starts_afresh_a_changed_count_does_not() {
+        let mut windows = Vec::new();
+        let minute = [limit("calls", 2, 60_000, true)];
+        assert!(judge(&minute, &[], &mut windows, 0).admitted());
+        // The count alone changes: what was spent stays spent.
+        let raised = [limit("calls", 3, 60_000, true)];
+        keep_windows_of(&raised, &mut windows);
+        assert_eq!(judge(&raised, &[], &mut windows, 1).states[0].remaining, 1);
+        // The window changes: a new count, even where both windows start together.
+        let hour = [limit("calls", 3, 3_600_000, true)];
+        keep_windows_of(&hour, &mut windows);
+        assert!(windows.is_empty());
+        assert_eq!(judge(&hour, &[], &mut windows, 2).states[0].remaining, 2);
+        // Removed, then added again: afresh.
+        keep_windows_of(&[], &mut windows);
+        assert!(windows.is_empty());
+        assert_eq!(judge(&hour, &[], &mut windows, 3).states[0].remaining, 2);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::{
     domain::{
         Cidr, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation, Window,
         column_annotations, column_cidrs, column_rate_limits, column_scopes, judge_limits,
+        keep_windows_of,
     },
     store::IndexRow,
     usage::{HourUsage, hour_start},
@@ -293,6 +294,20 @@ impl KeyIndex {
             Some((_, old)) => Operation::Insert(record(Some(old))),
             None => Operation::Insert(record(None)),
         });
+        // Limits removed, or whose window changed, start afresh if they come back.
+        let Some(record) = keys.get(hash.as_bytes()) else {
+            return;
+        };
+        if let Some(activity) = record.activity.get() {
+            let mut state = lock(&activity.state);
+            if let Some(windows) = state.windows.as_mut() {
+                let limits = record
+                    .terms
+                    .as_ref()
+                    .map_or(&[][..], |terms| &terms.rate_limits);
+                keep_windows_of(limits, &mut windows.0);
+            }
+        }
     }
 
     fn intern(&self, workspace: &str) -> Arc<str> {

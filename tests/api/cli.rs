@@ -713,3 +713,104 @@ async fn the_cli_sets_owners_annotations_and_networks_and_respects_etags() {
     .await;
     assert!(other.json()["keys"].is_null(), "{other:?}");
 }
+
+#[tokio::test]
+async fn the_cli_sets_and_clears_rate_limits_and_spends_from_them() {
+    let app = spawn_app().await;
+    let addr = app.addr.to_string();
+    let run = |args: &[&str], stdin: &str| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend(["--addr", addr.as_str()]);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        let stdin = stdin.to_owned();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            apikeys(&args, &stdin, &[]).await
+        }
+    };
+    let created = run(
+        &[
+            "create",
+            "--workspace",
+            "acme",
+            "--name",
+            "metered",
+            "--expires",
+            "never",
+            "--rate-limit",
+            "requests=100/1h,auto",
+            "--rate-limit",
+            "exports=1/1d",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let secret = created.json()["secret"].as_str().unwrap().to_owned();
+    remember(&secret);
+    let key = created.json()["key"].clone();
+    let id = key["id"].as_str().unwrap().to_owned();
+    assert_eq!(key["rateLimits"][0]["name"], "exports");
+    assert_eq!(key["rateLimits"][0]["window"], "86400s");
+    assert_eq!(key["rateLimits"][1]["limit"], "100");
+    assert_eq!(key["rateLimits"][1]["autoApply"], true);
+    let shown = run(&["get", "--workspace", "acme", &id], "").await;
+    assert!(
+        shown
+            .stdout
+            .contains("Rate limits: exports=1/86400s, requests=100/3600s,auto"),
+        "{shown:?}"
+    );
+
+    let export = run(&["validate", "--rate-limit", "exports"], &secret).await;
+    assert_eq!(export.code, 0, "{export:?}");
+    assert!(
+        export
+            .stdout
+            .contains("rate limit exports: 0 of 1 left until"),
+        "{export:?}"
+    );
+    assert!(
+        export
+            .stdout
+            .contains("rate limit requests: 99 of 100 left")
+    );
+    let again = run(&["validate", "--rate-limit", "exports=1"], &secret).await;
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stdout.starts_with("RATE_LIMITED"), "{again:?}");
+    assert!(again.stdout.contains("retry after "), "{again:?}");
+    assert!(!again.stdout.contains(&secret) && !again.stderr.contains(&secret));
+
+    for bad in [
+        "requests=0/1h",
+        "requests=5/0s",
+        "Requests=5/1h",
+        "requests=5",
+    ] {
+        let refused = run(
+            &["update", "--workspace", "acme", &id, "--rate-limit", bad],
+            "",
+        )
+        .await;
+        assert_eq!(refused.code, 2, "{bad}: {refused:?}");
+    }
+    let cleared = run(
+        &[
+            "update",
+            "--workspace",
+            "acme",
+            &id,
+            "--clear-rate-limits",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(cleared.code, 0, "{cleared:?}");
+    assert!(cleared.json()["rateLimits"].is_null(), "{cleared:?}");
+    let free = run(&["validate", "--rate-limit", "exports"], &secret).await;
+    assert_eq!(free.code, 0, "{free:?}");
+    assert!(!free.stdout.contains("rate limit"), "{free:?}");
+}

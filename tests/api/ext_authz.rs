@@ -83,6 +83,8 @@ pub(crate) struct Decision {
     pub(crate) http_status: Option<i32>,
     pub(crate) set: HashMap<String, String>,
     pub(crate) removed: Vec<String>,
+    /// Headers added to the response Envoy sends the client, when allowed.
+    pub(crate) to_client: HashMap<String, String>,
     pub(crate) body: Value,
 }
 
@@ -109,6 +111,7 @@ pub(crate) fn decision(response: CheckResponse) -> Decision {
             http_status: None,
             set: headers(&ok.headers),
             removed: ok.headers_to_remove,
+            to_client: headers(&ok.response_headers_to_add),
             body: Value::Null,
         },
         Some(HttpResponse::DeniedResponse(denied)) => Decision {
@@ -116,6 +119,7 @@ pub(crate) fn decision(response: CheckResponse) -> Decision {
             http_status: denied.status.map(|s| s.code),
             set: headers(&denied.headers),
             removed: Vec::new(),
+            to_client: HashMap::new(),
             body: serde_json::from_str(&denied.body).expect("a JSON body"),
         },
         other => panic!("no HTTP response: {other:?}"),

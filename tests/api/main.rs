@@ -13,6 +13,7 @@ mod lifecycle;
 mod list_keys;
 mod logs;
 mod metrics;
+mod rate_limits;
 mod reliability;
 mod replicas;
 mod scan;

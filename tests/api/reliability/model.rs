@@ -5,7 +5,9 @@
 //! results with the key's identity, last use, and at the end the audit trail event by event.
 //! Keys carry owners, annotations and allowed networks; validations come from addresses in
 //! and out of them; changes send no etag, the current one or a stale one (and etags must
-//! change exactly when the key does).
+//! change exactly when the key does). Keys carry rate limits, judged by the model's clock
+//! (fixed windows aligned to the epoch), validations ask for them at costs of 0, 1 and 2, and
+//! every answer's limit states and retry wait are the model's.
 //! Each case runs in a workspace of its own on one server; proptest shrinks a failing case
 //! to the shortest sequence that still fails.
 
@@ -22,8 +24,8 @@ use apikeys::{
     grpc::proto::{
         ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
         Expiration, GetKeyRequest, KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest,
-        ListKeysRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
-        ValidateKeyResponse, ValidationResult,
+        ListKeysRequest, RateLimit, RateLimitRequest, RateLimitState, RotateKeyRequest,
+        UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse, ValidationResult,
     },
 };
 use chrono::{DateTime, Months, TimeDelta, Utc};
@@ -51,6 +53,19 @@ const CIDRS: [(&str, &str); 3] = [
     ("192.0.2.7", "192.0.2.7/32"),
     ("2001:db8::/32", "2001:db8::/32"),
 ];
+/// Rate limits a key may have: (name, limit, window in seconds, auto_apply). Two share a
+/// name, so a key has one or the other (the first picked), and an update from one to the
+/// other changes the window: counted afresh.
+const LIMITS: [(&str, i64, i64, bool); 4] = [
+    ("calls", 1, 3_600, true),
+    ("calls", 2, 86_400, true),
+    ("writes", 1, 86_400, false),
+    ("burst", 2, 1, true),
+];
+/// Names a validation may ask for ("reads" is no key's).
+const ASKS: [&str; 4] = ["calls", "writes", "burst", "reads"];
+/// RATE_LIMITED answers the model expected (and got), over the run.
+static RATE_LIMITED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Client addresses a validation may come from ("" is none sent).
 const IPS: [&str; 6] = [
     "",
@@ -82,6 +97,7 @@ enum Mask {
     Owner,
     Annotations,
     Cidrs,
+    RateLimits,
     All,
 }
 
@@ -100,6 +116,8 @@ struct Terms {
     owner: usize,
     annotations: Vec<usize>,
     cidrs: Vec<usize>,
+    /// Indexes into LIMITS.
+    limits: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +155,8 @@ enum Op {
         required: Vec<usize>,
         /// Index into IPS.
         ip: usize,
+        /// Indexes into ASKS (distinct), with a cost (None: the default, 1).
+        asks: Vec<(usize, Option<i64>)>,
     },
     /// The clock moves on by this many hours.
     Advance(i64),
@@ -152,11 +172,13 @@ fn terms() -> impl Strategy<Value = Terms> {
         prop_oneof![3 => Just(0), 1 => 1..OWNERS.len()],
         prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..ANNOTATIONS.len(), 1..3)],
         prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..CIDRS.len(), 1..3)],
+        prop_oneof![1 => Just(Vec::new()), 2 => proptest::collection::vec(0..LIMITS.len(), 1..4)],
     )
-        .prop_map(|(owner, annotations, cidrs)| Terms {
+        .prop_map(|(owner, annotations, cidrs, limits)| Terms {
             owner,
             annotations,
             cidrs,
+            limits,
         })
 }
 
@@ -178,6 +200,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Mask::Owner),
         Just(Mask::Annotations),
         Just(Mask::Cidrs),
+        Just(Mask::RateLimits),
         Just(Mask::All)
     ];
     // Absent is "stops at once", as is 0; eight days is more than the seven allowed.
@@ -214,12 +237,22 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<Index>(), grace, etag())
             .prop_map(|(key, grace_seconds, etag)| Op::Rotate { key, grace_seconds, etag }),
         2 => (any::<Index>(), etag()).prop_map(|(key, etag)| Op::Delete(key, etag)),
-        5 => (
+        8 => (
             any::<Index>(),
             proptest::collection::vec(0..SCOPES.len(), 0..3),
             prop_oneof![2 => Just(0), 3 => 0..IPS.len()],
+            proptest::collection::btree_map(
+                0..ASKS.len(),
+                prop_oneof![2 => Just(None), 1 => Just(Some(0)), 1 => Just(Some(2))],
+                0..3,
+            ),
         )
-            .prop_map(|(key, required, ip)| Op::Validate { key, required, ip }),
+            .prop_map(|(key, required, ip, asks)| Op::Validate {
+                key,
+                required,
+                ip,
+                asks: asks.into_iter().collect(),
+            }),
         1 => prop_oneof![Just(1i64), Just(24 * 31), Just(24 * 400)].prop_map(Op::Advance),
     ]
 }
@@ -242,6 +275,10 @@ struct Key {
     annotations: BTreeMap<String, String>,
     /// Indexes into CIDRS, sorted.
     cidrs: BTreeSet<usize>,
+    /// Indexes into LIMITS, sorted by name, names distinct.
+    limits: Vec<usize>,
+    /// The windows spent from: (name, window in seconds, start, units spent).
+    windows: Vec<(&'static str, i64, i64, i64)>,
     /// As the server last showed it, and the one before (empty before the first change).
     etag: String,
     stale_etag: String,
@@ -259,6 +296,42 @@ fn picked(terms: &Terms) -> (String, BTreeMap<String, String>, BTreeSet<usize>) 
         annotations,
         terms.cidrs.iter().copied().collect(),
     )
+}
+
+/// The limits `terms` picks, in the order picked: the first of each name.
+fn first_of_each_name(terms: &Terms) -> Vec<usize> {
+    let mut limits: Vec<usize> = Vec::new();
+    for &l in &terms.limits {
+        if !limits.iter().any(|&m| LIMITS[m].0 == LIMITS[l].0) {
+            limits.push(l);
+        }
+    }
+    limits
+}
+
+/// The limits `terms` picks, as the key has them: sorted by name.
+fn picked_limits(terms: &Terms) -> Vec<usize> {
+    let mut limits = first_of_each_name(terms);
+    limits.sort_by_key(|&l| LIMITS[l].0);
+    limits
+}
+
+fn rate_limit(l: usize) -> RateLimit {
+    let (name, limit, seconds, auto_apply) = LIMITS[l];
+    RateLimit {
+        name: name.into(),
+        limit,
+        window: Some(prost_types::Duration { seconds, nanos: 0 }),
+        auto_apply,
+    }
+}
+
+/// The limits `terms` picks, as a request sends them (unsorted).
+fn sent_limits(terms: &Terms) -> Vec<RateLimit> {
+    first_of_each_name(terms)
+        .into_iter()
+        .map(rate_limit)
+        .collect()
 }
 
 /// `terms` as a request sends them.
@@ -296,6 +369,79 @@ impl Key {
         Ok(())
     }
 
+    /// Takes new limits: the windows of limits gone, or whose window changed, go too.
+    fn set_limits(&mut self, limits: Vec<usize>) {
+        self.windows.retain(|&(name, seconds, _, _)| {
+            limits
+                .iter()
+                .any(|&l| LIMITS[l].0 == name && LIMITS[l].2 == seconds)
+        });
+        self.limits = limits;
+    }
+
+    /// Judges a request asking `asks` at `now`: the states of the limits judged and, when
+    /// refused, the wait. Admitted: spent from every limit judged.
+    fn judge(
+        &mut self,
+        asks: &[(usize, Option<i64>)],
+        now: i64,
+    ) -> (Vec<RateLimitState>, Option<prost_types::Duration>) {
+        let mut judged = Vec::new();
+        for &l in &self.limits {
+            let (name, limit, seconds, auto_apply) = LIMITS[l];
+            let cost = match asks.iter().find(|(a, _)| ASKS[*a] == name) {
+                Some((_, cost)) => cost.unwrap_or(1),
+                None if auto_apply => 1,
+                None => continue,
+            };
+            let window = seconds * SECOND_US;
+            judged.push((name, limit, seconds, cost, now - now.rem_euclid(window)));
+        }
+        let spent = |windows: &[(&str, i64, i64, i64)], name: &str, seconds, start| {
+            windows
+                .iter()
+                .find(|w| (w.0, w.1, w.2) == (name, seconds, start))
+                .map_or(0, |w| w.3)
+        };
+        let wait = judged
+            .iter()
+            .filter(|&&(name, limit, seconds, cost, start)| {
+                spent(&self.windows, name, seconds, start) + cost.max(1) > limit
+            })
+            .map(|&(_, _, seconds, _, start)| start + seconds * SECOND_US - now)
+            .max();
+        if wait.is_none() {
+            for &(name, _, seconds, cost, start) in &judged {
+                match self
+                    .windows
+                    .iter_mut()
+                    .find(|w| (w.0, w.1, w.2) == (name, seconds, start))
+                {
+                    Some(window) => window.3 += cost,
+                    None => self.windows.push((name, seconds, start, cost)),
+                }
+            }
+        }
+        let states = judged
+            .iter()
+            .map(|&(name, limit, seconds, _, start)| RateLimitState {
+                name: name.into(),
+                limit,
+                remaining: (limit - spent(&self.windows, name, seconds, start)).max(0),
+                reset_time: Some(timestamp(start + seconds * SECOND_US)),
+            })
+            .collect();
+        // Rounded up to the millisecond.
+        let wait = wait.map(|us| {
+            let ms = us / 1_000 + i64::from(us % 1_000 != 0);
+            prost_types::Duration {
+                seconds: ms / 1_000,
+                nanos: (ms % 1_000 * 1_000_000) as i32,
+            }
+        });
+        (states, wait)
+    }
+
     fn expired(&self, now: i64) -> bool {
         self.expire_us.is_some_and(|at| at <= now)
     }
@@ -324,7 +470,7 @@ impl Key {
             annotations: self.annotations.clone().into_iter().collect(),
             owner_id: self.owner.clone(),
             etag: self.etag.clone(),
-            rate_limits: Vec::new(),
+            rate_limits: self.limits.iter().map(|&l| rate_limit(l)).collect(),
         }
     }
 }
@@ -454,7 +600,7 @@ impl Model {
                     allowed_cidrs,
                     annotations,
                     owner_id,
-                    rate_limits: Vec::new(),
+                    rate_limits: sent_limits(terms),
                 };
                 let created = outcome(client.create_key(by(actor, request)).await)
                     .map_err(|e| format!("CreateKey refused: {e:?}"))?;
@@ -475,6 +621,8 @@ impl Model {
                     owner,
                     annotations,
                     cidrs,
+                    limits: picked_limits(terms),
+                    windows: Vec::new(),
                     etag: String::new(),
                     stale_etag: String::new(),
                 };
@@ -553,6 +701,7 @@ impl Model {
                     Mask::Owner => Some(&["owner_id"]),
                     Mask::Annotations => Some(&["annotations"]),
                     Mask::Cidrs => Some(&["allowed_cidrs"]),
+                    Mask::RateLimits => Some(&["rate_limits"]),
                     Mask::All => Some(&["*"]),
                 };
                 let set = |field: &str, given: bool| match paths {
@@ -564,6 +713,8 @@ impl Model {
                 let set_owner = set("owner_id", !owner_id.is_empty());
                 let set_annotations = set("annotations", !annotations.is_empty());
                 let set_cidrs = set("allowed_cidrs", !allowed_cidrs.is_empty());
+                let rate_limits = sent_limits(terms);
+                let set_limits = set("rate_limits", !rate_limits.is_empty());
                 let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let request = UpdateKeyRequest {
                     key: Some(ApiKey {
@@ -574,6 +725,7 @@ impl Model {
                         owner_id,
                         annotations,
                         allowed_cidrs,
+                        rate_limits,
                         etag: sent_etag.clone(),
                         ..Default::default()
                     }),
@@ -613,6 +765,11 @@ impl Model {
                         if set_cidrs && k.cidrs != cidrs {
                             k.cidrs = cidrs;
                             changed.push("allowed_cidrs".to_owned());
+                        }
+                        let limits = picked_limits(terms);
+                        if set_limits && k.limits != limits {
+                            k.set_limits(limits);
+                            changed.push("rate_limits".to_owned());
                         }
                         if !changed.is_empty()
                             && let Ok(shown) = &got
@@ -746,6 +903,8 @@ impl Model {
                             owner: old.owner.clone(),
                             annotations: old.annotations.clone(),
                             cidrs: old.cidrs.clone(),
+                            limits: old.limits.clone(),
+                            windows: Vec::new(),
                             etag: String::new(),
                             stale_etag: String::new(),
                         };
@@ -791,7 +950,12 @@ impl Model {
                 };
                 same("DeleteKey", got, want)?;
             }
-            Op::Validate { key, required, ip } => {
+            Op::Validate {
+                key,
+                required,
+                ip,
+                asks,
+            } => {
                 let key = self.pick(key);
                 let secret = key.map_or_else(
                     || Secret::generate().expose().to_owned(),
@@ -801,7 +965,13 @@ impl Model {
                     key: secret,
                     required_scopes: scopes(required),
                     client_ip: IPS[*ip].into(),
-                    rate_limits: Vec::new(),
+                    rate_limits: asks
+                        .iter()
+                        .map(|&(a, cost)| RateLimitRequest {
+                            name: ASKS[a].into(),
+                            cost,
+                        })
+                        .collect(),
                 };
                 let got = outcome(client.validate_key(request).await)
                     .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
@@ -812,7 +982,7 @@ impl Model {
                     },
                     Some(k) => {
                         let k = &mut self.keys[k];
-                        let result = if k.deleted {
+                        let mut result = if k.deleted {
                             ValidationResult::Deleted
                         } else if k.expired(now) {
                             ValidationResult::Expired
@@ -825,6 +995,14 @@ impl Model {
                         } else {
                             ValidationResult::Valid
                         };
+                        let (mut rate_limits, mut retry_after) = (Vec::new(), None);
+                        if result == ValidationResult::Valid {
+                            (rate_limits, retry_after) = k.judge(asks, now);
+                            if retry_after.is_some() {
+                                RATE_LIMITED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                result = ValidationResult::RateLimited;
+                            }
+                        }
                         if result == ValidationResult::Valid
                             && k.last_used_us
                                 .is_none_or(|at| at + LAST_USED_RESOLUTION_US <= now)
@@ -841,8 +1019,8 @@ impl Model {
                             name: k.name.clone(),
                             annotations: k.annotations.clone().into_iter().collect(),
                             owner_id: k.owner.clone(),
-                            rate_limits: Vec::new(),
-                            retry_after: None,
+                            rate_limits,
+                            retry_after,
                         }
                     }
                 };
@@ -951,9 +1129,11 @@ fn every_key_rpc_answers_as_the_model_says() {
     report(
         "model-based",
         format_args!(
-            "{cases} cases passed, {} sequences run with shrinking, {} operations, in {elapsed:.0?}",
+            "{cases} cases passed, {} sequences run with shrinking, {} operations ({} answered \
+             RATE_LIMITED), in {elapsed:.0?}",
             case.get(),
-            ops_run.get()
+            ops_run.get(),
+            RATE_LIMITED.load(std::sync::atomic::Ordering::Relaxed)
         ),
     );
 }
