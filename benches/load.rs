@@ -607,7 +607,7 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
         .iter()
         .position(|s| s.name == "stream echo (bare tonic)");
     println!(
-        "{:<34} {:>9} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>6}",
+        "{:<40} {:>9} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>6}",
         "scenario",
         "req/s",
         "p50 µs",
@@ -629,7 +629,7 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
         let per_core = median(results.iter().map(|r| r.rate / r.server_cpu.max(0.01)))
             / median(echo.iter().map(|r| r.rate / r.server_cpu.max(0.01)));
         println!(
-            "{:<34} {:>9.0} {:>8} {:>8} {:>8} {:>7.2} {:>6.0}% {:>8.0}% {:>6.2}",
+            "{:<40} {:>9.0} {:>8} {:>8} {:>8} {:>7.2} {:>6.0}% {:>8.0}% {:>6.2}",
             scenario.name,
             median(results.iter().map(|r| r.rate)),
             latency.value_at_quantile(0.50),
@@ -1614,7 +1614,7 @@ async fn wait_for(client: &mut ApiKeysClient<Channel>, secret: &str, expected: V
 async fn run_callgrind(options: &Options, calls: usize) {
     let dir = tempfile::tempdir().unwrap();
     println!("# instructions per call (callgrind), {calls} calls per scenario, 64 in flight");
-    println!("{:<34} {:>14}", "scenario", "instructions");
+    println!("{:<40} {:>14}", "scenario", "instructions");
     let keys = 200;
     let unknown: Vec<String> = (0..keys)
         .map(|_| apikeys::domain::Secret::generate().expose().to_owned())
@@ -1716,6 +1716,13 @@ async fn run_callgrind(options: &Options, calls: usize) {
                 "ValidateKey hit, allowlist",
                 Shape::Unary,
                 validate_bodies(&governed, &[], true),
+                valid,
+            ));
+            let limited = create_limited_keys(&server.server.addr, keys).await;
+            plan.push((
+                "ValidateKey hit, allowlist + two limits",
+                Shape::Unary,
+                limited_bodies(&limited),
                 valid,
             ));
             plan.push((
@@ -1876,7 +1883,7 @@ impl Callgrind {
         } else {
             String::new()
         };
-        println!("{:<34} {:>14.0}{misses}", scenario.name, per_call(0));
+        println!("{:<40} {:>14.0}{misses}", scenario.name, per_call(0));
     }
 }
 

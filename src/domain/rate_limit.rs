@@ -217,7 +217,10 @@ pub struct LimitState {
 pub struct LimitJudgement {
     /// Every limit judged, by name.
     pub states: Vec<LimitState>,
-    /// When refused: how long until every limit that refused starts a new window.
+    /// Whether a limit refused the request.
+    pub refused: bool,
+    /// When refused: how long until every limit that refused starts a new window; `None`
+    /// when no wait helps (the request costs more than a limit allows in a whole window).
     pub retry_after_us: Option<i64>,
     /// When it was judged.
     pub now_us: i64,
@@ -225,7 +228,7 @@ pub struct LimitJudgement {
 
 impl LimitJudgement {
     pub fn admitted(&self) -> bool {
-        self.retry_after_us.is_none()
+        !self.refused
     }
 }
 
@@ -261,24 +264,22 @@ pub fn judge(
             .find(|window| window.counts_for(limit) && window.start_us == start_us)
             .map_or(0, |window| window.used)
     };
-    let mut retry_after_us = None;
+    let (mut refused, mut hopeless, mut wait_us) = (false, false, 0);
     for &(limit, cost, start_us) in &judged {
         let spent = used(windows, limit, start_us);
         // Nothing left refuses even a check (cost 0).
         if spent.saturating_add(cost.max(1)) > limit.limit {
-            let wait = start_us + limit.window_us() - now_us;
-            retry_after_us = Some(retry_after_us.map_or(wait, |earlier: i64| earlier.max(wait)));
+            refused = true;
+            hopeless |= cost > limit.limit;
+            wait_us = wait_us.max(start_us + limit.window_us() - now_us);
         }
     }
-    let admitted = retry_after_us.is_none();
-    if admitted {
-        // Windows of limits the key no longer has, or that ended, go.
+    if !refused {
+        // Windows that ended, and those of limits the key no longer has, go. (The caller
+        // keeps `now_us` from going back, so no window starts after it.)
         windows.retain(|window| {
-            limits.iter().any(|limit| {
-                window.counts_for(limit)
-                    && window.start_us + limit.window_us() > now_us
-                    && window.start_us <= now_us
-            })
+            window.start_us + window.window_ms * 1_000 > now_us
+                && limits.iter().any(|limit| window.counts_for(limit))
         });
         for &(limit, cost, start_us) in &judged {
             if cost == 0 {
@@ -310,7 +311,8 @@ pub fn judge(
         .collect();
     LimitJudgement {
         states,
-        retry_after_us,
+        refused,
+        retry_after_us: (refused && !hopeless).then_some(wait_us),
         now_us,
     }
 }
@@ -383,7 +385,10 @@ mod tests {
             judge(&limits, &[ask("other", 9)], &mut windows, 0),
             LimitJudgement::default()
         );
-        assert!(!judge(&limits, &[ask("units", 6)], &mut windows, 0).admitted());
+        // More than a whole window allows: refused, and no wait would help.
+        let hopeless = judge(&limits, &[ask("units", 6)], &mut windows, 0);
+        assert!(!hopeless.admitted());
+        assert_eq!(hopeless.retry_after_us, None);
         assert!(judge(&limits, &[ask("units", 5)], &mut windows, 0).admitted());
         // Nothing left: even a check is refused.
         assert!(!judge(&limits, &[ask("units", 0)], &mut windows, 0).admitted());

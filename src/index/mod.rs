@@ -96,6 +96,13 @@ impl Record {
         });
         seen.max(self.stored_last_used_us)
     }
+
+    /// The key's rate limits, sorted by name.
+    fn rate_limits(&self) -> &[RateLimit] {
+        self.terms
+            .as_ref()
+            .map_or(&[][..], |terms| &terms.rate_limits)
+    }
 }
 
 /// What this replica saw of a key: 64 bytes (80 with the `Arc`'s counts) for as long as the
@@ -122,7 +129,26 @@ struct ActivityState {
 
 /// A key's rate-limit windows.
 #[derive(Debug, Default)]
-struct Windows(Vec<Window>);
+struct Windows {
+    spent: Vec<Window>,
+    /// The latest instant a request was judged at. A request whose clock reading is older
+    /// (it waited for the lock, or the clock stepped back) is judged at this one instead, so
+    /// the windows only ever move forward and a straggler from an ended window cannot
+    /// reopen it.
+    latest_us: i64,
+    /// The key's revision whose limits the windows follow, as `apply` last set it.
+    revision: i64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            last_used_us: AtomicI64::new(i64::MIN),
+            queued: AtomicBool::new(false),
+            state: Mutex::default(),
+        })
+    }
+}
 
 /// What the next flush takes of a key.
 #[derive(Debug, Default)]
@@ -270,6 +296,9 @@ impl KeyIndex {
         let scopes = self.intern_scopes(&row.scopes);
         let stored_use = row.last_used_time_us.unwrap_or(i64::MIN);
         let terms = Terms::of(row);
+        let has_limits = terms
+            .as_ref()
+            .is_some_and(|terms| !terms.rate_limits.is_empty());
         let record = |old: Option<&Record>| Record {
             id,
             workspace: workspace.clone(),
@@ -282,11 +311,21 @@ impl KeyIndex {
             terms: terms.clone(),
             stored_last_used_us: old
                 .map_or(stored_use, |old| old.stored_last_used_us.max(stored_use)),
-            // Shared, not moved: papaya may run this more than once.
-            activity: old
-                .and_then(|old| old.activity.get().cloned())
-                .map(OnceLock::from)
-                .unwrap_or_default(),
+            // Shared, not moved: papaya may run this more than once. A key with limits gets
+            // its activity now, so a lookup that still holds the old record spends from the
+            // same windows as those that find the new one.
+            activity: match old {
+                Some(old) if has_limits => {
+                    OnceLock::from(old.activity.get_or_init(Activity::new).clone())
+                }
+                Some(old) => old
+                    .activity
+                    .get()
+                    .cloned()
+                    .map(OnceLock::from)
+                    .unwrap_or_default(),
+                None => OnceLock::new(),
+            },
         };
         let keys = self.keys.pin();
         keys.compute(*hash.as_bytes(), |existing| match existing {
@@ -294,18 +333,20 @@ impl KeyIndex {
             Some((_, old)) => Operation::Insert(record(Some(old))),
             None => Operation::Insert(record(None)),
         });
-        // Limits removed, or whose window changed, start afresh if they come back.
-        let Some(record) = keys.get(hash.as_bytes()) else {
+        // Limits removed, or whose window changed, start afresh if they come back; and the
+        // windows follow this revision's limits from now on.
+        let Some(record) = keys
+            .get(hash.as_bytes())
+            .filter(|record| record.revision == row.revision)
+        else {
             return;
         };
         if let Some(activity) = record.activity.get() {
             let mut state = lock(&activity.state);
-            if let Some(windows) = state.windows.as_mut() {
-                let limits = record
-                    .terms
-                    .as_ref()
-                    .map_or(&[][..], |terms| &terms.rate_limits);
-                keep_windows_of(limits, &mut windows.0);
+            if state.windows.is_some() || has_limits {
+                let windows = state.windows.get_or_insert_with(Box::default);
+                keep_windows_of(record.rate_limits(), &mut windows.spent);
+                windows.revision = windows.revision.max(row.revision);
             }
         }
     }
@@ -431,18 +472,23 @@ impl KeyIndex {
         client_ip: Option<IpAddr>,
     ) -> (Validation, LimitJudgement) {
         let mut judged = LimitJudgement::default();
-        let activity = record.activity.get_or_init(|| {
-            Arc::new(Activity {
-                last_used_us: AtomicI64::new(i64::MIN),
-                queued: AtomicBool::new(false),
-                state: Mutex::default(),
-            })
-        });
+        let activity = record.activity.get_or_init(Activity::new);
         {
             let mut state = lock(&activity.state);
             if let Some((limits, asks)) = limits {
                 let windows = state.windows.get_or_insert_with(Box::default);
-                judged = judge_limits(limits, asks, &mut windows.0, now_us);
+                let at = now_us.max(windows.latest_us);
+                windows.latest_us = at;
+                judged = if record.revision >= windows.revision {
+                    judge_limits(limits, asks, &mut windows.spent, at)
+                } else {
+                    // The key changed since this lookup read it: judge by its limits now.
+                    let keys = self.keys.pin();
+                    let current = keys
+                        .get(hash.as_bytes())
+                        .map_or(&[][..], Record::rate_limits);
+                    judge_limits(current, asks, &mut windows.spent, at)
+                };
                 if !judged.admitted() {
                     result = Validation::RateLimited;
                 }
@@ -576,6 +622,34 @@ mod tests {
     }
 
     const NONE: &[&str] = &[];
+
+    #[test]
+    fn a_request_that_read_the_clock_before_a_window_ended_is_judged_in_the_next() {
+        let index = KeyIndex::new();
+        let secret = Secret::generate();
+        let mut key = row(1, &secret, 1, false);
+        key.expire_time_us = None;
+        let limit = RateLimit::parse("a", 2, Some((1, 0)), true).unwrap();
+        key.rate_limits = crate::domain::RateLimits::new(vec![limit])
+            .unwrap()
+            .to_column();
+        index.apply(&key);
+        let result = |at| {
+            index
+                .lookup(&secret.hash(), NONE, at, 1, None, &[])
+                .unwrap()
+                .result
+        };
+        assert_eq!(result(900_000), Validation::Valid);
+        assert_eq!(result(950_000), Validation::Valid);
+        assert_eq!(result(960_000), Validation::RateLimited);
+        assert_eq!(result(1_000_000), Validation::Valid);
+        // Stamped before the second began but judged after: it spends from the second
+        // window, which is then full; the first is not opened again.
+        assert_eq!(result(990_000), Validation::Valid);
+        assert_eq!(result(1_010_000), Validation::RateLimited);
+        assert_eq!(result(2_000_000), Validation::Valid);
+    }
 
     #[test]
     fn distinct_key_hashes_spread_over_the_table() {

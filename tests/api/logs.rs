@@ -78,7 +78,7 @@ impl TestApp {
 
     /// The key's usage over the day around the clock's time, once `done` holds of it; fails
     /// after 5 s.
-    async fn usage_when(
+    pub(crate) async fn usage_when(
         &mut self,
         workspace: &str,
         key_id: &str,

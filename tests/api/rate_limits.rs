@@ -7,12 +7,12 @@ use std::time::Duration;
 use apikeys::{
     clock::ManualClock,
     grpc::proto::{
-        ApiKey, CreateKeyRequest, Expiration, GetKeyUsageRequest, ListKeyEventsRequest, RateLimit,
-        RateLimitRequest, RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest,
-        ValidateKeyResponse, ValidationResult,
+        ApiKey, CreateKeyRequest, Expiration, ListKeyEventsRequest, RateLimit, RateLimitRequest,
+        RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse,
+        ValidationResult,
     },
 };
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DurationRound, TimeDelta, Utc};
 use tonic::Code;
 
 use crate::{
@@ -93,10 +93,6 @@ impl TestApp {
             .expect("validate")
             .into_inner()
     }
-
-    fn at(&self) -> DateTime<Utc> {
-        self.clock_now()
-    }
 }
 
 #[tokio::test]
@@ -148,7 +144,7 @@ async fn a_key_limited_to_n_is_admitted_exactly_n_times_per_window_under_concurr
         }
     }
     assert_eq!((admitted, refused), (50, 270));
-    let reset = app.at() + TimeDelta::seconds(40);
+    let reset = app.clock_now() + TimeDelta::seconds(40);
     let answer = app.ask(asking(&secret, &[])).await;
     assert_eq!(
         answer.rate_limits[0].reset_time,
@@ -210,6 +206,10 @@ async fn a_refused_request_spends_from_no_limit_and_named_limits_apply_when_aske
     assert_eq!(greedy.result(), ValidationResult::RateLimited);
     assert_eq!(seconds(&greedy.retry_after), Some(1.0));
     assert_eq!(left(&greedy), [("burst", 10, 7)]);
+    // More than a whole window allows: refused, with no wait that would help.
+    let never = app.ask(asking(&secret, &[("burst", Some(11))])).await;
+    assert_eq!(never.result(), ValidationResult::RateLimited);
+    assert_eq!(never.retry_after, None, "{never:?}");
 
     // Judged after the scopes: a request refused for its scopes spends nothing.
     let mut scoped = asking(&secret, &[("burst", Some(5))]);
@@ -463,6 +463,10 @@ async fn check_answers_429_with_retry_after_and_ratelimit_headers_and_usage_coun
         "\"requests\";r=98;t=25, \"writes\";r=0;t=3565"
     );
     assert!(refused.set.contains_key("ratelimit-policy"));
+    // A route that costs more than the limit's whole window: 429, but no Retry-After.
+    let never = decision(app.check(check(Some("writes=3"))).await);
+    assert_eq!(never.http_status, Some(429), "{never:?}");
+    assert!(!never.set.contains_key("retry-after"), "{never:?}");
 
     // A route whose entry is not a list of limits is the gateway's fault.
     for broken in ["writes=-1", "writes=two", "Writes"] {
@@ -471,29 +475,14 @@ async fn check_answers_429_with_retry_after_and_ratelimit_headers_and_usage_coun
         assert_eq!(answer.body["reason"], "route_misconfigured");
     }
 
-    let now = app.at();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let usage = app
-            .client
-            .get_key_usage(as_owner(GetKeyUsageRequest {
-                workspace_id: "acme".into(),
-                key_id: key.id.clone(),
-                start_time: Some(timestamp(now - TimeDelta::hours(1))),
-                end_time: Some(timestamp(now + TimeDelta::hours(1))),
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(hour) = usage.buckets.first()
-            && hour.valid == 2
-            && hour.rate_limited == 1
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{usage:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Both allowed Checks and both refusals, in the key's hour.
+    app.usage_when("acme", &key.id, |usage| {
+        usage
+            .buckets
+            .first()
+            .is_some_and(|hour| hour.valid == 2 && hour.rate_limited == 2)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -516,4 +505,38 @@ async fn limits_are_stored_sorted_and_judged_the_same_after_a_restart() {
     assert_eq!(answer.key_id, key.id);
     let refused = app.ask(asking(&secret, &[])).await;
     assert_eq!(refused.result(), ValidationResult::RateLimited);
+}
+
+#[tokio::test]
+async fn each_replica_counts_a_limit_alone_so_r_replicas_admit_at_most_r_times_it() {
+    let mut a = app_at(TimeDelta::seconds(1)).await;
+    let (_, secret) = a
+        .create_with(limited(vec![limit("requests", 20, 3_600, true)]))
+        .await;
+    let mut replicas = vec![a];
+    for _ in 0..2 {
+        let (url, clock) = (replicas[0].db.url.clone(), replicas[0].clock.clone());
+        replicas.push(spawn_app_with(TestDb::sharing(&url), clock, |_| {}).await);
+    }
+    // Each replica knows the key (a check of cost 0 spends nothing).
+    let check = asking(&secret, &[("requests", Some(0))]);
+    for replica in &mut replicas {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !replica.ask(check.clone()).await.valid {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Round robin over the three, five times the limit each.
+    let mut admitted = [0; 3];
+    for n in 0..300 {
+        if replicas[n % 3].ask(asking(&secret, &[])).await.valid {
+            admitted[n % 3] += 1;
+        }
+    }
+    // Exactly the limit on each replica: with R replicas, up to R × the limit per window.
+    assert_eq!(admitted, [20, 20, 20]);
 }

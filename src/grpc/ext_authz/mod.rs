@@ -285,11 +285,14 @@ impl ExtAuthzService {
                     json!({"error": "rate_limited", "reason": reason}),
                     None,
                 );
-                let wait = limits.retry_after_us.unwrap_or(0);
-                // Whole seconds, rounded up: a client that waits this long is let through.
-                let seconds = ceil_div(wait.max(1), 1_000_000);
                 let mut extra = rate_limit_headers(&limits);
-                extra.push(response::header("retry-after", seconds.to_string()));
+                // Whole seconds, rounded up: the request fits once every limit that refused
+                // it starts a new window. None when it never fits (it costs more than a limit
+                // allows in a whole window).
+                if let Some(wait) = limits.retry_after_us {
+                    let seconds = ceil_div(wait.max(1), 1_000_000);
+                    extra.push(response::header("retry-after", seconds.to_string()));
+                }
                 response.add_headers(extra);
                 response
             }

@@ -379,13 +379,13 @@ impl Key {
         self.limits = limits;
     }
 
-    /// Judges a request asking `asks` at `now`: the states of the limits judged and, when
-    /// refused, the wait. Admitted: spent from every limit judged.
+    /// Judges a request asking `asks` at `now`: the states of the limits judged, whether
+    /// refused and, when a wait helps, the wait. Admitted: spent from every limit judged.
     fn judge(
         &mut self,
         asks: &[(usize, Option<i64>)],
         now: i64,
-    ) -> (Vec<RateLimitState>, Option<prost_types::Duration>) {
+    ) -> (Vec<RateLimitState>, bool, Option<prost_types::Duration>) {
         let mut judged = Vec::new();
         for &l in &self.limits {
             let (name, limit, seconds, auto_apply) = LIMITS[l];
@@ -403,14 +403,21 @@ impl Key {
                 .find(|w| (w.0, w.1, w.2) == (name, seconds, start))
                 .map_or(0, |w| w.3)
         };
-        let wait = judged
+        let refusing: Vec<_> = judged
             .iter()
             .filter(|&&(name, limit, seconds, cost, start)| {
                 spent(&self.windows, name, seconds, start) + cost.max(1) > limit
             })
-            .map(|&(_, _, seconds, _, start)| start + seconds * SECOND_US - now)
-            .max();
-        if wait.is_none() {
+            .collect();
+        let refused = !refusing.is_empty();
+        // A cost above a whole window's limit never fits: no wait to give.
+        let hopeless = refusing.iter().any(|&&(_, limit, _, cost, _)| cost > limit);
+        let wait = refusing
+            .iter()
+            .map(|&&(_, _, seconds, _, start)| start + seconds * SECOND_US - now)
+            .max()
+            .filter(|_| !hopeless);
+        if !refused {
             for &(name, _, seconds, cost, start) in &judged {
                 match self
                     .windows
@@ -439,7 +446,7 @@ impl Key {
                 nanos: (ms % 1_000 * 1_000_000) as i32,
             }
         });
-        (states, wait)
+        (states, refused, wait)
     }
 
     fn expired(&self, now: i64) -> bool {
@@ -997,8 +1004,9 @@ impl Model {
                         };
                         let (mut rate_limits, mut retry_after) = (Vec::new(), None);
                         if result == ValidationResult::Valid {
-                            (rate_limits, retry_after) = k.judge(asks, now);
-                            if retry_after.is_some() {
+                            let refused;
+                            (rate_limits, refused, retry_after) = k.judge(asks, now);
+                            if refused {
                                 RATE_LIMITED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 result = ValidationResult::RateLimited;
                             }
