@@ -1,7 +1,7 @@
 //! What a key carries besides its identity: owners (and ListKeys' filter), annotations,
 //! allowed networks (IP_NOT_ALLOWED, on ValidateKey and Envoy's Check), etags on every change.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use apikeys::grpc::proto::{
     ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, Expiration,
