@@ -266,6 +266,7 @@ fn validate_request(key: &str, required: &[&str], client_ip: bool, i: usize) -> 
             String::new()
         },
         rate_limits: Vec::new(),
+        cost: None,
     }
 }
 

@@ -42,6 +42,7 @@ fn validate(index: &KeyIndex, input: &str, client_ip: Option<IpAddr>) -> bool {
                 1_000_000,
                 client_ip,
                 &[],
+                1,
             )
             .is_some(),
         Err(_) => false,

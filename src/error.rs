@@ -100,6 +100,12 @@ pub enum ApiError {
     /// UNAVAILABLE (`SHUTTING_DOWN`): this replica is draining; reconnect (to another).
     #[error("the server is shutting down; reconnect and resend what was not answered")]
     ShuttingDown,
+    /// UNAVAILABLE (`CREDITS_BUSY`): the key's credits are spent on this replica faster than
+    /// it could lease them for this request; retry.
+    #[error(
+        "the key's credits are in too much demand on this replica to judge this request; retry"
+    )]
+    CreditsBusy,
     /// INVALID_ARGUMENT (`REQUEST_MISSING`): a ValidateKeys request without its `request`.
     #[error("a ValidateKeysRequest must carry a request to validate")]
     RequestMissing,
@@ -112,6 +118,8 @@ pub enum KeyStateConflict {
     Disabled,
     Expired,
     Rotated,
+    /// Credits set on a rotated key: its successor spends from the same balance.
+    CreditsOfSuccessor,
 }
 
 impl KeyStateConflict {
@@ -120,7 +128,7 @@ impl KeyStateConflict {
             Self::Deleted => "KEY_DELETED",
             Self::Disabled => "KEY_DISABLED",
             Self::Expired => "KEY_EXPIRED",
-            Self::Rotated => "KEY_ROTATED",
+            Self::Rotated | Self::CreditsOfSuccessor => "KEY_ROTATED",
         }
     }
 
@@ -130,6 +138,9 @@ impl KeyStateConflict {
             Self::Disabled => "the key is disabled; enable it first",
             Self::Expired => "the key has expired; create a new key instead",
             Self::Rotated => "the key was rotated already; rotate the key that replaced it",
+            Self::CreditsOfSuccessor => {
+                "the key was rotated; set credits on the key that replaced it, which spends from the same balance"
+            }
         }
     }
 }
@@ -280,6 +291,12 @@ impl ApiError {
             ApiError::ShuttingDown => (
                 Code::Unavailable,
                 "SHUTTING_DOWN",
+                err.to_string(),
+                HashMap::new(),
+            ),
+            ApiError::CreditsBusy => (
+                Code::Unavailable,
+                "CREDITS_BUSY",
                 err.to_string(),
                 HashMap::new(),
             ),

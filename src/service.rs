@@ -7,12 +7,12 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::{
     clock::Clock,
     domain::{
-        Actor, AllowedCidrs, Annotations, EventKind, Expiry, Key, KeyEvent, KeyField, KeyId,
-        KeyName, OwnerId, PageCursor, PresentedKey, RateLimitAsk, RateLimits, Scopes, Secret,
-        Validation, WorkspaceId, check_required,
+        Actor, AllowedCidrs, Annotations, CreditPlan, Credits, EventKind, Expiry, InvalidInput,
+        Key, KeyCredits, KeyEvent, KeyField, KeyId, KeyName, OwnerId, PageCursor, PresentedKey,
+        RateLimitAsk, RateLimits, Scopes, Secret, Validation, WorkspaceId, check_required,
     },
     error::{ApiError, KeyStateConflict},
-    index::{Found, KeyIndex, Syncer},
+    index::{CreditCall, Found, KeyIndex, LeaseCall, Syncer},
     store::{Change, Changed, IndexRow, KeyUpdate, NewEvent, NewKey, Store},
     usage::HourUsage,
 };
@@ -43,6 +43,8 @@ pub(crate) struct KeyTerms {
     pub annotations: Annotations,
     pub allowed_cidrs: AllowedCidrs,
     pub rate_limits: RateLimits,
+    /// `None`: unlimited.
+    pub credits: Option<Credits>,
 }
 
 /// What UpdateKey changes; `None` leaves a field as it is.
@@ -54,6 +56,8 @@ pub(crate) struct KeyEdit {
     pub annotations: Option<Annotations>,
     pub allowed_cidrs: Option<AllowedCidrs>,
     pub rate_limits: Option<RateLimits>,
+    /// `Some(None)` makes the key unlimited.
+    pub credits: Option<Option<Credits>>,
 }
 
 /// RotateKey's result.
@@ -139,10 +143,18 @@ impl KeyService {
                     annotations: terms.annotations,
                     allowed_cidrs: terms.allowed_cidrs,
                     rate_limits: terms.rate_limits,
+                    credits: KeyCredits(terms.credits.map(|credits| CreditPlan {
+                        account: id.as_str().into(),
+                        generation: 1,
+                        refill: credits.refill,
+                    })),
+                    balance: terms.credits,
                 },
                 NewEvent::new(EventKind::Created, actor, now),
             )
             .await?;
+        let mut key = key;
+        self.fill_credits(&mut [&mut key]).await?;
         // This replica answers for the key before CreateKey returns.
         self.index.apply(&IndexRow::from(&key));
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key created");
@@ -175,6 +187,8 @@ impl KeyService {
         for key in &mut keys {
             self.note_unflushed_use(key);
         }
+        self.fill_credits(&mut keys.iter_mut().collect::<Vec<_>>())
+            .await?;
         Ok(Page { keys, next })
     }
 
@@ -194,6 +208,7 @@ impl KeyService {
         match self.store.get(workspace, id).await? {
             Some(mut key) if !key.is_deleted() => {
                 self.note_unflushed_use(&mut key);
+                self.fill_credits(&mut [&mut key]).await?;
                 Ok(key)
             }
             _ => Err(ApiError::KeyNotFound),
@@ -230,7 +245,39 @@ impl KeyService {
             tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key {what}");
         }
         self.note_unflushed_use(&mut changed.key);
+        let mut keys = vec![&mut changed.key];
+        keys.extend(changed.inserted.as_mut());
+        self.fill_credits(&mut keys).await?;
         Ok(changed)
+    }
+
+    /// Each key's balance: its account's, as stored, and what this replica holds of it.
+    /// Read under each key's lease gate, so a slice moving between the database and this
+    /// replica is seen in one place, not in neither.
+    async fn fill_credits(&self, keys: &mut [&mut Key]) -> Result<(), ApiError> {
+        // Taken in one order (by account), so two readers never wait on each other.
+        let mut accounts: Vec<_> = keys
+            .iter()
+            .filter_map(|key| key.credits.plan().map(|plan| plan.account.clone()))
+            .collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let gates: Vec<_> = accounts
+            .iter()
+            .map(|account| self.index.lease_gate(account))
+            .collect();
+        let mut turns = Vec::with_capacity(gates.len());
+        for gate in &gates {
+            turns.push(gate.lock().await);
+        }
+        self.store.fill_credits(keys, self.clock.now_us()).await?;
+        for key in keys.iter_mut() {
+            if let (Some(remaining), Some(plan)) = (&mut key.credits_remaining, key.credits.plan())
+            {
+                *remaining += self.index.credits_held(&plan.account, self.clock.now_us());
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn update(
@@ -255,6 +302,30 @@ impl KeyService {
                     .allowed_cidrs
                     .filter(|given| *given != key.allowed_cidrs);
                 let rate_limits = edit.rate_limits.filter(|given| *given != key.rate_limits);
+                // Setting a balance always changes it (it starts again from what is given);
+                // clearing changes only a key that had credits.
+                let credits = match edit.credits {
+                    Some(Some(_)) if key.rotated_to.is_some() => {
+                        // Its successor spends from the same account and sets it.
+                        return Err(ApiError::KeyState(KeyStateConflict::CreditsOfSuccessor));
+                    }
+                    Some(Some(credits)) => {
+                        let plan = key.credits.plan();
+                        Some((
+                            KeyCredits(Some(CreditPlan {
+                                account: plan.map_or_else(
+                                    || key.id.as_str().into(),
+                                    |plan| plan.account.clone(),
+                                ),
+                                generation: plan.map_or(1, |plan| plan.generation + 1),
+                                refill: credits.refill,
+                            })),
+                            Some(credits),
+                        ))
+                    }
+                    Some(None) if key.credits.plan().is_some() => Some((KeyCredits(None), None)),
+                    _ => None,
+                };
                 event.changed_fields = [
                     (KeyField::Name, name.is_some()),
                     (KeyField::Scopes, scopes.is_some()),
@@ -262,6 +333,7 @@ impl KeyService {
                     (KeyField::Annotations, annotations.is_some()),
                     (KeyField::AllowedCidrs, allowed_cidrs.is_some()),
                     (KeyField::RateLimits, rate_limits.is_some()),
+                    (KeyField::Credits, credits.is_some()),
                 ]
                 .into_iter()
                 .filter_map(|(field, changed)| changed.then_some(field))
@@ -274,6 +346,8 @@ impl KeyService {
                         annotations,
                         allowed_cidrs,
                         rate_limits,
+                        balance: credits.as_ref().and_then(|(_, balance)| *balance),
+                        credits: credits.map(|(plan, _)| plan),
                         ..Default::default()
                     },
                     insert: None,
@@ -377,6 +451,9 @@ impl KeyService {
                         annotations: key.annotations.clone(),
                         allowed_cidrs: key.allowed_cidrs.clone(),
                         rate_limits: key.rate_limits.clone(),
+                        // The successor spends from the same balance: rotating mints none.
+                        credits: key.credits.clone(),
+                        balance: None,
                     }),
                     event: NewEvent {
                         new_key_id: Some(new_id.clone()),
@@ -471,23 +548,30 @@ impl KeyService {
 
     /// Answers from memory: no database round trip, whatever the input. `required` are the
     /// scopes the key must all have; `client_ip`, where the gateway saw the key come from;
-    /// `asks`, what the request spends from the key's rate limits.
+    /// `asks`, what the request spends from the key's rate limits; `cost`, from its credits.
+    /// A key with credits whose slice on this replica cannot pay answers
+    /// [`Validated::Lease`]: [`KeyService::lease`], then ask again
+    /// ([`KeyService::validate_waiting`] does both).
     pub fn validate<S: AsRef<str>>(
         &self,
         presented: &str,
         required: &[S],
         client_ip: Option<IpAddr>,
         asks: &[RateLimitAsk<'_>],
-    ) -> Result<ValidateOutcome, ApiError> {
+        cost: i64,
+    ) -> Result<Validated, ApiError> {
         // The gateway's configuration is at fault, whatever the key.
         check_required(required)?;
         RateLimitAsk::check_all(asks)?;
+        if cost < 0 {
+            return Err(InvalidInput::CostInvalid.into());
+        }
         // Garbage and typos are answered from the input alone, even when the index is stale.
         let Ok(key) = PresentedKey::parse(presented) else {
-            return Ok(ValidateOutcome {
+            return Ok(Validated::Answer(ValidateOutcome {
                 result: Validation::Malformed,
                 key: None,
-            });
+            }));
         };
         // Fail closed: a stale index might still hold a key deleted elsewhere.
         if !self.syncer.is_fresh() {
@@ -495,18 +579,93 @@ impl KeyService {
         }
         let now = self.clock.now_us();
         let resolution = LAST_USED_RESOLUTION.num_microseconds().unwrap_or(1_000_000);
-        let Some(found) =
-            self.index
-                .lookup(&key.hash(), required, now, resolution, client_ip, asks)
-        else {
-            return Ok(ValidateOutcome {
+        let Some(mut found) = self.index.lookup(
+            &key.hash(),
+            required,
+            now,
+            resolution,
+            client_ip,
+            asks,
+            cost,
+        ) else {
+            return Ok(Validated::Answer(ValidateOutcome {
                 result: Validation::NotFound,
                 key: None,
-            });
+            }));
         };
-        Ok(ValidateOutcome {
+        match std::mem::take(&mut found.credit_call) {
+            CreditCall::Wait(call) => return Ok(Validated::Lease(call)),
+            CreditCall::Prefetch(call) => {
+                // The next slice arrives while this one is spent.
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let _ = service.lease(call).await;
+                });
+            }
+            CreditCall::None => {}
+        }
+        Ok(Validated::Answer(ValidateOutcome {
             result: found.result,
             key: Some(found),
-        })
+        }))
+    }
+
+    /// [`KeyService::validate`], leasing credits when the answer needs them: one database
+    /// round trip for a key's first use on this replica (and when a slice ran out before the
+    /// next arrived), none otherwise.
+    pub async fn validate_waiting<S: AsRef<str>>(
+        &self,
+        presented: &str,
+        required: &[S],
+        client_ip: Option<IpAddr>,
+        asks: &[RateLimitAsk<'_>],
+        cost: i64,
+    ) -> Result<ValidateOutcome, ApiError> {
+        for _ in 0..LEASE_ROUNDS {
+            match self.validate(presented, required, client_ip, asks, cost)? {
+                Validated::Answer(outcome) => return Ok(outcome),
+                Validated::Lease(call) => self.lease(call).await?,
+            }
+        }
+        // Other requests on this replica spent each slice before this one could: the key
+        // is hotter than its leases.
+        Err(ApiError::CreditsBusy)
+    }
+
+    /// Leases credits for a key from its account into the index; one lease per key at a
+    /// time on this replica (a request that waited for another's finds its slice).
+    pub async fn lease(&self, call: LeaseCall) -> Result<(), ApiError> {
+        let gate = self.index.lease_gate(&call.account);
+        let _turn = gate.lock().await;
+        let now = self.clock.now_us();
+        // Another request's lease may have come while this one waited.
+        let held = self.index.credits_held(&call.account, now);
+        if call.need > 0 && held >= call.need {
+            return Ok(());
+        }
+        let need = (call.need - held).max(0);
+        match self.store.lease_credits(&call.account, need, now).await {
+            Ok(lease) => {
+                self.index.credit_leased(&call.account, lease, now);
+                Ok(())
+            }
+            Err(err) => {
+                self.index.credit_lease_failed(&call.account);
+                tracing::warn!(error = %err, "cannot lease credits");
+                Err(ApiError::Store(err))
+            }
+        }
     }
 }
+
+/// A validation's answer, or the lease it needs first.
+// The answer is the common variant, moved by value: boxing it would allocate on every call.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Validated {
+    Answer(ValidateOutcome),
+    Lease(LeaseCall),
+}
+
+/// Rounds of lease and look-up a validation tries before it gives up.
+pub(crate) const LEASE_ROUNDS: usize = 8;

@@ -24,6 +24,7 @@ pub(crate) struct UsageCounts {
     pub insufficient_scope: u64,
     pub ip_not_allowed: u64,
     pub rate_limited: u64,
+    pub usage_exceeded: u64,
 }
 
 impl UsageCounts {
@@ -36,6 +37,7 @@ impl UsageCounts {
             Validation::InsufficientScope => &mut self.insufficient_scope,
             Validation::IpNotAllowed => &mut self.ip_not_allowed,
             Validation::RateLimited => &mut self.rate_limited,
+            Validation::UsageExceeded => &mut self.usage_exceeded,
             // No key, so no key's usage.
             Validation::Malformed | Validation::NotFound => return,
         };
@@ -52,8 +54,16 @@ impl UsageCounts {
             insufficient_scope,
             ip_not_allowed,
             rate_limited,
+            usage_exceeded,
         } = *self;
-        valid + expired + disabled + deleted + insufficient_scope + ip_not_allowed + rate_limited
+        valid
+            + expired
+            + disabled
+            + deleted
+            + insufficient_scope
+            + ip_not_allowed
+            + rate_limited
+            + usage_exceeded
     }
 
     /// Adds `other`'s counts.
@@ -66,6 +76,7 @@ impl UsageCounts {
             insufficient_scope,
             ip_not_allowed,
             rate_limited,
+            usage_exceeded,
         } = *other;
         self.valid += valid;
         self.expired += expired;
@@ -74,6 +85,7 @@ impl UsageCounts {
         self.insufficient_scope += insufficient_scope;
         self.ip_not_allowed += ip_not_allowed;
         self.rate_limited += rate_limited;
+        self.usage_exceeded += usage_exceeded;
     }
 }
 

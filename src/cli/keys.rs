@@ -13,8 +13,8 @@ use super::{
     render::{io, key_json, message, show, table, time_or_never},
 };
 use crate::grpc::proto::{
-    ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
-    ListKeysRequest, RateLimit, RotateKeyRequest, UpdateKeyRequest,
+    ApiKey, CreateKeyRequest, Credits, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
+    GetKeyRequest, ListKeysRequest, RateLimit, RotateKeyRequest, UpdateKeyRequest,
 };
 
 /// Creates a key and prints its secret, once.
@@ -29,6 +29,7 @@ pub(super) async fn create(
     let connection = session.connection;
     let (client, out) = (&mut session.client, &mut session.out);
     let (expiration, expire_time) = expires.request();
+    let credits = terms.credits();
     let request = CreateKeyRequest {
         workspace_id: workspace,
         name,
@@ -38,6 +39,7 @@ pub(super) async fn create(
         allowed_cidrs: terms.allowed_cidrs,
         annotations: terms.annotations.into_iter().collect(),
         owner_id: terms.owner.unwrap_or_default(),
+        credits,
         rate_limits: terms.rate_limits,
     };
     let created = client
@@ -163,6 +165,8 @@ pub(super) struct Edit {
     pub annotations: Option<Vec<(String, String)>>,
     pub allowed_cidrs: Option<Vec<String>>,
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// `Some(None)` removes the key's credits.
+    pub credits: Option<Option<Credits>>,
     /// Empty: whatever the key is now.
     pub etag: String,
 }
@@ -181,6 +185,7 @@ pub(super) async fn update(
         ("annotations", edit.annotations.is_some()),
         ("allowed_cidrs", edit.allowed_cidrs.is_some()),
         ("rate_limits", edit.rate_limits.is_some()),
+        ("credits", edit.credits.is_some()),
     ]
     .into_iter()
     .filter(|(_, given)| *given)
@@ -188,7 +193,7 @@ pub(super) async fn update(
     .collect();
     if paths.is_empty() {
         return Err(
-            "nothing to change: give --name, --scope, --owner, --annotation, --allow-cidr, --rate-limit or a --clear-… flag"
+            "nothing to change: give --name, --scope, --owner, --annotation, --allow-cidr, --rate-limit, --credits or a --clear-… flag"
                 .to_owned(),
         );
     }
@@ -202,6 +207,7 @@ pub(super) async fn update(
             annotations: edit.annotations.unwrap_or_default().into_iter().collect(),
             allowed_cidrs: edit.allowed_cidrs.unwrap_or_default(),
             rate_limits: edit.rate_limits.unwrap_or_default(),
+            credits: edit.credits.flatten(),
             etag: edit.etag,
             ..Default::default()
         }),

@@ -20,7 +20,8 @@ use crate::{
     auth::CallerRole,
     config::{Settings, parse_duration},
     grpc::proto::{
-        Expiration, RateLimit, RateLimitRequest, ValidateKeyRequest, api_keys_client::ApiKeysClient,
+        Credits, Expiration, RateLimit, RateLimitRequest, Refill, RefillInterval,
+        ValidateKeyRequest, api_keys_client::ApiKeysClient,
     },
 };
 
@@ -137,6 +138,41 @@ pub struct KeyTermsArgs {
     /// more, at most 8.
     #[arg(long = "rate-limit", value_parser = parse_rate_limit)]
     pub rate_limits: Vec<RateLimit>,
+    /// Credits the key may spend (each validation spends its cost, 1 by default); absent
+    /// means unlimited. On `update`, sets the balance afresh.
+    #[arg(long)]
+    pub credits: Option<i64>,
+    /// How the credits refill: `AMOUNT/daily` (every day at 00:00 UTC) or
+    /// `AMOUNT/monthly:DAY` (every month on DAY, 1-31), the balance then becoming AMOUNT.
+    #[arg(long, requires = "credits", value_parser = parse_refill)]
+    pub refill: Option<Refill>,
+}
+
+impl KeyTermsArgs {
+    /// The credits given, as the API takes them.
+    pub(crate) fn credits(&self) -> Option<Credits> {
+        self.credits.map(|remaining| Credits {
+            remaining,
+            refill: self.refill,
+        })
+    }
+}
+
+/// `AMOUNT/daily` or `AMOUNT/monthly:DAY`.
+fn parse_refill(text: &str) -> Result<Refill, String> {
+    let shape = || "a refill is AMOUNT/daily or AMOUNT/monthly:DAY, e.g. 1000/monthly:1".to_owned();
+    let (amount, rest) = text.split_once('/').ok_or_else(shape)?;
+    let amount = amount.parse().map_err(|_| shape())?;
+    let (interval, day_of_month) = match rest.split_once(':') {
+        None if rest == "daily" => (RefillInterval::Daily, 0),
+        Some(("monthly", day)) => (RefillInterval::Monthly, day.parse().map_err(|_| shape())?),
+        _ => return Err(shape()),
+    };
+    Ok(Refill {
+        amount,
+        interval: interval.into(),
+        day_of_month,
+    })
 }
 
 /// `NAME=LIMIT/WINDOW[,auto]`.
@@ -259,6 +295,9 @@ pub enum KeysCommand {
         /// Remove every rate limit.
         #[arg(long, conflicts_with = "rate_limits")]
         clear_rate_limits: bool,
+        /// Remove the key's credits: it may then be used without limit of credits.
+        #[arg(long, conflicts_with = "credits")]
+        clear_credits: bool,
         /// Change the key only if its etag is still this one (from `keys get --json`).
         #[arg(long)]
         etag: Option<String>,
@@ -336,6 +375,10 @@ pub enum KeysCommand {
         /// limits applied to every validation are spent from anyway.
         #[arg(long = "rate-limit", value_parser = parse_rate_limit_request)]
         rate_limits: Vec<RateLimitRequest>,
+        /// Credits this validation spends, for a key with credits (default 1; 0 only checks
+        /// that some are left).
+        #[arg(long)]
+        cost: Option<i64>,
     },
 }
 
@@ -438,9 +481,11 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             clear_annotations,
             clear_cidrs,
             clear_rate_limits,
+            clear_credits,
             etag,
         } => {
             let given = |clear: bool, empty: bool| clear || !empty;
+            let credits = terms.credits();
             let edit = keys::Edit {
                 name,
                 scopes: given(clear_scopes, scopes.is_empty()).then_some(scopes),
@@ -453,6 +498,11 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
                     .then_some(terms.annotations),
                 allowed_cidrs: given(clear_cidrs, terms.allowed_cidrs.is_empty())
                     .then_some(terms.allowed_cidrs),
+                credits: if clear_credits {
+                    Some(None)
+                } else {
+                    credits.map(Some)
+                },
                 rate_limits: given(clear_rate_limits, terms.rate_limits.is_empty())
                     .then_some(terms.rate_limits),
                 etag: etag.unwrap_or_default(),
@@ -477,11 +527,13 @@ async fn execute(connection: &Connection, command: KeysCommand) -> Result<ExitCo
             required_scopes,
             client_ip,
             rate_limits,
+            cost,
         } => {
             let request = ValidateKeyRequest {
                 required_scopes,
                 client_ip: client_ip.unwrap_or_default(),
                 rate_limits,
+                cost,
                 ..Default::default()
             };
             checks::validate(session, request).await

@@ -32,6 +32,7 @@ pub(crate) enum KeyField {
     Annotations,
     AllowedCidrs,
     RateLimits,
+    Credits,
 }
 
 impl KeyField {
@@ -43,6 +44,7 @@ impl KeyField {
             Self::Annotations => "annotations",
             Self::AllowedCidrs => "allowed_cidrs",
             Self::RateLimits => "rate_limits",
+            Self::Credits => "credits",
         }
     }
 }

@@ -80,6 +80,12 @@ pub enum InvalidInput {
     TooManyRateLimits,
     #[error("cost must not be negative")]
     CostInvalid,
+    #[error("credits.remaining must be from 0 to 1,000,000,000,000")]
+    CreditsInvalid,
+    #[error(
+        "credits.refill needs an amount from 1 to 1,000,000,000,000 and an interval: daily with day_of_month 0, or monthly with day_of_month 1 to 31"
+    )]
+    RefillInvalid,
 }
 
 impl InvalidInput {
@@ -118,6 +124,8 @@ impl InvalidInput {
             Self::RateLimitWindowInvalid => "RATE_LIMIT_WINDOW_INVALID",
             Self::TooManyRateLimits => "TOO_MANY_RATE_LIMITS",
             Self::CostInvalid => "COST_INVALID",
+            Self::CreditsInvalid => "CREDITS_INVALID",
+            Self::RefillInvalid => "REFILL_INVALID",
         }
     }
 
@@ -154,6 +162,7 @@ impl InvalidInput {
             | Self::RateLimitWindowInvalid
             | Self::TooManyRateLimits
             | Self::CostInvalid => "rate_limits",
+            Self::CreditsInvalid | Self::RefillInvalid => "credits",
         }
     }
 }

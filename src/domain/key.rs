@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, KeyStatus, OwnerId, RateLimits, Scopes,
-    WorkspaceId, masked_key,
+    AllowedCidrs, Annotations, KeyCredits, KeyHash, KeyId, KeyName, KeyStatus, OwnerId, RateLimits,
+    Scopes, WorkspaceId, masked_key,
 };
 
 /// A key as stored, tombstone or not. Never the key itself: only its hash and last four
@@ -43,6 +43,11 @@ pub(crate) struct Key {
     pub allowed_cidrs: AllowedCidrs,
     /// Empty: no limit.
     pub rate_limits: RateLimits,
+    /// `None`: unlimited.
+    pub credits: KeyCredits,
+    /// The account's balance as stored (what no replica has leased), with the refill due by
+    /// the time it was read; `None` when not read or unlimited.
+    pub credits_remaining: Option<i64>,
 }
 
 impl Key {

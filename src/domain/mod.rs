@@ -3,6 +3,7 @@
 
 mod actor;
 pub(crate) mod base62;
+mod credits;
 mod event;
 mod expiration;
 mod governance;
@@ -19,6 +20,10 @@ mod validation;
 mod workspace_id;
 
 pub use actor::{Actor, ActorError};
+pub use credits::{
+    CreditLease, CreditPlan, Credits, KeyCredits, MAX_LEASE, Refill, RefillInterval,
+    column_credits, credit_period_us, lease_size, parse_credit_cost,
+};
 pub(crate) use event::{EventKind, KeyEvent, KeyField};
 pub(crate) use expiration::{Expiration, Expiry};
 pub use governance::{AllowedCidrs, Annotations, Cidr, OwnerId, column_annotations, column_cidrs};

@@ -233,14 +233,16 @@ impl LimitJudgement {
 }
 
 /// Whether the key's `limits` have room at `now_us` for what `asks` (and every auto-applied
-/// limit, at cost 1 unless asked otherwise) would spend. Admitted: spent from every limit
-/// judged, in `windows`. Refused: nothing spent. A limit asked for that the key does not have
-/// is not judged.
+/// limit, at cost 1 unless asked otherwise) would spend. Admitted: `pay` is asked (the
+/// request's other costs, judged only once the limits admit it), and if it pays, spent from
+/// every limit judged, in `windows`. Refused, or not paid: nothing spent. A limit asked for
+/// that the key does not have is not judged.
 pub fn judge(
     limits: &[RateLimit],
     asks: &[RateLimitAsk<'_>],
     windows: &mut Vec<Window>,
     now_us: i64,
+    pay: impl FnOnce() -> bool,
 ) -> LimitJudgement {
     let mut judged: Vec<(&RateLimit, i64, i64)> = Vec::with_capacity(limits.len());
     for limit in limits {
@@ -255,6 +257,7 @@ pub fn judge(
         judged.push((limit, cost, start_us));
     }
     if judged.is_empty() {
+        pay();
         return LimitJudgement::default();
     }
     // What each limit has spent in its current window; an ended window is spent nothing.
@@ -274,7 +277,7 @@ pub fn judge(
             wait_us = wait_us.max(start_us + limit.window_us() - now_us);
         }
     }
-    if !refused {
+    if !refused && pay() {
         // Windows that ended, and those of limits the key no longer has, go. (The caller
         // keeps `now_us` from going back, so no window starts after it.)
         windows.retain(|window| {
@@ -320,6 +323,36 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request with nothing else to pay.
+    fn judge(
+        limits: &[RateLimit],
+        asks: &[RateLimitAsk<'_>],
+        windows: &mut Vec<Window>,
+        now_us: i64,
+    ) -> LimitJudgement {
+        super::judge(limits, asks, windows, now_us, || true)
+    }
+
+    #[test]
+    fn a_request_that_cannot_pay_its_other_costs_spends_nothing() {
+        let limits = [limit("a", 2, 1_000, true)];
+        let mut windows = Vec::new();
+        let unpaid = super::judge(&limits, &[], &mut windows, 0, || false);
+        assert!(unpaid.admitted());
+        assert_eq!(unpaid.states[0].remaining, 2);
+        let mut asked = false;
+        let refused = {
+            judge(&limits, &[], &mut windows, 0);
+            judge(&limits, &[], &mut windows, 0);
+            super::judge(&limits, &[], &mut windows, 0, || {
+                asked = true;
+                true
+            })
+        };
+        assert!(!refused.admitted());
+        assert!(!asked, "a request a limit refused is not asked to pay");
+    }
 
     fn limit(name: &str, limit: i64, window_ms: i64, auto_apply: bool) -> RateLimit {
         RateLimit {

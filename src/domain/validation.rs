@@ -49,6 +49,8 @@ pub enum Validation {
     IpNotAllowed,
     /// Active, but a rate limit the request was judged against had too little left.
     RateLimited,
+    /// Active and within its rate limits, but its credits cannot pay the request's cost.
+    UsageExceeded,
 }
 
 /// How a gateway's authorization check (Envoy's ext_authz `Check`) ended: allowed, or denied
@@ -92,6 +94,7 @@ impl CheckDecision {
                 Validation::InsufficientScope => "insufficient_scope",
                 Validation::IpNotAllowed => "ip_not_allowed",
                 Validation::RateLimited => "rate_limited",
+                Validation::UsageExceeded => "usage_exceeded",
             },
         }
     }
@@ -99,7 +102,7 @@ impl CheckDecision {
 
 impl Validation {
     /// Every answer, for what is made once per answer (metric series, tests).
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Valid,
         Self::Malformed,
         Self::NotFound,
@@ -109,6 +112,7 @@ impl Validation {
         Self::InsufficientScope,
         Self::IpNotAllowed,
         Self::RateLimited,
+        Self::UsageExceeded,
     ];
 
     /// The answer for a known key: its status first, then where the request came from, then

@@ -34,7 +34,7 @@ use super::{
     ext_authz::{CheckRequest, CheckResponse, ExtAuthzService},
     proto::{ValidateKeyRequest, ValidateKeyResponse, api_keys_server::ApiKeysServer},
 };
-use crate::error::ApiError;
+use crate::{error::ApiError, grpc::api_keys::Judgement};
 
 /// [`ProstCodec`] with [`ProtoDecoder`]. build.rs generates the ApiKeys server and client with
 /// it: on the client side, an undecodable response is reported the same way.
@@ -156,10 +156,21 @@ where
 /// The one method, Check, for [`Grpc::unary`]: decided from memory, so ready at once.
 impl UnaryService<CheckRequest> for ExtAuthzServer {
     type Response = CheckResponse;
-    type Future = std::future::Ready<Result<Response<CheckResponse>, Status>>;
+    type Future = NowOrLater<Result<Response<CheckResponse>, Status>>;
 
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
-        std::future::ready(Ok(Response::new(self.inner.decide(request.get_ref()))))
+        match self.inner.decide(request.get_ref()) {
+            Ok(response) => NowOrLater::Now(Some(Ok(Response::new(response)))),
+            // Only a key's first use on this replica, or a slice spent out: one lease.
+            Err(call) => {
+                let inner = self.inner.clone();
+                NowOrLater::Later(Box::pin(async move {
+                    Ok(Response::new(
+                        inner.decide_leasing(request.get_ref(), call).await,
+                    ))
+                }))
+            }
+        }
     }
 }
 
@@ -215,10 +226,46 @@ struct ValidateKeyNow(Arc<ApiKeysService>);
 
 impl UnaryService<ValidateKeyRequest> for ValidateKeyNow {
     type Response = ValidateKeyResponse;
-    type Future = std::future::Ready<Result<Response<ValidateKeyResponse>, Status>>;
+    type Future = NowOrLater<Result<Response<ValidateKeyResponse>, Status>>;
 
     fn call(&mut self, request: Request<ValidateKeyRequest>) -> Self::Future {
-        std::future::ready(self.0.validate_now(request.get_ref()).map(Response::new))
+        match self.0.validate_now(request.get_ref()) {
+            Ok(Judgement::Answer(response)) => NowOrLater::Now(Some(Ok(Response::new(response)))),
+            Err(status) => NowOrLater::Now(Some(Err(status))),
+            // Only a key's first use on this replica, or a slice spent out: one lease.
+            Ok(Judgement::Lease(call)) => {
+                let service = self.0.clone();
+                NowOrLater::Later(Box::pin(async move {
+                    service
+                        .validate_leasing(request.get_ref(), call)
+                        .await
+                        .map(Response::new)
+                        .map_err(Status::from)
+                }))
+            }
+        }
+    }
+}
+
+/// A validation's answer: ready at once (no allocation, no await), or after a credit lease.
+pub(crate) enum NowOrLater<T> {
+    /// Taken when polled; polled once.
+    Now(Option<T>),
+    Later(std::pin::Pin<Box<dyn Future<Output = T> + Send>>),
+}
+
+impl<T: Unpin> Future for NowOrLater<T> {
+    type Output = T;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.get_mut() {
+            Self::Now(answer) => match answer.take() {
+                Some(answer) => Poll::Ready(answer),
+                // Polled after it completed: a caller's bug, never ours to panic over.
+                None => Poll::Pending,
+            },
+            Self::Later(later) => later.as_mut().poll(cx),
+        }
     }
 }
 

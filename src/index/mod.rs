@@ -19,11 +19,11 @@ pub use sync::{SyncSettings, Syncer};
 
 use crate::{
     domain::{
-        Cidr, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation, Window,
-        column_annotations, column_cidrs, column_rate_limits, column_scopes, judge_limits,
-        keep_windows_of,
+        Cidr, CreditLease, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation,
+        Window, column_annotations, column_cidrs, column_credits, column_rate_limits,
+        column_scopes, judge_limits, keep_windows_of,
     },
-    store::IndexRow,
+    store::{CreditReturn, IndexRow},
     usage::{HourUsage, hour_start},
 };
 
@@ -64,6 +64,8 @@ struct Terms {
     allowed_cidrs: Box<[Cidr]>,
     /// Sorted by name; empty: no limit.
     rate_limits: Box<[RateLimit]>,
+    /// The credit account spent from, and the generation of its setting; `None`: unlimited.
+    credits: Option<(Box<str>, i64)>,
 }
 
 impl Terms {
@@ -77,6 +79,7 @@ impl Terms {
                 .collect(),
             allowed_cidrs: column_cidrs(&row.allowed_cidrs).collect(),
             rate_limits: column_rate_limits(&row.rate_limits).into(),
+            credits: column_credits(&row.credits).map(|plan| (plan.account, plan.generation)),
         };
         (terms != Self::default()).then(|| Box::new(terms))
     }
@@ -127,9 +130,137 @@ struct ActivityState {
     windows: Option<Box<Windows>>,
 }
 
-/// A key's rate-limit windows.
+/// What one replica holds of a key's credits: a slice leased from the account, spent here
+/// with no round trip, and what the account had left when the slice was taken.
+#[derive(Debug, Default)]
+struct Hold {
+    /// The setting and period the slice belongs to.
+    generation: i64,
+    period_start_us: i64,
+    period_end_us: i64,
+    /// Credits leased and not spent yet.
+    held: i64,
+    /// What the account had left, unleased, at the last lease.
+    unleased: i64,
+    /// Whether a lease of this setting and period arrived; until then nothing is known.
+    known: bool,
+    /// A lease is on its way.
+    leasing: bool,
+    /// The size of the last slice: the next is fetched when less than half of it is left.
+    last_grant: i64,
+    /// When the last lease arrived, by the request clock.
+    last_lease_us: i64,
+    /// Sweeps (flushes) since the last spend: a hold idle for long is given back.
+    idle_sweeps: u32,
+}
+
+/// How a key's credits judge a request's cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CreditVerdict {
+    /// Paid from the slice held.
+    Paid,
+    /// Even the account's whole balance cannot pay it.
+    Exceeded,
+    /// The slice held cannot pay it but the account might: lease first.
+    Short,
+}
+
+impl Hold {
+    /// Voids a slice of an older setting, or of a period that ended.
+    fn renew(&mut self, generation: i64, now_us: i64) {
+        if self.generation < generation || now_us >= self.period_end_us {
+            *self = Self {
+                generation: self.generation.max(generation),
+                leasing: self.leasing,
+                ..Self::default()
+            };
+        }
+    }
+
+    fn judge(&mut self, cost: i64) -> CreditVerdict {
+        let balance = self.held + self.unleased;
+        // Nothing left refuses even a check (cost 0).
+        if balance < cost.max(1) {
+            CreditVerdict::Exceeded
+        } else if self.held < cost {
+            CreditVerdict::Short
+        } else {
+            self.held -= cost;
+            self.idle_sweeps = 0;
+            CreditVerdict::Paid
+        }
+    }
+
+    /// What this replica believes is left: its slice and the account's unleased balance.
+    fn remaining(&self) -> i64 {
+        self.held + self.unleased
+    }
+}
+
+/// How often a key whose credits ran out asks its account again (others may have given
+/// back, an admin may have added).
+const RELEASE_CHECK_US: i64 = 1_000_000;
+/// Flushes without a spend after which a replica gives a key's slice back.
+const IDLE_SWEEPS: u32 = 5;
+
+fn lease_call(account: &str, need: i64) -> LeaseCall {
+    LeaseCall {
+        account: String::from(account),
+        need,
+    }
+}
+
+/// A key's limits and what a request asks of them.
+type LimitsAsked<'a> = (&'a [RateLimit], &'a [RateLimitAsk<'a>]);
+/// A key's credit account, its setting's generation, and what a request costs.
+type CreditsAsked<'a> = (&'a str, i64, i64);
+
+/// A lookup's judgement, besides the key.
+#[derive(Debug)]
+struct Judged {
+    result: Validation,
+    limits: LimitJudgement,
+    credits_remaining: Option<i64>,
+    call: CreditCall,
+}
+
+impl Judged {
+    fn of(result: Validation) -> Self {
+        Self {
+            result,
+            limits: LimitJudgement::default(),
+            credits_remaining: None,
+            call: CreditCall::None,
+        }
+    }
+}
+
+/// A lease the index asks for: the service takes it from the account and hands it to
+/// [`KeyIndex::credit_leased`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseCall {
+    pub account: String,
+    /// What the slice held must reach for the request (0: whatever a lease takes).
+    pub need: i64,
+}
+
+/// What a lookup asks of the service about credits, besides its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CreditCall {
+    #[default]
+    None,
+    /// Nothing was judged or counted: lease, then look up again.
+    Wait(LeaseCall),
+    /// Answered; fetch the next slice meanwhile.
+    Prefetch(LeaseCall),
+}
+
+/// A key's rate-limit windows, and where its credits are held.
 #[derive(Debug, Default)]
 struct Windows {
+    /// What this replica holds of the credits of the key's account, shared with the other
+    /// keys of that account (a rotated key and its successor), found once by account.
+    credits: Option<(Box<str>, Arc<Mutex<Hold>>)>,
     spent: Vec<Window>,
     /// The latest instant a request was judged at. A request whose clock reading is older
     /// (it waited for the lock, or the clock stepped back) is judged at this one instead, so
@@ -192,6 +323,11 @@ pub struct Found {
     pub result: Validation,
     /// The rate limits judged, when the key was otherwise valid.
     pub limits: LimitJudgement,
+    /// What the key's credits have left after this request, when it has credits and was
+    /// judged against them (it was otherwise VALID).
+    pub credits_remaining: Option<i64>,
+    /// A lease the answer needs (`Wait`: the answer is not final) or would like.
+    pub credit_call: CreditCall,
 }
 
 /// The keys are blake3 outputs: their first 8 bytes are already a uniform hash, and callers
@@ -233,6 +369,12 @@ pub struct KeyIndex {
     scope_sets: Mutex<StdHashMap<Box<str>, ScopeSet>>,
     /// Keys with activity since the last flush, each once.
     pending: Mutex<Vec<KeyHash>>,
+    /// What this replica holds of each credit account it spent from.
+    holds: Mutex<StdHashMap<Box<str>, Arc<Mutex<Hold>>>>,
+    /// Accounts with credits held, for the sweep that gives idle ones back.
+    holders: Mutex<HashSet<Box<str>>>,
+    /// See [`KeyIndex::lease_gate`].
+    lease_gates: Mutex<StdHashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Hours that ended before a flush took them.
     rolled: Mutex<Vec<(KeyHash, HourUsage)>>,
     /// Whether every answer for a known key is counted (GetKeyUsage), or only valid uses
@@ -263,6 +405,9 @@ impl KeyIndex {
             workspaces: Mutex::default(),
             scope_sets: Mutex::default(),
             pending: Mutex::default(),
+            holds: Mutex::default(),
+            holders: Mutex::default(),
+            lease_gates: Mutex::default(),
             rolled: Mutex::default(),
             record_usage,
         }
@@ -299,6 +444,7 @@ impl KeyIndex {
         let has_limits = terms
             .as_ref()
             .is_some_and(|terms| !terms.rate_limits.is_empty());
+        let has_credits = terms.as_ref().is_some_and(|terms| terms.credits.is_some());
         let record = |old: Option<&Record>| Record {
             id,
             workspace: workspace.clone(),
@@ -313,9 +459,9 @@ impl KeyIndex {
                 .map_or(stored_use, |old| old.stored_last_used_us.max(stored_use)),
             // Shared, not moved: papaya may run this more than once. A key with limits gets
             // its activity now, so a lookup that still holds the old record spends from the
-            // same windows as those that find the new one.
+            // same windows (and the same slice of credits) as those that find the new one.
             activity: match old {
-                Some(old) if has_limits => {
+                Some(old) if has_limits || has_credits => {
                     OnceLock::from(old.activity.get_or_init(Activity::new).clone())
                 }
                 Some(old) => old
@@ -382,7 +528,11 @@ impl KeyIndex {
     /// limits (and 1 from each auto-applied one). An answer of VALID (active, from an allowed
     /// address, with the scopes required, within every limit judged) spends from the limits
     /// and notes the use (at most once per `use_resolution_us`); with usage recorded, every
-    /// answer is counted in the key's hour. All in memory, for the flush to write.
+    /// answer is counted in the key's hour. All in memory, for the flush to write. A key with
+    /// credits is then charged `cost` from the slice this replica holds; when the slice
+    /// cannot pay and the account might, nothing is judged or counted and the answer says
+    /// to lease first ([`CreditCall::Wait`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn lookup<S: AsRef<str>>(
         &self,
         hash: &KeyHash,
@@ -391,6 +541,7 @@ impl KeyIndex {
         use_resolution_us: i64,
         client_ip: Option<IpAddr>,
         asks: &[RateLimitAsk<'_>],
+        cost: i64,
     ) -> Option<Found> {
         let keys = self.keys.pin();
         let record = keys.get(hash.as_bytes())?;
@@ -417,11 +568,30 @@ impl KeyIndex {
             }
             _ => None,
         };
+        let credits = match &record.terms {
+            Some(terms) if result == Validation::Valid => terms
+                .credits
+                .as_ref()
+                .map(|(account, generation)| (&**account, *generation, cost)),
+            _ => None,
+        };
         let use_stale = record.last_used_us().saturating_add(use_resolution_us) <= now_us;
-        let mut judged = LimitJudgement::default();
-        if limits.is_some() || (use_stale && result == Validation::Valid) || self.record_usage {
-            (result, judged) =
-                self.note(hash, record, result, limits, use_stale, now_us, client_ip);
+        let mut judged = Judged::of(result);
+        if limits.is_some()
+            || credits.is_some()
+            || (use_stale && result == Validation::Valid)
+            || self.record_usage
+        {
+            judged = self.note(
+                hash,
+                record,
+                result,
+                (limits, credits),
+                use_stale,
+                now_us,
+                client_ip,
+            );
+            result = judged.result;
         }
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_LEN);
         id.push_str(ID_PREFIX);
@@ -450,53 +620,122 @@ impl KeyIndex {
                 .map(|(key, value)| (String::from(&**key), String::from(&**value)))
                 .collect(),
             result,
-            limits: judged,
+            limits: judged.limits,
+            credits_remaining: judged.credits_remaining,
+            credit_call: judged.call,
         })
     }
 
-    /// Judges the request against `limits` (the key's, and what the request asks) when
-    /// given, then notes a use (when the answer is still VALID and `use_stale`: the last one
-    /// noted is older than the resolution) and counts the answer in the key's activity, and
-    /// queues the key for the next flush. All under the key's lock, so concurrent requests
-    /// spend from its limits one at a time. Returns the answer: RATE_LIMITED if a limit
-    /// refused.
+    /// Judges the request against `limits` (the key's, and what the request asks) and its
+    /// credits when given, then notes a use (when the answer is still VALID and `use_stale`:
+    /// the last one noted is older than the resolution) and counts the answer in the key's
+    /// activity, and queues the key for the next flush. All under the key's lock, so
+    /// concurrent requests spend from its limits and credits one at a time, and a request
+    /// spends from all of them or none. RATE_LIMITED if a limit refused, else
+    /// USAGE_EXCEEDED if the credits could not pay; a request the slice held cannot pay is
+    /// neither judged nor counted ([`CreditCall::Wait`]).
     #[allow(clippy::too_many_arguments)]
     fn note(
         &self,
         hash: &KeyHash,
         record: &Record,
-        mut result: Validation,
-        limits: Option<(&[RateLimit], &[RateLimitAsk<'_>])>,
+        result: Validation,
+        (limits, credits): (Option<LimitsAsked<'_>>, Option<CreditsAsked<'_>>),
         use_stale: bool,
         now_us: i64,
         client_ip: Option<IpAddr>,
-    ) -> (Validation, LimitJudgement) {
-        let mut judged = LimitJudgement::default();
+    ) -> Judged {
+        let mut judged = Judged::of(result);
         let activity = record.activity.get_or_init(Activity::new);
         {
             let mut state = lock(&activity.state);
-            if let Some((limits, asks)) = limits {
-                let windows = state.windows.get_or_insert_with(Box::default);
-                let at = now_us.max(windows.latest_us);
-                windows.latest_us = at;
-                judged = if record.revision >= windows.revision {
-                    judge_limits(limits, asks, &mut windows.spent, at)
+            let governed = match (limits, credits) {
+                (None, None) => None,
+                _ => Some(&mut **state.windows.get_or_insert_with(Box::default)),
+            };
+            let (windows, slot) = match governed {
+                Some(Windows {
+                    spent,
+                    latest_us,
+                    revision,
+                    credits: slot,
+                }) => (Some((spent, latest_us, *revision)), Some(slot)),
+                None => (None, None),
+            };
+            // The credits first: a slice that cannot be known yet stops everything here.
+            let mut hold = None;
+            if let (Some((account, generation, cost)), Some(slot)) = (credits, slot) {
+                let mut held = lock(self.hold_of(slot, account));
+                held.renew(generation, now_us);
+                if !held.known {
+                    return lease_first(&mut held, account, cost, result);
+                }
+                hold = Some((held, account, cost));
+            }
+            let mut verdict = None;
+            let mut pay = || match &mut hold {
+                Some((held, _, cost)) => {
+                    let judged = held.judge(*cost);
+                    verdict = Some(judged);
+                    judged == CreditVerdict::Paid
+                }
+                None => true,
+            };
+            if let (Some((limits, asks)), Some((spent, latest_us, revision))) = (limits, windows) {
+                let at = now_us.max(*latest_us);
+                *latest_us = at;
+                judged.limits = if record.revision >= revision {
+                    judge_limits(limits, asks, spent, at, pay)
                 } else {
                     // The key changed since this lookup read it: judge by its limits now.
                     let keys = self.keys.pin();
                     let current = keys
                         .get(hash.as_bytes())
                         .map_or(&[][..], Record::rate_limits);
-                    judge_limits(current, asks, &mut windows.spent, at)
+                    judge_limits(current, asks, spent, at, pay)
                 };
-                if !judged.admitted() {
-                    result = Validation::RateLimited;
+                if !judged.limits.admitted() {
+                    judged.result = Validation::RateLimited;
+                }
+            } else {
+                pay();
+            }
+            if let Some((mut held, account, cost)) = hold.take() {
+                match verdict {
+                    Some(CreditVerdict::Short) => {
+                        return lease_first(&mut held, account, cost, result);
+                    }
+                    Some(CreditVerdict::Exceeded) => {
+                        judged.result = Validation::UsageExceeded;
+                        // Replicas give back what they do not use, and an admin may add:
+                        // look again, now and then.
+                        if !held.leasing && now_us - held.last_lease_us >= RELEASE_CHECK_US {
+                            held.leasing = true;
+                            judged.call = CreditCall::Prefetch(lease_call(account, cost));
+                        }
+                    }
+                    Some(CreditVerdict::Paid)
+                        if !held.leasing
+                            && held.unleased > 0
+                            && held.held * 2 < held.last_grant =>
+                    {
+                        held.leasing = true;
+                        judged.call = CreditCall::Prefetch(lease_call(account, 0));
+                    }
+                    _ => {}
+                }
+                // Refused by a limit first: the credits were not judged.
+                if verdict.is_some() {
+                    judged.credits_remaining = Some(held.remaining());
                 }
             }
+            // Whatever the path, the account's lock goes before the rest is noted.
+            drop(hold);
+            let result = judged.result;
             let use_due = use_stale && result == Validation::Valid;
             if !use_due && !self.record_usage {
                 // Only the limits were judged: nothing for a flush.
-                return (result, judged);
+                return judged;
             }
             if use_due {
                 activity.last_used_us.fetch_max(now_us, Ordering::Relaxed);
@@ -521,7 +760,142 @@ impl KeyIndex {
         {
             lock(&self.pending).push(*hash);
         }
-        (result, judged)
+        judged
+    }
+
+    /// The hold of `account`, as the key's activity caches it.
+    fn hold_of<'s>(
+        &self,
+        slot: &'s mut Option<(Box<str>, Arc<Mutex<Hold>>)>,
+        account: &str,
+    ) -> &'s Mutex<Hold> {
+        if slot.as_ref().is_none_or(|(cached, _)| **cached != *account) {
+            *slot = Some((account.into(), self.hold(account)));
+        }
+        match slot {
+            Some((_, hold)) => hold,
+            None => unreachable!("filled above"),
+        }
+    }
+
+    fn hold(&self, account: &str) -> Arc<Mutex<Hold>> {
+        let mut holds = lock(&self.holds);
+        if let Some(hold) = holds.get(account) {
+            return hold.clone();
+        }
+        let hold = Arc::<Mutex<Hold>>::default();
+        holds.insert(account.into(), hold.clone());
+        hold
+    }
+
+    /// Takes a lease into the account's hold. A lease of an older setting, or of a period
+    /// that ended, is void (its credits were replaced or refilled).
+    pub fn credit_leased(&self, account: &str, lease: Option<CreditLease>, now_us: i64) {
+        let hold = self.hold(account);
+        let mut held = lock(&hold);
+        held.leasing = false;
+        held.last_lease_us = now_us;
+        let Some(lease) = lease else {
+            // No such account (the key's credits were just cleared): nothing to hold.
+            held.known = true;
+            held.period_end_us = i64::MAX;
+            return;
+        };
+        let newer = lease.generation > held.generation
+            || (lease.generation == held.generation
+                && lease.period_start_us > held.period_start_us);
+        let same =
+            lease.generation == held.generation && lease.period_start_us == held.period_start_us;
+        if newer || (same && !held.known) {
+            *held = Hold {
+                generation: lease.generation,
+                period_start_us: lease.period_start_us,
+                period_end_us: lease.period_end_us,
+                last_lease_us: now_us,
+                held: if same { held.held } else { 0 },
+                ..Hold::default()
+            };
+        } else if !same {
+            return;
+        }
+        held.held += lease.granted;
+        held.unleased = lease.unleased;
+        held.known = true;
+        held.idle_sweeps = 0;
+        if lease.granted > 0 {
+            held.last_grant = lease.granted;
+            drop(held);
+            lock(&self.holders).insert(account.into());
+        }
+    }
+
+    /// A lease that failed: the next request asks again.
+    pub fn credit_lease_failed(&self, account: &str) {
+        lock(&self.hold(account)).leasing = false;
+    }
+
+    /// What this replica holds unspent of the account, for the period of `now_us`.
+    pub(crate) fn credits_held(&self, account: &str, now_us: i64) -> i64 {
+        let Some(hold) = lock(&self.holds).get(account).cloned() else {
+            return 0;
+        };
+        let held = lock(&hold);
+        if now_us < held.period_end_us {
+            held.held
+        } else {
+            0
+        }
+    }
+
+    /// The accounts whose slices are due back: every one held (`all`, at shutdown), or
+    /// those not spent from for [`IDLE_SWEEPS`] sweeps. Each call is a sweep.
+    pub(crate) fn credit_returns_due(&self, all: bool) -> Vec<Box<str>> {
+        let holders: Vec<Box<str>> = lock(&self.holders).iter().cloned().collect();
+        let mut due = Vec::new();
+        for account in holders {
+            let hold = self.hold(&account);
+            let mut held = lock(&hold);
+            held.idle_sweeps += 1;
+            if held.held > 0 && !all && held.idle_sweeps <= IDLE_SWEEPS {
+                continue;
+            }
+            drop(held);
+            lock(&self.holders).remove(&account);
+            due.push(account);
+        }
+        due
+    }
+
+    /// Takes back the account's slice to give back to it (under its lease gate, so no lease
+    /// and no reader of its balance sees it in neither place); its next use leases again.
+    /// `None` when it holds nothing.
+    pub(crate) fn take_credit_return(&self, account: &str) -> Option<CreditReturn> {
+        let hold = self.hold(account);
+        let mut held = lock(&hold);
+        if held.held <= 0 {
+            return None;
+        }
+        held.known = false;
+        Some(CreditReturn {
+            account: String::from(account),
+            generation: held.generation,
+            period_start_us: held.period_start_us,
+            amount: std::mem::take(&mut held.held),
+        })
+    }
+
+    /// The lock a lease of the account's credits (and a return of them) holds: one at a
+    /// time per account on this replica, so concurrent first uses share one lease.
+    pub(crate) fn lease_gate(&self, account: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = lock(&self.lease_gates);
+        // Gates nobody holds go, so the map holds only accounts being leased for.
+        gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        if let Some(gate) = gates.get(account) {
+            return gate.clone();
+        }
+        let gate = Arc::<tokio::sync::Mutex<()>>::default();
+        gates.insert(account.into(), gate.clone());
+        gate
     }
 
     /// The last valid use this replica has seen of the key, if any.
@@ -593,6 +967,15 @@ impl KeyIndex {
     }
 }
 
+/// An answer that waits for a lease of at least `need`: judged and counted once it came.
+fn lease_first(held: &mut Hold, account: &str, need: i64, result: Validation) -> Judged {
+    held.leasing = true;
+    Judged {
+        call: CreditCall::Wait(lease_call(account, need)),
+        ..Judged::of(result)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -618,6 +1001,7 @@ mod tests {
             annotations: String::new(),
             allowed_cidrs: String::new(),
             rate_limits: String::new(),
+            credits: String::new(),
         }
     }
 
@@ -636,7 +1020,7 @@ mod tests {
         index.apply(&key);
         let result = |at| {
             index
-                .lookup(&secret.hash(), NONE, at, 1, None, &[])
+                .lookup(&secret.hash(), NONE, at, 1, None, &[], 1)
                 .unwrap()
                 .result
         };
@@ -665,7 +1049,7 @@ mod tests {
         let secret = Secret::generate();
         index.apply(&row(7, &secret, 1, false));
         let found = index
-            .lookup(&secret.hash(), NONE, 999, 1, None, &[])
+            .lookup(&secret.hash(), NONE, 999, 1, None, &[], 1)
             .unwrap();
         assert_eq!(found.id, "key_00000000000000000007");
         assert_eq!(&*found.workspace, "ws-1");
@@ -673,14 +1057,14 @@ mod tests {
         assert_eq!(found.expire_time_us, Some(1_000));
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[])
+                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[], 1)
                 .unwrap()
                 .result,
             Validation::Expired
         );
         assert!(
             index
-                .lookup(&Secret::generate().hash(), NONE, 0, 1, None, &[])
+                .lookup(&Secret::generate().hash(), NONE, 0, 1, None, &[], 1)
                 .is_none()
         );
     }
@@ -693,14 +1077,22 @@ mod tests {
         key.scopes = "orders:read orders:write".into();
         index.apply(&key);
         let found = index
-            .lookup(&secret.hash(), &["orders:write"], 0, 1, None, &[])
+            .lookup(&secret.hash(), &["orders:write"], 0, 1, None, &[], 1)
             .unwrap();
         assert_eq!(found.result, Validation::Valid);
         assert_eq!(found.scopes, ["orders:read", "orders:write"]);
         assert_eq!(found.name, "key 1");
         assert_eq!(index.take_activity().len(), 1);
         let found = index
-            .lookup(&secret.hash(), &["orders:read", "admin"], 10, 1, None, &[])
+            .lookup(
+                &secret.hash(),
+                &["orders:read", "admin"],
+                10,
+                1,
+                None,
+                &[],
+                1,
+            )
             .unwrap();
         assert_eq!(found.result, Validation::InsufficientScope);
         key.revision = 2;
@@ -708,7 +1100,7 @@ mod tests {
         index.apply(&key);
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 20, 1, None, &[])
+                .lookup(&secret.hash(), NONE, 20, 1, None, &[], 1)
                 .unwrap()
                 .result,
             Validation::Disabled
@@ -716,7 +1108,7 @@ mod tests {
         // Expired wins over disabled, deleted over both.
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[])
+                .lookup(&secret.hash(), NONE, 1_000, 1, None, &[], 1)
                 .unwrap()
                 .result,
             Validation::Expired
@@ -753,7 +1145,7 @@ mod tests {
         index.apply(&row(1, &secret, 4, false));
         assert_eq!(
             index
-                .lookup(&secret.hash(), NONE, 0, 1, None, &[])
+                .lookup(&secret.hash(), NONE, 0, 1, None, &[], 1)
                 .unwrap()
                 .result,
             Validation::Deleted
@@ -766,9 +1158,9 @@ mod tests {
         let secret = Secret::generate();
         index.apply(&row(1, &secret, 1, false));
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        index.lookup(&secret.hash(), NONE, 100, 10, None, &[]);
-        index.lookup(&secret.hash(), NONE, 105, 10, None, &[]); // within the resolution: not noted
-        index.lookup(&secret.hash(), NONE, 120, 10, Some(ip), &[]);
+        index.lookup(&secret.hash(), NONE, 100, 10, None, &[], 1);
+        index.lookup(&secret.hash(), NONE, 105, 10, None, &[], 1); // within the resolution: not noted
+        index.lookup(&secret.hash(), NONE, 120, 10, Some(ip), &[], 1);
         let taken = index.take_activity();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].key_id, "key_00000000000000000001");
@@ -795,9 +1187,9 @@ mod tests {
         let mut key = row(1, &secret, 1, false);
         key.expire_time_us = None;
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, HOUR_US - 1, 1, None, &[]);
-        index.lookup(&secret.hash(), NONE, HOUR_US, 1, None, &[]);
-        index.lookup(&secret.hash(), NONE, HOUR_US + 1, 1, None, &[]);
+        index.lookup(&secret.hash(), NONE, HOUR_US - 1, 1, None, &[], 1);
+        index.lookup(&secret.hash(), NONE, HOUR_US, 1, None, &[], 1);
+        index.lookup(&secret.hash(), NONE, HOUR_US + 1, 1, None, &[], 1);
         let mut hours: Vec<_> = index
             .take_activity()
             .into_iter()
@@ -814,11 +1206,11 @@ mod tests {
         let secret = Secret::generate();
         let mut key = row(1, &secret, 1, false);
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, 10, 1, None, &[]);
+        index.lookup(&secret.hash(), NONE, 10, 1, None, &[], 1);
         key.revision = 2;
         key.disable_time_us = Some(11);
         index.apply(&key);
-        index.lookup(&secret.hash(), NONE, 12, 1, None, &[]);
+        index.lookup(&secret.hash(), NONE, 12, 1, None, &[], 1);
         let taken = index.take_activity();
         assert_eq!(
             taken[0].usage.as_ref().unwrap().counts,
@@ -831,8 +1223,8 @@ mod tests {
 
         let off = KeyIndex::recording_usage(false);
         off.apply(&row(1, &secret, 1, false));
-        off.lookup(&secret.hash(), NONE, 10, 1, None, &[]);
-        off.lookup(&secret.hash(), NONE, 2_000, 1, None, &[]); // expired: not a use
+        off.lookup(&secret.hash(), NONE, 10, 1, None, &[], 1);
+        off.lookup(&secret.hash(), NONE, 2_000, 1, None, &[], 1); // expired: not a use
         let taken = off.take_activity();
         assert_eq!(taken[0].last_used, Some((10, None)));
         assert_eq!(taken[0].usage, None);

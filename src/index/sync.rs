@@ -319,7 +319,10 @@ impl Syncer {
                 () = tokio::time::sleep(self.settings.flush_interval) => {}
             }
             self.flush(&mut unwritten).await;
+            self.give_back_credits(false).await;
         }
+        // What this replica leased and did not spend goes back before it exits.
+        self.give_back_credits(true).await;
         // Last chance before exit: the graceful shutdown keeps what was recorded, riding out
         // a brief database hiccup.
         for attempt in 1..=SHUTDOWN_FLUSH_ATTEMPTS {
@@ -340,6 +343,26 @@ impl Syncer {
             answers,
             "database unavailable at shutdown: last-used times and usage not written"
         );
+    }
+
+    /// Gives back to their accounts the credit slices idle for a while (`all`: every one).
+    /// A return that fails is not tried again: it may have been applied with its answer
+    /// lost, and a second would add credits nobody had; the slice is lost instead.
+    async fn give_back_credits(&self, all: bool) {
+        for account in self.index.credit_returns_due(all) {
+            let gate = self.index.lease_gate(&account);
+            let _turn = gate.lock().await;
+            let Some(given) = self.index.take_credit_return(&account) else {
+                continue;
+            };
+            if let Err(err) = self
+                .store
+                .return_credits(std::slice::from_ref(&given))
+                .await
+            {
+                tracing::warn!(error = %err, credits = given.amount, "cannot give back leased credits; they are lost");
+            }
+        }
     }
 
     /// Writes recorded uses and usage; on failure keeps them (merged, one entry per key or

@@ -77,6 +77,7 @@ struct ValidationCounters {
     insufficient_scope: Counter,
     ip_not_allowed: Counter,
     rate_limited: Counter,
+    usage_exceeded: Counter,
 }
 
 impl ValidationCounters {
@@ -91,6 +92,7 @@ impl ValidationCounters {
             insufficient_scope: series(Validation::InsufficientScope),
             ip_not_allowed: series(Validation::IpNotAllowed),
             rate_limited: series(Validation::RateLimited),
+            usage_exceeded: series(Validation::UsageExceeded),
         }
     }
 
@@ -105,6 +107,7 @@ impl ValidationCounters {
             Validation::InsufficientScope => &self.insufficient_scope,
             Validation::IpNotAllowed => &self.ip_not_allowed,
             Validation::RateLimited => &self.rate_limited,
+            Validation::UsageExceeded => &self.usage_exceeded,
         }
     }
 }
@@ -166,6 +169,7 @@ pub(crate) fn result_label(result: Validation) -> &'static str {
         Validation::InsufficientScope => "VALIDATION_RESULT_INSUFFICIENT_SCOPE",
         Validation::IpNotAllowed => "VALIDATION_RESULT_IP_NOT_ALLOWED",
         Validation::RateLimited => "VALIDATION_RESULT_RATE_LIMITED",
+        Validation::UsageExceeded => "VALIDATION_RESULT_USAGE_EXCEEDED",
     }
 }
 

@@ -28,10 +28,12 @@ pub struct IndexRow {
     pub allowed_cidrs: String,
     /// As stored: see [`crate::domain::RateLimits::to_column`].
     pub rate_limits: String,
+    /// As stored: see [`crate::domain::KeyCredits::to_column`].
+    pub credits: String,
 }
 
 /// The columns both readers select, in this order.
-pub(super) const INDEX_COLUMNS: [&str; 14] = [
+pub(super) const INDEX_COLUMNS: [&str; 15] = [
     "id",
     "workspace_id",
     "key_hash",
@@ -46,6 +48,7 @@ pub(super) const INDEX_COLUMNS: [&str; 14] = [
     "annotations",
     "allowed_cidrs",
     "rate_limits",
+    "credits",
 ];
 
 /// Where `name` is in [`INDEX_COLUMNS`]; evaluated while compiling, so a name that is not
@@ -102,6 +105,7 @@ impl IndexRow {
             annotations: row.text(const { at("annotations") })?,
             allowed_cidrs: row.text(const { at("allowed_cidrs") })?,
             rate_limits: row.text(const { at("rate_limits") })?,
+            credits: row.text(const { at("credits") })?,
         })
     }
 }
@@ -163,6 +167,7 @@ impl From<&Key> for IndexRow {
             annotations: key.annotations.to_column(),
             allowed_cidrs: key.allowed_cidrs.to_column(),
             rate_limits: key.rate_limits.to_column(),
+            credits: key.credits.to_column(),
         }
     }
 }

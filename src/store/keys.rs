@@ -13,8 +13,8 @@ use super::{
     events::{NewEvent, record_event},
 };
 use crate::domain::{
-    AllowedCidrs, Annotations, Key, KeyHash, KeyId, KeyName, OwnerId, PageCursor, RateLimits,
-    Scopes, WorkspaceId,
+    AllowedCidrs, Annotations, Credits, Key, KeyCredits, KeyHash, KeyId, KeyName, OwnerId,
+    PageCursor, RateLimits, Scopes, WorkspaceId,
 };
 
 /// A key to insert, already validated and hashed.
@@ -33,6 +33,10 @@ pub(crate) struct NewKey<'a> {
     pub annotations: Annotations,
     pub allowed_cidrs: AllowedCidrs,
     pub rate_limits: RateLimits,
+    pub credits: KeyCredits,
+    /// The balance of a new account, written with the key (a key issued by rotation keeps
+    /// its predecessor's account and sets none).
+    pub balance: Option<Credits>,
 }
 
 impl NewKey<'_> {
@@ -57,6 +61,7 @@ impl NewKey<'_> {
             annotations: Set(self.annotations),
             allowed_cidrs: Set(self.allowed_cidrs),
             rate_limits: Set(self.rate_limits),
+            credits: Set(self.credits),
         }
     }
 }
@@ -75,6 +80,9 @@ pub(crate) struct KeyUpdate {
     pub annotations: Option<Annotations>,
     pub allowed_cidrs: Option<AllowedCidrs>,
     pub rate_limits: Option<RateLimits>,
+    pub credits: Option<KeyCredits>,
+    /// The balance to set on the (new) plan's account.
+    pub balance: Option<Credits>,
 }
 
 /// A change to a key, decided from the key as stored: an update of its row and, for a
@@ -100,9 +108,15 @@ impl Store {
     pub(crate) async fn insert(&self, key: NewKey<'_>, event: NewEvent) -> Result<Key, StoreError> {
         let txn = self.db.begin().await?;
         let revision = self.next_revision(&txn).await?;
+        let balance = key.balance.zip(key.credits.plan().cloned());
+        let now_us = key.create_time.timestamp_micros();
         let row = Entity::insert(key.into_model(revision))
             .exec_with_returning(&txn)
             .await?;
+        if let Some((balance, plan)) = balance {
+            self.set_credits(&txn, &plan.account, plan.generation, &balance, now_us)
+                .await?;
+        }
         record_event(&txn, revision, &row.workspace_id, &row.id, event).await?;
         self.announce(&txn, revision).await?;
         txn.commit().await?;
@@ -174,7 +188,15 @@ impl Store {
             annotations,
             allowed_cidrs,
             rate_limits,
+            credits,
+            balance,
         } = change.update;
+        let now_us = change.event.time_us;
+        if let Some((balance, plan)) = balance.zip(credits.as_ref().and_then(KeyCredits::plan)) {
+            self.set_credits(&txn, &plan.account, plan.generation, &balance, now_us)
+                .await
+                .map_err(StoreError::from)?;
+        }
         record_event(&txn, revision, workspace, id, change.event)
             .await
             .map_err(StoreError::from)?;
@@ -213,6 +235,9 @@ impl Store {
         }
         if let Some(rate_limits) = rate_limits {
             update.rate_limits = Set(rate_limits);
+        }
+        if let Some(credits) = credits {
+            update.credits = Set(credits);
         }
         let key = Entity::update(update)
             .exec(&txn)

@@ -2,6 +2,7 @@
 
 mod changes;
 mod columns;
+mod credits;
 mod entity;
 mod events;
 mod index_row;
@@ -25,6 +26,7 @@ use crate::usage::HOUR_US;
 use sql::Placeholders;
 
 pub(crate) use changes::ChangeCursor;
+pub(crate) use credits::CreditReturn;
 use entity::key::Entity;
 /// A row of `api_keys` as stored, for operators' checks and tests; the service works on
 /// [`Key`](crate::domain::Key).

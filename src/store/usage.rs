@@ -26,7 +26,7 @@ pub(crate) struct KeyHour {
 }
 
 /// The usage table's count columns, each with its count: the one place they are named.
-fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 7] {
+fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 8] {
     let UsageCounts {
         valid,
         expired,
@@ -35,6 +35,7 @@ fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 7] {
         insufficient_scope,
         ip_not_allowed,
         rate_limited,
+        usage_exceeded,
     } = *counts;
     [
         ("valid", valid),
@@ -44,11 +45,12 @@ fn usage_columns(counts: &UsageCounts) -> [(&'static str, u64); 7] {
         ("insufficient_scope", insufficient_scope),
         ("ip_not_allowed", ip_not_allowed),
         ("rate_limited", rate_limited),
+        ("usage_exceeded", usage_exceeded),
     ]
 }
 
 /// The count columns' names.
-fn usage_column_names() -> [&'static str; 7] {
+fn usage_column_names() -> [&'static str; 8] {
     usage_columns(&UsageCounts::default()).map(|(name, _)| name)
 }
 
@@ -66,6 +68,7 @@ fn read_usage_counts(row: &sea_orm::QueryResult) -> Result<UsageCounts, DbErr> {
         insufficient_scope: count("insufficient_scope")?,
         ip_not_allowed: count("ip_not_allowed")?,
         rate_limited: count("rate_limited")?,
+        usage_exceeded: count("usage_exceeded")?,
     })
 }
 

@@ -124,6 +124,7 @@ async fn the_address_is_judged_after_the_keys_state_and_before_its_scopes() {
         key: secret.clone(),
         required_scopes: required.iter().map(|s| (*s).to_owned()).collect(),
         client_ip: ip.into(),
+        cost: None,
     };
     let result = |answer: tonic::Response<apikeys::grpc::proto::ValidateKeyResponse>| {
         answer.into_inner().result()

@@ -115,6 +115,7 @@ impl TestApp {
                 required_scopes: required_scopes.iter().map(|s| s.to_string()).collect(),
                 client_ip: client_ip.into(),
                 rate_limits: Vec::new(),
+                cost: None,
             })
             .await
             .expect("validate")

@@ -4,6 +4,7 @@
 mod binary;
 mod cli;
 mod create_key;
+mod credits;
 mod delete_key;
 mod ext_authz;
 mod governance;

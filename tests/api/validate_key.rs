@@ -6,7 +6,7 @@ use apikeys::{
     domain::Validation,
     grpc::proto::{DeleteKeyRequest, Expiration, ValidationResult},
     index::{KeyIndex, Syncer},
-    service::KeyService,
+    service::{KeyService, Validated},
     store::Store,
 };
 use chrono::{TimeDelta, Utc};
@@ -85,16 +85,20 @@ async fn validation_is_answered_without_the_database() {
 
     for input in garbage(apikeys::domain::Secret::generate().expose()) {
         let outcome = service
-            .validate(&input, &[] as &[&str], None, &[])
+            .validate(&input, &[] as &[&str], None, &[], 1)
             .expect("answered without the database");
-        assert_eq!(outcome.result, Validation::Malformed);
+        assert!(
+            matches!(outcome, Validated::Answer(outcome) if outcome.result == Validation::Malformed)
+        );
     }
     // Well-formed keys too: validation is a memory lookup.
     let unknown = apikeys::domain::Secret::generate();
     let outcome = service
-        .validate(unknown.expose(), &[] as &[&str], None, &[])
+        .validate(unknown.expose(), &[] as &[&str], None, &[], 1)
         .expect("answered without the database");
-    assert_eq!(outcome.result, Validation::NotFound);
+    assert!(
+        matches!(outcome, Validated::Answer(outcome) if outcome.result == Validation::NotFound)
+    );
 }
 
 #[tokio::test]

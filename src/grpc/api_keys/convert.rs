@@ -6,8 +6,9 @@ use tonic::metadata::MetadataMap;
 
 use crate::{
     domain::{
-        Actor, EventKind, Expiration, Expiry, InvalidInput, Key, LimitJudgement, MAX_RATE_LIMITS,
-        RateLimit, RateLimitAsk, RateLimits, Validation, ceil_div,
+        Actor, Credits, EventKind, Expiration, Expiry, InvalidInput, Key, LimitJudgement,
+        MAX_RATE_LIMITS, RateLimit, RateLimitAsk, RateLimits, Refill, RefillInterval, Validation,
+        ceil_div,
     },
     error::ApiError,
     grpc::proto::{self, ApiKey, KeyEvent, KeyEventType, KeyStatus, ValidationResult},
@@ -35,6 +36,7 @@ impl From<Validation> for ValidationResult {
             Validation::InsufficientScope => Self::InsufficientScope,
             Validation::IpNotAllowed => Self::IpNotAllowed,
             Validation::RateLimited => Self::RateLimited,
+            Validation::UsageExceeded => Self::UsageExceeded,
         }
     }
 }
@@ -177,6 +179,26 @@ pub(super) fn rate_limits(limits: &[proto::RateLimit]) -> Result<RateLimits, Inv
     RateLimits::new(limits)
 }
 
+/// A key's credits as given: `None` is unlimited.
+pub(super) fn credits(given: Option<&proto::Credits>) -> Result<Option<Credits>, InvalidInput> {
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    let refill = given
+        .refill
+        .as_ref()
+        .map(|refill| {
+            let interval = match proto::RefillInterval::try_from(refill.interval) {
+                Ok(proto::RefillInterval::Daily) => Some(RefillInterval::Daily),
+                Ok(proto::RefillInterval::Monthly) => Some(RefillInterval::Monthly),
+                Ok(proto::RefillInterval::Unspecified) | Err(_) => None,
+            };
+            Refill::parse(refill.amount, interval, refill.day_of_month)
+        })
+        .transpose()?;
+    Credits::parse(given.remaining, refill).map(Some)
+}
+
 /// What a validation asks of its key's limits; no allocation when it asks nothing.
 pub(crate) fn rate_limit_asks(
     asks: &[proto::RateLimitRequest],
@@ -229,6 +251,18 @@ pub(super) fn api_key(key: Key, now: DateTime<Utc>) -> ApiKey {
                 auto_apply: limit.auto_apply,
             })
             .collect(),
+        credits: key.credits.plan().map(|plan| proto::Credits {
+            remaining: key.credits_remaining.unwrap_or(0).max(0),
+            refill: plan.refill.map(|refill| proto::Refill {
+                amount: refill.amount,
+                interval: match refill.interval {
+                    RefillInterval::Daily => proto::RefillInterval::Daily,
+                    RefillInterval::Monthly => proto::RefillInterval::Monthly,
+                }
+                .into(),
+                day_of_month: i32::from(refill.day_of_month),
+            }),
+        }),
         etag: key.etag(),
         masked_key: key.masked(),
         allowed_cidrs: key.allowed_cidrs.to_strings(),

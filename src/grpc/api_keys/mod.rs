@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::field::Empty;
 
 use self::convert::{
-    actor, api_key, expiry, grace_period, key_event, page_size, rate_limit_asks, rate_limit_states,
-    rate_limits, retry_after, time, timestamp, usage_range,
+    actor, api_key, credits, expiry, grace_period, key_event, page_size, rate_limit_asks,
+    rate_limit_states, rate_limits, retry_after, time, timestamp, usage_range,
 };
 use self::stream::Validations;
 use super::proto::{
@@ -24,14 +24,24 @@ use super::proto::{
 use crate::{
     domain::{
         AllowedCidrs, Annotations, EventCursor, InvalidInput, KeyId, KeyName, OwnerId, PageCursor,
-        Scopes, Validation, WorkspaceId,
+        Scopes, Validation, WorkspaceId, parse_credit_cost,
     },
     error::ApiError,
     grpc::guard::ManagementRate,
+    index::LeaseCall,
     observability::{metrics::Metrics, telemetry},
-    service::{KeyEdit, KeyService, KeyTerms},
+    service::{KeyEdit, KeyService, KeyTerms, LEASE_ROUNDS, Validated},
     usage::UsageCounts,
 };
+
+/// ValidateKey's answer, or the credit lease it waits for.
+// The answer is the common variant, moved by value: boxing it would allocate on every call.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Judgement {
+    Answer(ValidateKeyResponse),
+    Lease(LeaseCall),
+}
 
 /// ValidateKey's request limit: ample for any key (junk below it is answered MALFORMED),
 /// a quarter of what other calls may send.
@@ -81,8 +91,9 @@ impl ApiKeysService {
         Ok((workspace, id))
     }
 
-    /// ValidateKey's answer to `request`, counted in metrics.
-    fn judge(&self, request: &ValidateKeyRequest) -> Result<ValidateKeyResponse, ApiError> {
+    /// ValidateKey's answer to `request`, counted in metrics; or the credit lease it needs
+    /// first (nothing judged or counted yet).
+    fn judge(&self, request: &ValidateKeyRequest) -> Result<Judgement, ApiError> {
         if prost::Message::encoded_len(request) > VALIDATE_MAX_BYTES {
             return Err(ApiError::RequestTooLarge {
                 rpc: "ValidateKey",
@@ -97,9 +108,17 @@ impl ApiKeysService {
             ),
         };
         let asks = rate_limit_asks(&request.rate_limits)?;
-        let outcome =
-            self.keys
-                .validate(&request.key, &request.required_scopes, client_ip, &asks)?;
+        let cost = parse_credit_cost(request.cost)?;
+        let outcome = match self.keys.validate(
+            &request.key,
+            &request.required_scopes,
+            client_ip,
+            &asks,
+            cost,
+        )? {
+            Validated::Answer(outcome) => outcome,
+            Validated::Lease(call) => return Ok(Judgement::Lease(call)),
+        };
         let result = answered(outcome.result, self.metrics.as_deref());
         let mut response = ValidateKeyResponse {
             valid: result == ValidationResult::Valid,
@@ -114,20 +133,20 @@ impl ApiKeysService {
             response.name = found.name;
             response.owner_id = found.owner_id;
             response.annotations = found.annotations;
+            response.credits_remaining = found.credits_remaining;
             if !found.limits.states.is_empty() {
                 response.rate_limits = rate_limit_states(&found.limits);
                 response.retry_after = found.limits.retry_after_us.map(retry_after);
             }
         }
-        Ok(response)
+        Ok(Judgement::Answer(response))
     }
 
     /// ValidateKey, answered from memory: [`ApiKeysRoutes`](super::ApiKeysRoutes) calls it
-    /// without a future, the generated server through [`ApiKeys::validate_key`].
-    pub(crate) fn validate_now(
-        &self,
-        request: &ValidateKeyRequest,
-    ) -> Result<ValidateKeyResponse, Status> {
+    /// without a future, the generated server through [`ApiKeys::validate_key`]. A key with
+    /// credits whose slice here cannot pay answers [`Judgement::Lease`]: then
+    /// [`Self::validate_leasing`].
+    pub(crate) fn validate_now(&self, request: &ValidateKeyRequest) -> Result<Judgement, Status> {
         // The one call on every gateway request: its span exists only for a trace exporter
         // (the log layer would keep one for every call at `info`, fields formatted, though
         // no event in it is ever logged).
@@ -135,14 +154,33 @@ impl ApiKeysService {
             tracing::info_span!("ValidateKey", result = Empty, key_id = Empty)
         });
         let _entered = span.enter();
-        let response = self.judge(request)?;
-        if !span.is_none() {
+        let judgement = self.judge(request)?;
+        if let Judgement::Answer(response) = &judgement
+            && !span.is_none()
+        {
             span.record("result", response.result().as_str_name());
             if !response.key_id.is_empty() {
                 span.record("key_id", response.key_id.as_str());
             }
         }
-        Ok(response)
+        Ok(judgement)
+    }
+
+    /// ValidateKey for a request whose credits need `call` leased first: lease, judge again
+    /// (another request may have spent the slice meanwhile, so a few rounds at most).
+    pub(crate) async fn validate_leasing(
+        &self,
+        request: &ValidateKeyRequest,
+        mut call: LeaseCall,
+    ) -> Result<ValidateKeyResponse, ApiError> {
+        for _ in 0..LEASE_ROUNDS {
+            self.keys.lease(call).await?;
+            match self.judge(request)? {
+                Judgement::Answer(response) => return Ok(response),
+                Judgement::Lease(next) => call = next,
+            }
+        }
+        Err(ApiError::CreditsBusy)
     }
 
     /// Counts ValidateKey answers by result in `metrics`.
@@ -193,6 +231,7 @@ impl ApiKeys for ApiKeysService {
             annotations: Annotations::parse(&request.annotations).map_err(ApiError::from)?,
             allowed_cidrs: AllowedCidrs::parse(&request.allowed_cidrs).map_err(ApiError::from)?,
             rate_limits: rate_limits(&request.rate_limits).map_err(ApiError::from)?,
+            credits: credits(request.credits.as_ref()).map_err(ApiError::from)?,
         };
         let (key, secret) = self
             .keys
@@ -314,6 +353,11 @@ impl ApiKeys for ApiKeysService {
                 .then(|| rate_limits(&key.rate_limits))
                 .transpose()
                 .map_err(ApiError::from)?,
+            credits: mask
+                .credits
+                .then(|| credits(key.credits.as_ref()))
+                .transpose()
+                .map_err(ApiError::from)?,
         };
         let row = self
             .keys
@@ -369,7 +413,14 @@ impl ApiKeys for ApiKeysService {
         &self,
         request: Request<ValidateKeyRequest>,
     ) -> Result<Response<ValidateKeyResponse>, Status> {
-        self.validate_now(request.get_ref()).map(Response::new)
+        match self.validate_now(request.get_ref())? {
+            Judgement::Answer(response) => Ok(Response::new(response)),
+            Judgement::Lease(call) => self
+                .validate_leasing(request.get_ref(), call)
+                .await
+                .map(Response::new)
+                .map_err(Status::from),
+        }
     }
 
     type ValidateKeysStream = Validations;
@@ -451,6 +502,7 @@ impl ApiKeys for ApiKeysService {
                         insufficient_scope,
                         ip_not_allowed,
                         rate_limited,
+                        usage_exceeded,
                     } = hour.counts;
                     let count = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
                     UsageBucket {
@@ -462,6 +514,7 @@ impl ApiKeys for ApiKeysService {
                         insufficient_scope: count(insufficient_scope),
                         ip_not_allowed: count(ip_not_allowed),
                         rate_limited: count(rate_limited),
+                        usage_exceeded: count(usage_exceeded),
                         distinct_client_ips: i64::try_from(hour.client_ips.estimate())
                             .unwrap_or(i64::MAX),
                     }
@@ -486,6 +539,7 @@ struct UpdateMask {
     annotations: bool,
     allowed_cidrs: bool,
     rate_limits: bool,
+    credits: bool,
 }
 
 impl UpdateMask {
@@ -499,6 +553,7 @@ impl UpdateMask {
                 annotations: !key.annotations.is_empty(),
                 allowed_cidrs: !key.allowed_cidrs.is_empty(),
                 rate_limits: !key.rate_limits.is_empty(),
+                credits: key.credits.is_some(),
             });
         }
         let mut mask = Self::default();
@@ -510,6 +565,7 @@ impl UpdateMask {
                 "annotations" => mask.annotations = true,
                 "allowed_cidrs" => mask.allowed_cidrs = true,
                 "rate_limits" => mask.rate_limits = true,
+                "credits" => mask.credits = true,
                 "*" => {
                     mask = Self {
                         name: true,
@@ -518,6 +574,7 @@ impl UpdateMask {
                         annotations: true,
                         allowed_cidrs: true,
                         rate_limits: true,
+                        credits: true,
                     }
                 }
                 _ => return Err(InvalidInput::UpdateMaskInvalid.into()),

@@ -2,7 +2,7 @@
 
 use tonic::{Status, Streaming};
 
-use super::ApiKeysService;
+use super::{ApiKeysService, Judgement};
 use crate::{
     error::ApiError,
     grpc::proto::{ValidateKeysRequest, ValidateKeysResponse},
@@ -20,7 +20,14 @@ pub struct Validations {
     draining: Option<DrainFuture>,
     since_drain_check: u32,
     ended: bool,
+    /// The answer to the request read last, when its key's credits wait for a lease: the
+    /// next request is read once it is answered.
+    leasing: Option<LeasingFuture>,
 }
+
+type LeasingFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<ValidateKeysResponse, Status>> + Send>,
+>;
 
 type DrainFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -44,6 +51,7 @@ impl Validations {
             draining,
             since_drain_check: 0,
             ended: false,
+            leasing: None,
         }
     }
 
@@ -60,20 +68,40 @@ impl Validations {
         ApiError::ShuttingDown.into()
     }
 
-    fn answer(&self, request: ValidateKeysRequest) -> Result<ValidateKeysResponse, Status> {
+    /// The answer to `request`, or `None` when it waits for a lease (then in `leasing`).
+    fn answer(
+        &mut self,
+        request: ValidateKeysRequest,
+    ) -> Result<Option<ValidateKeysResponse>, Status> {
         let id = request.request_id;
         let request = request
             .request
             .ok_or(ApiError::RequestMissing)
             .map_err(|err| err.in_stream(id))?;
-        let response = self
+        let judgement = self
             .service
             .judge(&request)
             .map_err(|err| err.in_stream(id))?;
-        Ok(ValidateKeysResponse {
-            request_id: id,
-            response: Some(response),
-        })
+        match judgement {
+            Judgement::Answer(response) => Ok(Some(ValidateKeysResponse {
+                request_id: id,
+                response: Some(response),
+            })),
+            Judgement::Lease(call) => {
+                let service = self.service.clone();
+                self.leasing = Some(Box::pin(async move {
+                    let response = service
+                        .validate_leasing(&request, call)
+                        .await
+                        .map_err(|err| err.in_stream(id))?;
+                    Ok(ValidateKeysResponse {
+                        request_id: id,
+                        response: Some(response),
+                    })
+                }));
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -93,11 +121,25 @@ impl tokio_stream::Stream for Validations {
         if this.since_drain_check >= DRAIN_CHECK_EVERY && this.drained(cx) {
             return Poll::Ready(Some(Err(this.end_draining())));
         }
+        if let Some(leasing) = &mut this.leasing {
+            let answer = std::task::ready!(leasing.as_mut().poll(cx));
+            this.leasing = None;
+            this.ended = answer.is_err();
+            return Poll::Ready(Some(answer));
+        }
         let answer = match std::pin::Pin::new(&mut this.requests).poll_next(cx) {
             Poll::Pending if this.drained(cx) => Err(this.end_draining()),
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(request)) => request.and_then(|request| this.answer(request)),
+            Poll::Ready(Some(request)) => match request.and_then(|request| this.answer(request)) {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => {
+                    // Waits for its lease; polled again at once to start it.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Err(status) => Err(status),
+            },
         };
         self.ended = answer.is_err();
         Poll::Ready(Some(answer))

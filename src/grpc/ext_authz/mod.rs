@@ -20,9 +20,10 @@ pub(crate) use self::{request::CheckRequest, response::CheckResponse};
 use crate::{
     domain::{CheckDecision, InvalidInput, LimitJudgement, RateLimitAsk, Validation, ceil_div},
     error::ApiError,
+    index::LeaseCall,
     observability::metrics::Metrics,
     observability::telemetry,
-    service::KeyService,
+    service::{KeyService, LEASE_ROUNDS, Validated},
 };
 
 /// The upstream headers' names after their prefix: the key that was accepted, its owner,
@@ -39,6 +40,9 @@ pub(crate) const REQUIRED_SCOPES_EXTENSION: &str = "required_scopes";
 /// The per-route `context_extensions` entry naming the rate limits a route spends from:
 /// `name` or `name=cost`, separated by commas.
 pub(crate) const RATE_LIMITS_EXTENSION: &str = "rate_limits";
+/// The per-route `context_extensions` entry saying what a request costs from a key's
+/// credits: a whole number from 0 (absent: 1).
+pub(crate) const COST_EXTENSION: &str = "cost";
 /// Where proxies in front of the gateway name the client.
 const FORWARDED_FOR: &str = "x-forwarded-for";
 
@@ -167,16 +171,46 @@ impl ExtAuthzService {
         })
     }
 
-    /// The decision on one request, counted: every outcome is a `CheckResponse`.
-    pub(crate) fn decide(&self, request: &CheckRequest) -> CheckResponse {
-        let (response, decision) = self.decision(request);
+    /// The decision on one request, counted: every outcome is a `CheckResponse`. Or, for a
+    /// key with credits whose slice here cannot pay, the lease to take first (nothing
+    /// decided or counted yet): then [`Self::decide_leasing`].
+    pub(crate) fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, LeaseCall> {
+        let (response, decision) = self.decision(request)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.check_decision(decision);
+        }
+        Ok(response)
+    }
+
+    /// [`Self::decide`] once `call` is leased (a few rounds at most, as for ValidateKey).
+    pub(crate) async fn decide_leasing(
+        &self,
+        request: &CheckRequest,
+        mut call: LeaseCall,
+    ) -> CheckResponse {
+        for _ in 0..LEASE_ROUNDS {
+            if let Err(err) = self.keys.lease(call).await {
+                return self.counted(cannot_decide(err));
+            }
+            match self.decide(request) {
+                Ok(response) => return response,
+                Err(next) => call = next,
+            }
+        }
+        self.counted(cannot_decide(ApiError::CreditsBusy))
+    }
+
+    fn counted(&self, (response, decision): (CheckResponse, CheckDecision)) -> CheckResponse {
         if let Some(metrics) = &self.metrics {
             metrics.check_decision(decision);
         }
         response
     }
 
-    fn decision(&self, request: &CheckRequest) -> (CheckResponse, CheckDecision) {
+    fn decision(
+        &self,
+        request: &CheckRequest,
+    ) -> Result<(CheckResponse, CheckDecision), LeaseCall> {
         let absent = AttributeContext::default();
         let attributes = request.attributes.as_ref().unwrap_or(&absent);
         // As ValidateKey's: a span only for a trace exporter.
@@ -186,7 +220,7 @@ impl ExtAuthzService {
         let Some((header, key)) = self.presented(attributes) else {
             span.record("result", "MISSING");
             let decision = CheckDecision::MissingKey;
-            return (unauthenticated(decision.reason(), None), decision);
+            return Ok((unauthenticated(decision.reason(), None), decision));
         };
         let required: Vec<&str> = match attributes.context_extension(REQUIRED_SCOPES_EXTENSION) {
             None => Vec::new(),
@@ -195,45 +229,43 @@ impl ExtAuthzService {
                 .map(str::trim)
                 .filter(|scope| !scope.is_empty())
                 .collect(),
-            Some(Err(())) => return route_misconfigured(REQUIRED_SCOPES_EXTENSION),
+            Some(Err(())) => return Ok(route_misconfigured(REQUIRED_SCOPES_EXTENSION)),
         };
         let asks = match attributes.context_extension(RATE_LIMITS_EXTENSION) {
             None => Vec::new(),
             Some(Ok(limits)) => match route_rate_limits(limits) {
                 Some(asks) => asks,
-                None => return route_misconfigured(RATE_LIMITS_EXTENSION),
+                None => return Ok(route_misconfigured(RATE_LIMITS_EXTENSION)),
             },
-            Some(Err(())) => return route_misconfigured(RATE_LIMITS_EXTENSION),
+            Some(Err(())) => return Ok(route_misconfigured(RATE_LIMITS_EXTENSION)),
         };
-        let outcome = match self
-            .keys
-            .validate(&key, &required, self.client_ip(attributes), &asks)
-        {
-            Ok(outcome) => outcome,
-            Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
-                return route_misconfigured(REQUIRED_SCOPES_EXTENSION);
-            }
-            Err(ApiError::InvalidInput(
-                InvalidInput::RateLimitNameInvalid
-                | InvalidInput::TooManyRateLimits
-                | InvalidInput::CostInvalid,
-            )) => {
-                return route_misconfigured(RATE_LIMITS_EXTENSION);
-            }
-            Err(err) => {
-                // Fail closed: a stale index (or anything else) never lets a request through.
-                let status = Status::from(err);
-                tracing::warn!(code = ?status.code(), "cannot decide; denying");
-                let decision = CheckDecision::Unavailable;
-                let response = denied(
-                    Code::Unavailable,
-                    HttpStatusCode::ServiceUnavailable,
-                    json!({"error": "temporarily_unavailable", "reason": decision.reason()}),
-                    None,
-                );
-                return (response, decision);
-            }
+        let cost = match attributes.context_extension(COST_EXTENSION) {
+            None => 1,
+            Some(Ok(cost)) => match cost.trim().parse::<i64>() {
+                Ok(cost) if cost >= 0 => cost,
+                _ => return Ok(route_misconfigured(COST_EXTENSION)),
+            },
+            Some(Err(())) => return Ok(route_misconfigured(COST_EXTENSION)),
         };
+        let outcome =
+            match self
+                .keys
+                .validate(&key, &required, self.client_ip(attributes), &asks, cost)
+            {
+                Ok(Validated::Answer(outcome)) => outcome,
+                Ok(Validated::Lease(call)) => return Err(call),
+                Err(ApiError::InvalidInput(InvalidInput::RequiredScopesInvalid)) => {
+                    return Ok(route_misconfigured(REQUIRED_SCOPES_EXTENSION));
+                }
+                Err(ApiError::InvalidInput(
+                    InvalidInput::RateLimitNameInvalid
+                    | InvalidInput::TooManyRateLimits
+                    | InvalidInput::CostInvalid,
+                )) => {
+                    return Ok(route_misconfigured(RATE_LIMITS_EXTENSION));
+                }
+                Err(err) => return Ok(cannot_decide(err)),
+            };
         let result = super::api_keys::answered(outcome.result, self.metrics.as_deref());
         span.record("result", result.as_str_name());
         if let Some(found) = &outcome.key {
@@ -272,10 +304,10 @@ impl ExtAuthzService {
                 }
                 // The client learns where its limits stand, as on a 429.
                 let downstream = rate_limit_headers(&found.limits);
-                return (
+                return Ok((
                     CheckResponse::allowed(headers, remove, downstream),
                     CheckDecision::Allowed,
-                );
+                ));
             }
             (Validation::RateLimited, found) => {
                 let limits = found.map(|found| found.limits).unwrap_or_default();
@@ -294,6 +326,18 @@ impl ExtAuthzService {
                     extra.push(response::header("retry-after", seconds.to_string()));
                 }
                 response.add_headers(extra);
+                response
+            }
+            (Validation::UsageExceeded, found) => {
+                let limits = found.map(|found| found.limits).unwrap_or_default();
+                let mut response = denied(
+                    Code::ResourceExhausted,
+                    HttpStatusCode::TooManyRequests,
+                    json!({"error": "usage_exceeded", "reason": reason}),
+                    None,
+                );
+                // No Retry-After: only a refill or an admin adds credits.
+                response.add_headers(rate_limit_headers(&limits));
                 response
             }
             (Validation::IpNotAllowed, _) => denied(
@@ -322,8 +366,23 @@ impl ExtAuthzService {
                 _,
             ) => unauthenticated(reason, Some("invalid_token")),
         };
-        (response, refused)
+        Ok((response, refused))
     }
+}
+
+/// Fail closed: a stale index, an unreachable database (or anything else) never lets a
+/// request through.
+fn cannot_decide(err: ApiError) -> (CheckResponse, CheckDecision) {
+    let status = Status::from(err);
+    tracing::warn!(code = ?status.code(), "cannot decide; denying");
+    let decision = CheckDecision::Unavailable;
+    let response = denied(
+        Code::Unavailable,
+        HttpStatusCode::ServiceUnavailable,
+        json!({"error": "temporarily_unavailable", "reason": decision.reason()}),
+        None,
+    );
+    (response, decision)
 }
 
 /// A route's `context_extensions` entry `rate_limits`: `name` or `name=cost` (a whole number

@@ -3,7 +3,8 @@
 use sea_orm::entity::prelude::*;
 
 use crate::domain::{
-    AllowedCidrs, Annotations, KeyHash, KeyId, KeyName, OwnerId, RateLimits, Scopes, WorkspaceId,
+    AllowedCidrs, Annotations, KeyCredits, KeyHash, KeyId, KeyName, OwnerId, RateLimits, Scopes,
+    WorkspaceId,
 };
 
 #[sea_orm::model]
@@ -44,6 +45,8 @@ pub struct Model {
     pub allowed_cidrs: AllowedCidrs,
     /// A JSON array of limits; '' for none.
     pub rate_limits: RateLimits,
+    /// A JSON object naming the account spent from; '' for unlimited.
+    pub credits: KeyCredits,
 }
 
 impl ActiveModelBehavior for ActiveModel {}
@@ -71,6 +74,8 @@ impl From<Model> for crate::domain::Key {
             annotations: row.annotations,
             allowed_cidrs: row.allowed_cidrs,
             rate_limits: row.rate_limits,
+            credits: row.credits,
+            credits_remaining: None,
         }
     }
 }

@@ -478,6 +478,7 @@ impl Key {
             owner_id: self.owner.clone(),
             etag: self.etag.clone(),
             rate_limits: self.limits.iter().map(|&l| rate_limit(l)).collect(),
+            credits: None,
         }
     }
 }
@@ -608,6 +609,7 @@ impl Model {
                     annotations,
                     owner_id,
                     rate_limits: sent_limits(terms),
+                    credits: None,
                 };
                 let created = outcome(client.create_key(by(actor, request)).await)
                     .map_err(|e| format!("CreateKey refused: {e:?}"))?;
@@ -979,6 +981,7 @@ impl Model {
                             cost,
                         })
                         .collect(),
+                    cost: None,
                 };
                 let got = outcome(client.validate_key(request).await)
                     .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
@@ -1029,6 +1032,7 @@ impl Model {
                             owner_id: k.owner.clone(),
                             rate_limits,
                             retry_after,
+                            credits_remaining: None,
                         }
                     }
                 };

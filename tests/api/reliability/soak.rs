@@ -126,6 +126,7 @@ async fn validator(
                 Vec::new()
             },
             client_ip: format!("10.0.{}.{}", rng.u8(..4), rng.u8(1..255)),
+            cost: None,
         };
         let Some(answer) = failures.check("ValidateKey", client.validate_key(request).await) else {
             continue;
