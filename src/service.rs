@@ -274,7 +274,9 @@ impl KeyService {
         for key in keys.iter_mut() {
             if let (Some(remaining), Some(plan)) = (&mut key.credits_remaining, key.credits.plan())
             {
-                *remaining += self.index.credits_held(&plan.account, self.clock.now_us());
+                *remaining +=
+                    self.index
+                        .credits_held(&plan.account, plan.generation, self.clock.now_us());
             }
         }
         Ok(())
@@ -639,7 +641,7 @@ impl KeyService {
         let _turn = gate.lock().await;
         let now = self.clock.now_us();
         // Another request's lease may have come while this one waited.
-        let held = self.index.credits_held(&call.account, now);
+        let held = self.index.credits_held(&call.account, 0, now);
         if call.need > 0 && held >= call.need {
             return Ok(());
         }

@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::Connection;
-use crate::grpc::proto::{ApiKey, GetKeyUsageResponse, KeyEvent, KeyStatus, ValidateKeyResponse};
+use crate::grpc::proto::{
+    ApiKey, GetKeyUsageResponse, KeyEvent, KeyStatus, RefillInterval, ValidateKeyResponse,
+};
 
 /// One key, as a table row or JSON.
 pub(super) fn show(
@@ -53,6 +55,19 @@ fn details(key: &ApiKey) -> String {
             })
             .collect();
         text.push_str(&format!("Rate limits: {}\n", limits.join(", ")));
+    }
+    if let Some(credits) = &key.credits {
+        let refill = match &credits.refill {
+            Some(refill) => match refill.interval() {
+                RefillInterval::Monthly => format!(
+                    ", refilled to {} on day {} of each month",
+                    refill.amount, refill.day_of_month
+                ),
+                _ => format!(", refilled to {} each day", refill.amount),
+            },
+            None => String::new(),
+        };
+        text.push_str(&format!("Credits: {} left{refill}\n", credits.remaining));
     }
     if !key.etag.is_empty() {
         text.push_str(&format!("Etag: {}\n", key.etag));
@@ -201,7 +216,7 @@ pub(super) fn event_json(event: &KeyEvent) -> Value {
 }
 
 pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
-    let rows: Vec<[String; 9]> = usage
+    let rows: Vec<[String; 10]> = usage
         .buckets
         .iter()
         .map(|hour| {
@@ -214,6 +229,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
                 hour.insufficient_scope.to_string(),
                 hour.ip_not_allowed.to_string(),
                 hour.rate_limited.to_string(),
+                hour.usage_exceeded.to_string(),
                 hour.distinct_client_ips.to_string(),
             ]
         })
@@ -228,6 +244,7 @@ pub(super) fn usage_table(usage: &GetKeyUsageResponse) -> String {
             "Missing scope",
             "IP refused",
             "Rate limited",
+            "Out of credits",
             "Client IPs",
         ],
         &rows,
@@ -259,6 +276,7 @@ pub(super) fn usage_json(usage: &GetKeyUsageResponse) -> Value {
                 ("distinctClientIps", int64(hour.distinct_client_ips)),
                 ("ipNotAllowed", int64(hour.ip_not_allowed)),
                 ("rateLimited", int64(hour.rate_limited)),
+                ("usageExceeded", int64(hour.usage_exceeded)),
             ])
         })
         .collect();
@@ -305,7 +323,7 @@ pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
 }
 
 pub(super) fn key_json(key: &ApiKey) -> Value {
-    message([
+    let mut value = message([
         ("id", json!(key.id)),
         ("workspaceId", json!(key.workspace_id)),
         ("name", json!(key.name)),
@@ -336,7 +354,26 @@ pub(super) fn key_json(key: &ApiKey) -> Value {
                     .collect(),
             ),
         ),
-    ])
+    ]);
+    // A message that is set shows, even empty (a balance of 0 without refill is `{}`).
+    if let (Some(credits), Value::Object(fields)) = (&key.credits, &mut value) {
+        let refill = credits.refill.as_ref().map_or(Value::Null, |refill| {
+            message([
+                ("amount", int64(refill.amount)),
+                ("interval", json!(refill.interval().as_str_name())),
+                (
+                    "dayOfMonth",
+                    match refill.day_of_month {
+                        0 => Value::Null,
+                        day => json!(day),
+                    },
+                ),
+            ])
+        });
+        let credits = message([("remaining", int64(credits.remaining)), ("refill", refill)]);
+        fields.insert("credits".to_owned(), credits);
+    }
+    value
 }
 
 /// A duration as the proto3 JSON mapping writes it: seconds with 0, 3, 6 or 9 fractional
@@ -388,6 +425,13 @@ pub(super) fn validation_json(answer: &ValidateKeyResponse) -> Value {
             ),
         ),
         ("retryAfter", duration(&answer.retry_after)),
+        // Optional: 0 is shown, as grpcurl shows a field with presence.
+        (
+            "creditsRemaining",
+            answer
+                .credits_remaining
+                .map_or(Value::Null, |left| json!(left.to_string())),
+        ),
     ])
 }
 
@@ -414,6 +458,9 @@ pub(super) fn validation_text(answer: &ValidateKeyResponse) -> String {
             state.limit,
             time_or_never(&state.reset_time)
         ));
+    }
+    if let Some(left) = answer.credits_remaining {
+        text.push_str(&format!("\n  credits: {left} left"));
     }
     if let Some(wait) = answer.retry_after {
         let millis = wait.seconds * 1_000 + i64::from(wait.nanos / 1_000_000);

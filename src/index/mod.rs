@@ -834,13 +834,14 @@ impl KeyIndex {
         lock(&self.hold(account)).leasing = false;
     }
 
-    /// What this replica holds unspent of the account, for the period of `now_us`.
-    pub(crate) fn credits_held(&self, account: &str, now_us: i64) -> i64 {
+    /// What this replica holds unspent of the account, of a setting at least `generation`,
+    /// for the period of `now_us`.
+    pub(crate) fn credits_held(&self, account: &str, generation: i64, now_us: i64) -> i64 {
         let Some(hold) = lock(&self.holds).get(account).cloned() else {
             return 0;
         };
         let held = lock(&hold);
-        if now_us < held.period_end_us {
+        if now_us < held.period_end_us && held.generation >= generation {
             held.held
         } else {
             0

@@ -814,3 +814,120 @@ async fn the_cli_sets_and_clears_rate_limits_and_spends_from_them() {
     assert_eq!(free.code, 0, "{free:?}");
     assert!(!free.stdout.contains("rate limit"), "{free:?}");
 }
+
+#[tokio::test]
+async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
+    let app = spawn_app().await;
+    let addr = app.addr.to_string();
+    let run = |args: &[&str], stdin: &str| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend(["--addr", addr.as_str()]);
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        let stdin = stdin.to_owned();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            apikeys(&args, &stdin, &[]).await
+        }
+    };
+    let created = run(
+        &[
+            "create",
+            "--workspace",
+            "acme",
+            "--name",
+            "metered",
+            "--expires",
+            "never",
+            "--credits",
+            "10",
+            "--refill",
+            "500/monthly:15",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let secret = created.json()["secret"].as_str().unwrap().to_owned();
+    remember(&secret);
+    let key = created.json()["key"].clone();
+    let id = key["id"].as_str().unwrap().to_owned();
+    assert_eq!(key["credits"]["remaining"], "10");
+    assert_eq!(key["credits"]["refill"]["amount"], "500");
+    assert_eq!(
+        key["credits"]["refill"]["interval"],
+        "REFILL_INTERVAL_MONTHLY"
+    );
+    assert_eq!(key["credits"]["refill"]["dayOfMonth"], 15);
+
+    let spent = run(&["validate", "--cost", "4"], &secret).await;
+    assert_eq!(spent.code, 0, "{spent:?}");
+    assert!(spent.stdout.contains("credits: 6 left"), "{spent:?}");
+    let shown = run(&["get", "--workspace", "acme", &id], "").await;
+    assert!(
+        shown
+            .stdout
+            .contains("Credits: 6 left, refilled to 500 on day 15 of each month"),
+        "{shown:?}"
+    );
+    let refused = run(&["validate", "--cost", "7", "--json"], &secret).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert_eq!(refused.json()["result"], "VALIDATION_RESULT_USAGE_EXCEEDED");
+    assert_eq!(refused.json()["creditsRemaining"], "6");
+
+    // A new balance, refilled daily; then none at all.
+    let daily = run(
+        &[
+            "update",
+            "--workspace",
+            "acme",
+            &id,
+            "--credits",
+            "0",
+            "--refill",
+            "3/daily",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(daily.code, 0, "{daily:?}");
+    assert!(
+        daily
+            .stdout
+            .contains("Credits: 0 left, refilled to 3 each day"),
+        "{daily:?}"
+    );
+    let empty = run(&["validate", "--cost", "0"], &secret).await;
+    assert_eq!(empty.code, 1, "{empty:?}");
+    assert!(empty.stdout.starts_with("USAGE_EXCEEDED"), "{empty:?}");
+    for bad in [
+        &["--credits", "-1"][..],
+        &["--credits", "5", "--refill", "3/weekly"],
+        &["--credits", "5", "--refill", "3/monthly:40"],
+        &["--refill", "3/daily"],
+        &["--credits", "5", "--clear-credits"],
+    ] {
+        let mut args = vec!["update", "--workspace", "acme", id.as_str()];
+        args.extend_from_slice(bad);
+        let refused = run(&args, "").await;
+        assert_eq!(refused.code, 2, "{bad:?}: {refused:?}");
+    }
+    let cleared = run(
+        &[
+            "update",
+            "--workspace",
+            "acme",
+            &id,
+            "--clear-credits",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(cleared.code, 0, "{cleared:?}");
+    assert!(cleared.json().get("credits").is_none(), "{cleared:?}");
+    let free = run(&["validate", "--cost", "1000"], &secret).await;
+    assert_eq!(free.code, 0, "{free:?}");
+    assert!(!free.stdout.contains("credits:"), "{free:?}");
+}
