@@ -50,12 +50,12 @@ use std::{
 };
 
 use apikeys::grpc::proto::{
-    self, ApiKey, CreateKeyRequest, CreateKeyResponse, DeleteKeyRequest, DeleteKeyResponse,
-    DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest, GetKeyUsageRequest,
-    GetKeyUsageResponse, ListKeyEventsRequest, ListKeyEventsResponse, ListKeysRequest,
-    ListKeysResponse, RateLimit, RateLimitRequest, RotateKeyRequest, RotateKeyResponse,
-    UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse, ValidateKeysRequest,
-    ValidateKeysResponse, ValidationResult,
+    self, ApiKey, CreateKeyRequest, CreateKeyResponse, Credits, DeleteKeyRequest,
+    DeleteKeyResponse, DisableKeyRequest, EnableKeyRequest, Expiration, GetKeyRequest,
+    GetKeyUsageRequest, GetKeyUsageResponse, ListKeyEventsRequest, ListKeyEventsResponse,
+    ListKeysRequest, ListKeysResponse, RateLimit, RateLimitRequest, RotateKeyRequest,
+    RotateKeyResponse, UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse,
+    ValidateKeysRequest, ValidateKeysResponse, ValidationResult,
     api_keys_client::ApiKeysClient,
     api_keys_server::{ApiKeys, ApiKeysServer},
 };
@@ -380,6 +380,7 @@ async fn run(options: Options) {
         .collect();
     let governed_secrets = create_governed_keys(&apikeys.addr, options.keys).await;
     let limited_secrets = create_limited_keys(&apikeys.addr, options.keys).await;
+    let metered_secrets = create_metered_keys(&apikeys.addr, options.keys).await;
     let usage_off_secrets = create_keys(&usage_off.addr, None, options.keys, &[]).await;
     let callers_secrets = create_keys(&callers.addr, Some(&admin_token), options.keys, &[]).await;
 
@@ -431,6 +432,15 @@ async fn run(options: Options) {
                 "ValidateKey hit, allowlist + two limits",
                 Shape::Unary,
                 limited_bodies(&limited_secrets),
+                valid,
+            )
+            .await,
+        plain(&apikeys)
+            .scenario(
+                &options,
+                "ValidateKey hit, allowlist + two limits + credits",
+                Shape::Unary,
+                limited_bodies(&metered_secrets),
                 valid,
             )
             .await,
@@ -655,6 +665,8 @@ fn report(plan: &[Scenario], rounds: &[Vec<Round>]) {
         "ValidateKey hit",
         "ValidateKey hit, client_ip",
         "ValidateKey hit, allowlist",
+        "ValidateKey hit, allowlist + two limits",
+        "ValidateKey hit, allowlist + two limits + credits",
         "ValidateKey unknown key",
         "ValidateKey malformed",
         "ext_authz Check hit",
@@ -1153,6 +1165,33 @@ async fn create_limited_keys(addr: &str, n: usize) -> Vec<String> {
             .map(str::to_owned)
             .into(),
         rate_limits: vec![limit("requests", true), limit("writes", false)],
+        ..Default::default()
+    };
+    create_keys_with(addr, None, n, &terms).await
+}
+
+/// `n` limited keys that also have credits, far more than a run can spend: each validation
+/// spends 1 from a slice its replica leased (a lease per 1,000 spends, off the request path).
+async fn create_metered_keys(addr: &str, n: usize) -> Vec<String> {
+    let limit = |name: &str, auto_apply| RateLimit {
+        name: name.into(),
+        limit: 1_000_000_000,
+        window: Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        }),
+        auto_apply,
+    };
+    let terms = CreateKeyRequest {
+        owner_id: "bench-owner".into(),
+        allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
+            .map(str::to_owned)
+            .into(),
+        rate_limits: vec![limit("requests", true), limit("writes", false)],
+        credits: Some(Credits {
+            remaining: 1_000_000_000_000,
+            refill: None,
+        }),
         ..Default::default()
     };
     create_keys_with(addr, None, n, &terms).await
@@ -1724,6 +1763,13 @@ async fn run_callgrind(options: &Options, calls: usize) {
                 "ValidateKey hit, allowlist + two limits",
                 Shape::Unary,
                 limited_bodies(&limited),
+                valid,
+            ));
+            let metered = create_metered_keys(&server.server.addr, keys).await;
+            plan.push((
+                "ValidateKey hit, allowlist + two limits + credits",
+                Shape::Unary,
+                limited_bodies(&metered),
                 valid,
             ));
             plan.push((

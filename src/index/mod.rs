@@ -445,6 +445,20 @@ impl KeyIndex {
             .as_ref()
             .is_some_and(|terms| !terms.rate_limits.is_empty());
         let has_credits = terms.as_ref().is_some_and(|terms| terms.credits.is_some());
+        // A new setting of the balance voids what this replica holds of the old one, for
+        // every key of the account (a rotated key still in its grace period too).
+        if let Some((account, generation)) = terms.as_ref().and_then(|terms| terms.credits.as_ref())
+            && let Some(hold) = lock(&self.holds).get(account).cloned()
+        {
+            let mut held = lock(&hold);
+            if held.generation < *generation {
+                *held = Hold {
+                    generation: *generation,
+                    leasing: held.leasing,
+                    ..Hold::default()
+                };
+            }
+        }
         let record = |old: Option<&Record>| Record {
             id,
             workspace: workspace.clone(),

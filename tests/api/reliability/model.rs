@@ -7,7 +7,10 @@
 //! and out of them; changes send no etag, the current one or a stale one (and etags must
 //! change exactly when the key does). Keys carry rate limits, judged by the model's clock
 //! (fixed windows aligned to the epoch), validations ask for them at costs of 0, 1 and 2, and
-//! every answer's limit states and retry wait are the model's.
+//! every answer's limit states and retry wait are the model's. Keys carry credits (with and
+//! without daily and monthly refills, the periods worked out from the calendar), shared by a
+//! rotated key and its successor; validations cost 0, 1 or 2, every answer's balance is the
+//! model's, and a request the credits refuse spends nothing from its limits.
 //! Each case runs in a workspace of its own on one server; proptest shrinks a failing case
 //! to the shortest sequence that still fails.
 
@@ -15,6 +18,7 @@ use std::{
     cell::Cell,
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,13 +26,14 @@ use apikeys::{
     clock::{Clock, ManualClock},
     domain::{KeyId, Secret},
     grpc::proto::{
-        ApiKey, CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
+        ApiKey, CreateKeyRequest, Credits, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest,
         Expiration, GetKeyRequest, KeyEvent, KeyEventType, KeyStatus, ListKeyEventsRequest,
-        ListKeysRequest, RateLimit, RateLimitRequest, RateLimitState, RotateKeyRequest,
-        UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse, ValidationResult,
+        ListKeysRequest, RateLimit, RateLimitRequest, RateLimitState, Refill, RefillInterval,
+        RotateKeyRequest, UpdateKeyRequest, ValidateKeyRequest, ValidateKeyResponse,
+        ValidationResult,
     },
 };
-use chrono::{DateTime, Months, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, Months, TimeDelta, Utc};
 use proptest::{
     prelude::*,
     sample::Index,
@@ -64,6 +69,11 @@ const LIMITS: [(&str, i64, i64, bool); 4] = [
 ];
 /// Names a validation may ask for ("reads" is no key's).
 const ASKS: [&str; 4] = ["calls", "writes", "burst", "reads"];
+/// Credits a key may be given: (remaining, refill as (amount, monthly day, 0 for daily)).
+/// The model works out periods on its own, from the calendar.
+const CREDITS: [(i64, Option<(i64, u32)>); 3] = [(3, None), (2, Some((4, 0))), (1, Some((3, 31)))];
+/// USAGE_EXCEEDED answers the model expected (and got), over the run.
+static USAGE_EXCEEDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// RATE_LIMITED answers the model expected (and got), over the run.
 static RATE_LIMITED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Client addresses a validation may come from ("" is none sent).
@@ -98,6 +108,7 @@ enum Mask {
     Annotations,
     Cidrs,
     RateLimits,
+    Credits,
     All,
 }
 
@@ -118,6 +129,8 @@ struct Terms {
     cidrs: Vec<usize>,
     /// Indexes into LIMITS.
     limits: Vec<usize>,
+    /// Index into CREDITS; `None`: unlimited.
+    credits: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +170,8 @@ enum Op {
         ip: usize,
         /// Indexes into ASKS (distinct), with a cost (None: the default, 1).
         asks: Vec<(usize, Option<i64>)>,
+        /// What the request spends of the key's credits (None: the default, 1).
+        cost: Option<i64>,
     },
     /// The clock moves on by this many hours.
     Advance(i64),
@@ -173,12 +188,14 @@ fn terms() -> impl Strategy<Value = Terms> {
         prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..ANNOTATIONS.len(), 1..3)],
         prop_oneof![2 => Just(Vec::new()), 1 => proptest::collection::vec(0..CIDRS.len(), 1..3)],
         prop_oneof![1 => Just(Vec::new()), 2 => proptest::collection::vec(0..LIMITS.len(), 1..4)],
+        prop_oneof![1 => Just(None), 1 => (0..CREDITS.len()).prop_map(Some)],
     )
-        .prop_map(|(owner, annotations, cidrs, limits)| Terms {
+        .prop_map(|(owner, annotations, cidrs, limits, credits)| Terms {
             owner,
             annotations,
             cidrs,
             limits,
+            credits,
         })
 }
 
@@ -201,6 +218,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Mask::Annotations),
         Just(Mask::Cidrs),
         Just(Mask::RateLimits),
+        Just(Mask::Credits),
         Just(Mask::All)
     ];
     // Absent is "stops at once", as is 0; eight days is more than the seven allowed.
@@ -246,12 +264,14 @@ fn op() -> impl Strategy<Value = Op> {
                 prop_oneof![2 => Just(None), 1 => Just(Some(0)), 1 => Just(Some(2))],
                 0..3,
             ),
+            prop_oneof![2 => Just(None), 1 => Just(Some(0)), 1 => Just(Some(2))],
         )
-            .prop_map(|(key, required, ip, asks)| Op::Validate {
+            .prop_map(|(key, required, ip, asks, cost)| Op::Validate {
                 key,
                 required,
                 ip,
                 asks: asks.into_iter().collect(),
+                cost,
             }),
         1 => prop_oneof![Just(1i64), Just(24 * 31), Just(24 * 400)].prop_map(Op::Advance),
     ]
@@ -279,9 +299,103 @@ struct Key {
     limits: Vec<usize>,
     /// The windows spent from: (name, window in seconds, start, units spent).
     windows: Vec<(&'static str, i64, i64, i64)>,
+    /// The balance spent from, shared with the keys a rotation issued from this one.
+    credits: Option<Arc<Mutex<Account>>>,
     /// As the server last showed it, and the one before (empty before the first change).
     etag: String,
     stale_etag: String,
+}
+
+/// A balance as the model keeps it.
+#[derive(Debug)]
+struct Account {
+    remaining: i64,
+    /// (amount, day of month; 0 for daily).
+    refill: Option<(i64, u32)>,
+    /// The start of the period `remaining` belongs to.
+    period_start: i64,
+}
+
+/// The start of the refill period holding `now`, worked out from the calendar.
+fn period_start(refill: Option<(i64, u32)>, now: i64) -> i64 {
+    let Some((_, day)) = refill else {
+        return 0;
+    };
+    if day == 0 {
+        return now - now.rem_euclid(DAY_US);
+    }
+    let date = DateTime::<Utc>::from_timestamp_micros(now)
+        .unwrap()
+        .date_naive();
+    // The refill day of the month `back` months before now's (its last day if shorter).
+    let refill_day = |back: u32| {
+        let first = chrono::NaiveDate::from_ymd_opt(date.year(), date.month(), 1).unwrap()
+            - Months::new(back);
+        let last = (first + Months::new(1)).pred_opt().unwrap().day();
+        first.with_day(day.min(last)).unwrap()
+    };
+    let start = if refill_day(0) <= date {
+        refill_day(0)
+    } else {
+        refill_day(1)
+    };
+    start
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_micros()
+}
+
+impl Account {
+    fn new(credits: usize, now: i64) -> Arc<Mutex<Self>> {
+        let (remaining, refill) = CREDITS[credits];
+        Arc::new(Mutex::new(Self {
+            remaining,
+            refill,
+            period_start: period_start(refill, now),
+        }))
+    }
+
+    /// The balance at `now`: refilled to its amount once a period has begun since.
+    fn at(&mut self, now: i64) -> i64 {
+        let start = period_start(self.refill, now);
+        if let Some((amount, _)) = self.refill
+            && start > self.period_start
+        {
+            self.remaining = amount;
+            self.period_start = start;
+        }
+        self.remaining
+    }
+
+    fn shown(&mut self, now: i64) -> Credits {
+        Credits {
+            remaining: self.at(now),
+            refill: self.refill.map(|(amount, day)| Refill {
+                amount,
+                interval: if day == 0 {
+                    RefillInterval::Daily
+                } else {
+                    RefillInterval::Monthly
+                }
+                .into(),
+                day_of_month: day as i32,
+            }),
+        }
+    }
+}
+
+fn account(key: &Key) -> Option<std::sync::MutexGuard<'_, Account>> {
+    key.credits.as_ref().map(|account| {
+        account
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
+}
+
+/// `credits` as a request sends them.
+fn sent_credits(credits: Option<usize>) -> Option<Credits> {
+    credits.map(|c| Account::new(c, 0).lock().unwrap().shown(0))
 }
 
 /// The owner, annotations and networks `terms` picks.
@@ -478,7 +592,7 @@ impl Key {
             owner_id: self.owner.clone(),
             etag: self.etag.clone(),
             rate_limits: self.limits.iter().map(|&l| rate_limit(l)).collect(),
-            credits: None,
+            credits: account(self).map(|mut account| account.shown(now)),
         }
     }
 }
@@ -609,7 +723,7 @@ impl Model {
                     annotations,
                     owner_id,
                     rate_limits: sent_limits(terms),
-                    credits: None,
+                    credits: sent_credits(terms.credits),
                 };
                 let created = outcome(client.create_key(by(actor, request)).await)
                     .map_err(|e| format!("CreateKey refused: {e:?}"))?;
@@ -632,6 +746,7 @@ impl Model {
                     cidrs,
                     limits: picked_limits(terms),
                     windows: Vec::new(),
+                    credits: terms.credits.map(|c| Account::new(c, now)),
                     etag: String::new(),
                     stale_etag: String::new(),
                 };
@@ -711,6 +826,7 @@ impl Model {
                     Mask::Annotations => Some(&["annotations"]),
                     Mask::Cidrs => Some(&["allowed_cidrs"]),
                     Mask::RateLimits => Some(&["rate_limits"]),
+                    Mask::Credits => Some(&["credits"]),
                     Mask::All => Some(&["*"]),
                 };
                 let set = |field: &str, given: bool| match paths {
@@ -724,6 +840,7 @@ impl Model {
                 let set_cidrs = set("allowed_cidrs", !allowed_cidrs.is_empty());
                 let rate_limits = sent_limits(terms);
                 let set_limits = set("rate_limits", !rate_limits.is_empty());
+                let set_credits = set("credits", terms.credits.is_some());
                 let sent_etag = key.map(|k| self.keys[k].etag(*etag)).unwrap_or_default();
                 let request = UpdateKeyRequest {
                     key: Some(ApiKey {
@@ -735,6 +852,7 @@ impl Model {
                         annotations,
                         allowed_cidrs,
                         rate_limits,
+                        credits: sent_credits(terms.credits),
                         etag: sent_etag.clone(),
                         ..Default::default()
                     }),
@@ -751,6 +869,9 @@ impl Model {
                         refused(Code::FailedPrecondition, "KEY_DELETED")
                     } else if !sent_etag.is_empty() && sent_etag != k.etag {
                         refused(Code::Aborted, "ETAG_MISMATCH")
+                    } else if set_credits && terms.credits.is_some() && k.rotated {
+                        // The successor spends from the same balance, and sets it.
+                        refused(Code::FailedPrecondition, "KEY_ROTATED")
                     } else {
                         let (owner, annotations, cidrs) = picked(terms);
                         let mut changed = Vec::new();
@@ -779,6 +900,24 @@ impl Model {
                         if set_limits && k.limits != limits {
                             k.set_limits(limits);
                             changed.push("rate_limits".to_owned());
+                        }
+                        // Setting a balance is always a change; clearing, only of one set.
+                        match (set_credits, terms.credits, &k.credits) {
+                            (true, Some(c), Some(account)) => {
+                                let fresh = Account::new(c, now);
+                                let fresh = Arc::try_unwrap(fresh).unwrap().into_inner().unwrap();
+                                *account.lock().unwrap() = fresh;
+                                changed.push("credits".to_owned());
+                            }
+                            (true, Some(c), None) => {
+                                k.credits = Some(Account::new(c, now));
+                                changed.push("credits".to_owned());
+                            }
+                            (true, None, Some(_)) => {
+                                k.credits = None;
+                                changed.push("credits".to_owned());
+                            }
+                            _ => {}
                         }
                         if !changed.is_empty()
                             && let Ok(shown) = &got
@@ -914,6 +1053,7 @@ impl Model {
                             cidrs: old.cidrs.clone(),
                             limits: old.limits.clone(),
                             windows: Vec::new(),
+                            credits: old.credits.clone(),
                             etag: String::new(),
                             stale_etag: String::new(),
                         };
@@ -964,6 +1104,7 @@ impl Model {
                 required,
                 ip,
                 asks,
+                cost,
             } => {
                 let key = self.pick(key);
                 let secret = key.map_or_else(
@@ -981,7 +1122,7 @@ impl Model {
                             cost,
                         })
                         .collect(),
-                    cost: None,
+                    cost: *cost,
                 };
                 let got = outcome(client.validate_key(request).await)
                     .map_err(|e| format!("ValidateKey refused: {e:?}"))?;
@@ -1006,12 +1147,35 @@ impl Model {
                             ValidationResult::Valid
                         };
                         let (mut rate_limits, mut retry_after) = (Vec::new(), None);
+                        let mut credits_remaining = None;
                         if result == ValidationResult::Valid {
                             let refused;
+                            let windows = k.windows.clone();
                             (rate_limits, refused, retry_after) = k.judge(asks, now);
                             if refused {
                                 RATE_LIMITED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 result = ValidationResult::RateLimited;
+                            } else if let Some(mut account) = account(k) {
+                                let (cost, left) = (cost.unwrap_or(1), account.at(now));
+                                if left < cost.max(1) {
+                                    USAGE_EXCEEDED
+                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    result = ValidationResult::UsageExceeded;
+                                    credits_remaining = Some(left);
+                                } else {
+                                    account.remaining -= cost;
+                                    credits_remaining = Some(account.remaining);
+                                }
+                            }
+                            if result == ValidationResult::UsageExceeded {
+                                // Refused by the credits: the limits spent nothing either.
+                                k.windows = windows;
+                                for state in &mut rate_limits {
+                                    state.remaining += asks
+                                        .iter()
+                                        .find(|(a, _)| ASKS[*a] == state.name)
+                                        .map_or(1, |(_, cost)| cost.unwrap_or(1));
+                                }
                             }
                         }
                         if result == ValidationResult::Valid
@@ -1032,7 +1196,7 @@ impl Model {
                             owner_id: k.owner.clone(),
                             rate_limits,
                             retry_after,
-                            credits_remaining: None,
+                            credits_remaining,
                         }
                     }
                 };
@@ -1142,10 +1306,11 @@ fn every_key_rpc_answers_as_the_model_says() {
         "model-based",
         format_args!(
             "{cases} cases passed, {} sequences run with shrinking, {} operations ({} answered \
-             RATE_LIMITED), in {elapsed:.0?}",
+             RATE_LIMITED, {} USAGE_EXCEEDED), in {elapsed:.0?}",
             case.get(),
             ops_run.get(),
-            RATE_LIMITED.load(std::sync::atomic::Ordering::Relaxed)
+            RATE_LIMITED.load(std::sync::atomic::Ordering::Relaxed),
+            USAGE_EXCEEDED.load(std::sync::atomic::Ordering::Relaxed)
         ),
     );
 }
