@@ -648,10 +648,12 @@ impl KeyService {
         let need = (call.need - held).max(0);
         match self.store.lease_credits(&call.account, need, now).await {
             Ok(lease) => {
+                self.syncer.credit_leases.inc();
                 self.index.credit_leased(&call.account, lease, now);
                 Ok(())
             }
             Err(err) => {
+                self.syncer.credit_lease_failures.inc();
                 self.index.credit_lease_failed(&call.account);
                 tracing::warn!(error = %err, "cannot lease credits");
                 Err(ApiError::Store(err))

@@ -272,6 +272,7 @@ impl Application {
                 self.syncer.flush_failures.clone(),
                 self.syncer.usage_dropped.clone(),
             )
+            .with_credit_counters(&self.syncer)
             .with_connections_of(connections);
         if self.store.backend() == sea_orm::DatabaseBackend::Postgres {
             metrics = metrics.with_listener(self.syncer.listener_connected.clone());

@@ -55,6 +55,12 @@ pub struct Syncer {
     pub(crate) usage_dropped: Counter,
     /// 1 while the PostgreSQL change listener is connected and listening, else 0.
     pub(crate) listener_connected: Gauge,
+    /// Credit leases taken from the database, and those that failed.
+    pub(crate) credit_leases: Counter,
+    pub(crate) credit_lease_failures: Counter,
+    /// Credits given back to their accounts, and credits a failed return lost.
+    pub(crate) credits_given_back: Counter,
+    pub(crate) credits_lost: Counter,
 }
 
 /// What a flush took but could not write yet.
@@ -76,6 +82,10 @@ impl Syncer {
             flush_failures: Counter::default(),
             usage_dropped: Counter::default(),
             listener_connected: Gauge::default(),
+            credit_leases: Counter::default(),
+            credit_lease_failures: Counter::default(),
+            credits_given_back: Counter::default(),
+            credits_lost: Counter::default(),
         }
     }
 
@@ -355,12 +365,19 @@ impl Syncer {
             let Some(given) = self.index.take_credit_return(&account) else {
                 continue;
             };
-            if let Err(err) = self
+            let amount = u64::try_from(given.amount).unwrap_or(0);
+            match self
                 .store
                 .return_credits(std::slice::from_ref(&given))
                 .await
             {
-                tracing::warn!(error = %err, credits = given.amount, "cannot give back leased credits; they are lost");
+                Ok(()) => {
+                    self.credits_given_back.inc_by(amount);
+                }
+                Err(err) => {
+                    self.credits_lost.inc_by(amount);
+                    tracing::warn!(error = %err, credits = given.amount, "cannot give back leased credits; they are lost");
+                }
             }
         }
     }

@@ -322,6 +322,36 @@ impl Metrics {
     }
 
     /// Registers the counters of the index's flushes: failed ones, and answers dropped.
+    /// Credit leases (`credit_leases`, `credit_lease_failures`) and the credits given back to
+    /// their accounts or lost when a return failed, from the syncer.
+    pub(crate) fn with_credit_counters(mut self, syncer: &crate::index::Syncer) -> Self {
+        for (name, help, counter) in [
+            (
+                "credit_leases",
+                "Slices of a key's credits leased from the database (one round trip each)",
+                &syncer.credit_leases,
+            ),
+            (
+                "credit_lease_failures",
+                "Credit leases that failed (the database unavailable): the requests waiting for them were refused",
+                &syncer.credit_lease_failures,
+            ),
+            (
+                "credits_given_back",
+                "Credits leased and not spent, given back to their keys' balances (idle, or at shutdown)",
+                &syncer.credits_given_back,
+            ),
+            (
+                "credits_lost",
+                "Credits leased and not spent whose return failed: gone from their balances",
+                &syncer.credits_lost,
+            ),
+        ] {
+            self.registry.register(name, help, counter.clone());
+        }
+        self
+    }
+
     pub(crate) fn with_flush_counters(mut self, failures: Counter, dropped: Counter) -> Self {
         self.registry.register(
             "flush_failures",

@@ -533,3 +533,47 @@ async fn replicas_spending_one_balance_never_spend_more_than_it() {
     let answer = last.spend(costing(&secret, Some(left))).await;
     assert!(left == 0 || answer.valid, "{answer:?}");
 }
+
+#[tokio::test]
+async fn metrics_count_the_leases_and_the_credits_given_back() {
+    let mut app = spawn_app_with(
+        TestDb::new().await,
+        ManualClock::new(Utc::now()),
+        |settings| {
+            settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+            settings.flush_interval = Duration::from_millis(20);
+        },
+    )
+    .await;
+    let metrics = app.metrics_addr.expect("metrics listen");
+    let (key, secret) = app.create_with(metered(credits(160, None))).await;
+    // The first use leases 10 (a sixteenth), pays 1; the next prefetch takes 9 more.
+    assert!(app.spend(costing(&secret, None)).await.valid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = crate::metrics::get(metrics, "/metrics").await;
+        let given_back = crate::metrics::sample(&text, "apikeys_credits_given_back_total");
+        // Idle for a few flushes: what this replica held goes back.
+        if given_back > 0.0 {
+            assert!(crate::metrics::sample(&text, "apikeys_credit_leases_total") >= 1.0);
+            assert_eq!(
+                crate::metrics::sample(&text, "apikeys_credit_lease_failures_total"),
+                0.0
+            );
+            assert_eq!(
+                crate::metrics::sample(&text, "apikeys_credits_lost_total"),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing given back: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Given back, the balance is whole in the database; the next use leases again.
+    assert_eq!(app.balance(&key.id).await, Some(159));
+    let answer = app.spend(costing(&secret, None)).await;
+    assert_eq!(answer.credits_remaining, Some(158));
+}

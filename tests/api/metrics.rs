@@ -8,7 +8,7 @@ use apikeys::clock::ManualClock;
 use crate::support::{TestDb, as_owner, spawn_app, spawn_app_with};
 
 /// One HTTP/1.1 GET: the status line, the headers and the body.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
