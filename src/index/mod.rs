@@ -863,7 +863,10 @@ impl KeyIndex {
     }
 
     /// The accounts whose slices are due back: every one held (`all`, at shutdown), or
-    /// those not spent from for [`IDLE_SWEEPS`] sweeps. Each call is a sweep.
+    /// those not spent from for [`IDLE_SWEEPS`] sweeps that hold a fifth or more of what is
+    /// left (near the end of a balance, where another replica may need them). A slice of a
+    /// large balance stays, so a key used now and then does not lease on every use. Each
+    /// call is a sweep.
     pub(crate) fn credit_returns_due(&self, all: bool) -> Vec<Box<str>> {
         let holders: Vec<Box<str>> = lock(&self.holders).iter().cloned().collect();
         let mut due = Vec::new();
@@ -871,7 +874,8 @@ impl KeyIndex {
             let hold = self.hold(&account);
             let mut held = lock(&hold);
             held.idle_sweeps += 1;
-            if held.held > 0 && !all && held.idle_sweeps <= IDLE_SWEEPS {
+            let wanted_elsewhere = held.unleased < held.held * 4;
+            if held.held > 0 && !all && (held.idle_sweeps <= IDLE_SWEEPS || !wanted_elsewhere) {
                 continue;
             }
             drop(held);

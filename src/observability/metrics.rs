@@ -338,7 +338,7 @@ impl Metrics {
             ),
             (
                 "credits_given_back",
-                "Credits leased and not spent, given back to their keys' balances (idle, or at shutdown)",
+                "Credits leased and not spent, given back to their keys' balances (idle near the end of a balance, or at shutdown)",
                 &syncer.credits_given_back,
             ),
             (

@@ -546,8 +546,9 @@ async fn metrics_count_the_leases_and_the_credits_given_back() {
     )
     .await;
     let metrics = app.metrics_addr.expect("metrics listen");
-    let (key, secret) = app.create_with(metered(credits(160, None))).await;
-    // The first use leases 10 (a sixteenth), pays 1; the next prefetch takes 9 more.
+    // Near the end of a balance: the first use leases 1 and pays it, the prefetch takes 1
+    // more, and 3 are left unleased: the replica holds a good part of what is left.
+    let (key, secret) = app.create_with(metered(credits(5, None))).await;
     assert!(app.spend(costing(&secret, None)).await.valid);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -573,7 +574,20 @@ async fn metrics_count_the_leases_and_the_credits_given_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Given back, the balance is whole in the database; the next use leases again.
-    assert_eq!(app.balance(&key.id).await, Some(159));
+    assert_eq!(app.balance(&key.id).await, Some(4));
     let answer = app.spend(costing(&secret, None)).await;
-    assert_eq!(answer.credits_remaining, Some(158));
+    assert_eq!(answer.credits_remaining, Some(3));
+
+    // A slice of a large balance stays while the key is idle: its next use needs no lease.
+    let (_, large) = app.create_with(metered(credits(1_000_000, None))).await;
+    assert!(app.spend(costing(&large, None)).await.valid);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, before) = crate::metrics::get(metrics, "/metrics").await;
+    assert!(app.spend(costing(&large, None)).await.valid);
+    let (_, after) = crate::metrics::get(metrics, "/metrics").await;
+    assert_eq!(
+        crate::metrics::sample(&after, "apikeys_credit_leases_total"),
+        crate::metrics::sample(&before, "apikeys_credit_leases_total"),
+        "the idle key's next use leased again"
+    );
 }
