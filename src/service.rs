@@ -154,7 +154,11 @@ impl KeyService {
             )
             .await?;
         let mut key = key;
-        self.fill_credits(&mut [&mut key]).await?;
+        self.fill_credits_after_write(&mut [&mut key]).await;
+        if key.credits_remaining.is_none() {
+            // Just written: the balance is the one given.
+            key.credits_remaining = terms.credits.map(|credits| credits.remaining);
+        }
         // This replica answers for the key before CreateKey returns.
         self.index.apply(&IndexRow::from(&key));
         tracing::info!(key_id = %id, workspace_id = %workspace, actor_id = actor.id(), "key created");
@@ -247,13 +251,21 @@ impl KeyService {
         self.note_unflushed_use(&mut changed.key);
         let mut keys = vec![&mut changed.key];
         keys.extend(changed.inserted.as_mut());
-        self.fill_credits(&mut keys).await?;
+        self.fill_credits_after_write(&mut keys).await;
         Ok(changed)
     }
 
     /// Each key's balance: its account's, as stored, and what this replica holds of it.
     /// Read under each key's lease gate, so a slice moving between the database and this
     /// replica is seen in one place, not in neither.
+    /// [`Self::fill_credits`] once a change has committed: a failure to read the balance
+    /// must not report the change as failed (a new key's secret would be lost with it).
+    async fn fill_credits_after_write(&self, keys: &mut [&mut Key]) {
+        if let Err(err) = self.fill_credits(keys).await {
+            tracing::warn!(error = %err, "cannot read the balance of a key just changed; shown without it");
+        }
+    }
+
     async fn fill_credits(&self, keys: &mut [&mut Key]) -> Result<(), ApiError> {
         // Taken in one order (by account), so two readers never wait on each other.
         let mut accounts: Vec<_> = keys
@@ -634,17 +646,34 @@ impl KeyService {
         Err(ApiError::CreditsBusy)
     }
 
-    /// Leases credits for a key from its account into the index; one lease per key at a
-    /// time on this replica (a request that waited for another's finds its slice).
+    /// Leases credits for a key from its account into the index; one lease per account at
+    /// a time on this replica (a request that waited for another's finds its slice). Runs
+    /// on a task of its own: a caller that gives up (a deadline, a reset) cannot cut it
+    /// between the database taking the slice and the index holding it.
     pub async fn lease(&self, call: LeaseCall) -> Result<(), ApiError> {
+        let service = self.clone();
+        tokio::spawn(async move { service.lease_now(call).await })
+            .await
+            .map_err(|_| ApiError::CreditsBusy)?
+    }
+
+    async fn lease_now(&self, call: LeaseCall) -> Result<(), ApiError> {
         let gate = self.index.lease_gate(&call.account);
         let _turn = gate.lock().await;
+        if self.index.credits_closing() {
+            return Err(ApiError::ShuttingDown);
+        }
         let now = self.clock.now_us();
-        // Another request's lease may have come while this one waited.
-        let held = self.index.credits_held(&call.account, 0, now);
-        if call.need > 0 && held >= call.need {
+        // Another request's lease may have come while this one waited: a request needs
+        // the slice known and big enough, a prefetch only that it is still wanted.
+        if self
+            .index
+            .credits_ready(&call.account, call.need, call.prefetch, now)
+        {
+            self.index.credit_lease_skipped(&call.account);
             return Ok(());
         }
+        let held = self.index.credits_held(&call.account, 0, now);
         let need = (call.need - held).max(0);
         match self.store.lease_credits(&call.account, need, now).await {
             Ok(lease) => {

@@ -186,7 +186,10 @@ impl Hold {
             CreditVerdict::Short
         } else {
             self.held -= cost;
-            self.idle_sweeps = 0;
+            // Only a spend keeps a slice busy: checks (cost 0) leave it idle.
+            if cost > 0 {
+                self.idle_sweeps = 0;
+            }
             CreditVerdict::Paid
         }
     }
@@ -203,10 +206,11 @@ const RELEASE_CHECK_US: i64 = 1_000_000;
 /// Flushes without a spend after which a replica gives a key's slice back.
 const IDLE_SWEEPS: u32 = 5;
 
-fn lease_call(account: &str, need: i64) -> LeaseCall {
+fn lease_call(account: &str, need: i64, prefetch: bool) -> LeaseCall {
     LeaseCall {
         account: String::from(account),
         need,
+        prefetch,
     }
 }
 
@@ -242,6 +246,8 @@ pub struct LeaseCall {
     pub account: String,
     /// What the slice held must reach for the request (0: whatever a lease takes).
     pub need: i64,
+    /// The next slice fetched ahead (the answer did not wait for it).
+    pub prefetch: bool,
 }
 
 /// What a lookup asks of the service about credits, besides its answer.
@@ -375,6 +381,8 @@ pub struct KeyIndex {
     holders: Mutex<HashSet<Box<str>>>,
     /// See [`KeyIndex::lease_gate`].
     lease_gates: Mutex<StdHashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set at shutdown, before the last give-back.
+    credits_closing: AtomicBool,
     /// Hours that ended before a flush took them.
     rolled: Mutex<Vec<(KeyHash, HourUsage)>>,
     /// Whether every answer for a known key is counted (GetKeyUsage), or only valid uses
@@ -408,6 +416,7 @@ impl KeyIndex {
             holds: Mutex::default(),
             holders: Mutex::default(),
             lease_gates: Mutex::default(),
+            credits_closing: AtomicBool::new(false),
             rolled: Mutex::default(),
             record_usage,
         }
@@ -676,20 +685,22 @@ impl KeyIndex {
                 }) => (Some((spent, latest_us, *revision)), Some(slot)),
                 None => (None, None),
             };
-            // The credits first: a slice that cannot be known yet stops everything here.
             let mut hold = None;
             if let (Some((account, generation, cost)), Some(slot)) = (credits, slot) {
                 let mut held = lock(self.hold_of(slot, account));
                 held.renew(generation, now_us);
-                if !held.known {
-                    return lease_first(&mut held, account, cost, result);
-                }
                 hold = Some((held, account, cost));
             }
+            // Judged once the limits admit the request: a slice not known yet (nothing leased
+            // for this setting and period) stops it unspent, to lease first.
             let mut verdict = None;
             let mut pay = || match &mut hold {
                 Some((held, _, cost)) => {
-                    let judged = held.judge(*cost);
+                    let judged = if held.known {
+                        held.judge(*cost)
+                    } else {
+                        CreditVerdict::Short
+                    };
                     verdict = Some(judged);
                     judged == CreditVerdict::Paid
                 }
@@ -725,7 +736,7 @@ impl KeyIndex {
                         // look again, now and then.
                         if !held.leasing && now_us - held.last_lease_us >= RELEASE_CHECK_US {
                             held.leasing = true;
-                            judged.call = CreditCall::Prefetch(lease_call(account, cost));
+                            judged.call = CreditCall::Prefetch(lease_call(account, cost, true));
                         }
                     }
                     Some(CreditVerdict::Paid)
@@ -734,7 +745,7 @@ impl KeyIndex {
                             && held.held * 2 < held.last_grant =>
                     {
                         held.leasing = true;
-                        judged.call = CreditCall::Prefetch(lease_call(account, 0));
+                        judged.call = CreditCall::Prefetch(lease_call(account, 0, true));
                     }
                     _ => {}
                 }
@@ -835,12 +846,43 @@ impl KeyIndex {
         held.held += lease.granted;
         held.unleased = lease.unleased;
         held.known = true;
-        held.idle_sweeps = 0;
         if lease.granted > 0 {
+            held.idle_sweeps = 0;
             held.last_grant = lease.granted;
             drop(held);
             lock(&self.holders).insert(account.into());
         }
+    }
+
+    /// Whether a lease asked for is no longer needed: for a request, the slice of the
+    /// current period is known and pays `need`; for a prefetch, half of the last slice is
+    /// still there (another lease came first).
+    pub(crate) fn credits_ready(
+        &self,
+        account: &str,
+        need: i64,
+        prefetch: bool,
+        now_us: i64,
+    ) -> bool {
+        let hold = self.hold(account);
+        let held = lock(&hold);
+        let current = held.known && now_us < held.period_end_us;
+        if prefetch {
+            current && held.held * 2 >= held.last_grant
+        } else {
+            current && held.held >= need
+        }
+    }
+
+    /// A lease asked for and not taken: another request may ask.
+    pub(crate) fn credit_lease_skipped(&self, account: &str) {
+        lock(&self.hold(account)).leasing = false;
+    }
+
+    /// Whether the replica is stopping: no lease is taken any more, so what it holds can all
+    /// be given back.
+    pub(crate) fn credits_closing(&self) -> bool {
+        self.credits_closing.load(Ordering::Acquire)
     }
 
     /// A lease that failed: the next request asks again.
@@ -862,13 +904,24 @@ impl KeyIndex {
         }
     }
 
+    /// Stops every lease from now on, and hands back the gates of those under way.
+    pub(crate) fn close_credits(&self) -> Vec<Arc<tokio::sync::Mutex<()>>> {
+        self.credits_closing.store(true, Ordering::Release);
+        lock(&self.lease_gates).values().cloned().collect()
+    }
+
     /// The accounts whose slices are due back: every one held (`all`, at shutdown), or
     /// those not spent from for [`IDLE_SWEEPS`] sweeps that hold a fifth or more of what is
     /// left (near the end of a balance, where another replica may need them). A slice of a
     /// large balance stays, so a key used now and then does not lease on every use. Each
     /// call is a sweep.
     pub(crate) fn credit_returns_due(&self, all: bool) -> Vec<Box<str>> {
-        let holders: Vec<Box<str>> = lock(&self.holders).iter().cloned().collect();
+        let holders: Vec<Box<str>> = if all {
+            // Every hold, whether or not it is among the holders.
+            lock(&self.holds).keys().cloned().collect()
+        } else {
+            lock(&self.holders).iter().cloned().collect()
+        };
         let mut due = Vec::new();
         for account in holders {
             let hold = self.hold(&account);
@@ -990,7 +1043,7 @@ impl KeyIndex {
 fn lease_first(held: &mut Hold, account: &str, need: i64, result: Validation) -> Judged {
     held.leasing = true;
     Judged {
-        call: CreditCall::Wait(lease_call(account, need)),
+        call: CreditCall::Wait(lease_call(account, need, false)),
         ..Judged::of(result)
     }
 }

@@ -359,6 +359,13 @@ impl Syncer {
     /// A return that fails is not tried again: it may have been applied with its answer
     /// lost, and a second would add credits nobody had; the slice is lost instead.
     async fn give_back_credits(&self, all: bool) {
+        if all {
+            // No lease starts from now on; those under way finish first (each holds its
+            // account's gate), so what they bring is given back too.
+            for gate in self.index.close_credits() {
+                drop(gate.lock().await);
+            }
+        }
         for account in self.index.credit_returns_due(all) {
             let gate = self.index.lease_gate(&account);
             let _turn = gate.lock().await;

@@ -328,7 +328,7 @@ impl Metrics {
         for (name, help, counter) in [
             (
                 "credit_leases",
-                "Slices of a key's credits leased from the database (one round trip each)",
+                "Credit leases asked of the database (one round trip each; near the end of a balance some find nothing to take)",
                 &syncer.credit_leases,
             ),
             (

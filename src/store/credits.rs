@@ -75,7 +75,10 @@ const LEASE_ATTEMPTS: usize = 64;
 
 impl Store {
     /// Sets an account's balance, in the transaction of the key change that sets it: a new
-    /// generation, so what replicas leased of the old one is void.
+    /// generation, so what replicas leased of the old one is void. The generation is
+    /// `generation` or, when the account was set before (a key whose credits were cleared
+    /// and set again), one past the stored one: an account's generations only grow. Returns
+    /// the generation written.
     pub(super) async fn set_credits(
         &self,
         txn: &DatabaseTransaction,
@@ -83,7 +86,22 @@ impl Store {
         generation: i64,
         credits: &Credits,
         now_us: i64,
-    ) -> Result<(), DbErr> {
+    ) -> Result<i64, DbErr> {
+        let mut p = Placeholders::new(self.backend());
+        let sql = format!(
+            "SELECT generation FROM key_credits WHERE account_id = {}",
+            p.next()
+        );
+        let stored = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                self.backend(),
+                sql,
+                [account.into()],
+            ))
+            .await?
+            .map(|row| row.try_get::<i64>("", "generation"))
+            .transpose()?;
+        let generation = stored.map_or(generation, |stored| generation.max(stored + 1));
         let (period_start, _) = credit_period_us(credits.refill.as_ref(), now_us);
         let (amount, interval, day) = match credits.refill {
             Some(refill) => (
@@ -123,7 +141,7 @@ impl Store {
         ];
         txn.execute_raw(Statement::from_sql_and_values(self.backend(), sql, values))
             .await?;
-        Ok(())
+        Ok(generation)
     }
 
     async fn account(&self, account: &str) -> Result<Option<Account>, StoreError> {

@@ -188,12 +188,13 @@ impl Store {
             annotations,
             allowed_cidrs,
             rate_limits,
-            credits,
+            mut credits,
             balance,
         } = change.update;
         let now_us = change.event.time_us;
-        if let Some((balance, plan)) = balance.zip(credits.as_ref().and_then(KeyCredits::plan)) {
-            self.set_credits(&txn, &plan.account, plan.generation, &balance, now_us)
+        if let (Some(balance), Some(KeyCredits(Some(plan)))) = (balance, credits.as_mut()) {
+            plan.generation = self
+                .set_credits(&txn, &plan.account, plan.generation, &balance, now_us)
                 .await
                 .map_err(StoreError::from)?;
         }

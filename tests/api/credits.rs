@@ -324,6 +324,14 @@ async fn setting_credits_starts_the_balance_afresh_is_audited_and_clearing_makes
         .update_key(as_owner(set_credits(&key.id, None)))
         .await
         .expect("clear again");
+    // Set again after a clear: exactly the new balance, whatever this replica held before.
+    app.client
+        .update_key(as_owner(set_credits(&key.id, Some(credits(4, None)))))
+        .await
+        .expect("set again");
+    let answer = app.spend(costing(&secret, None)).await;
+    assert_eq!(answer.credits_remaining, Some(3), "{answer:?}");
+    assert_eq!(app.balance(&key.id).await, Some(3));
 
     let events = app
         .client
@@ -345,9 +353,10 @@ async fn setting_credits_starts_the_balance_afresh_is_audited_and_clearing_makes
         [
             vec!["credits".to_owned()],
             vec!["credits".to_owned()],
+            vec!["credits".to_owned()],
             vec![]
         ],
-        "set, cleared, created"
+        "set again, cleared, set, created"
     );
 }
 
