@@ -1150,6 +1150,11 @@ async fn create_governed_keys(addr: &str, n: usize) -> Vec<String> {
 /// `n` governed keys that also have two rate limits: `requests`, applied to every validation,
 /// and `writes`, which the scenario names. Both far above what a run can spend.
 async fn create_limited_keys(addr: &str, n: usize) -> Vec<String> {
+    create_keys_with(addr, None, n, &limited_terms()).await
+}
+
+/// An owner, three networks and the two limits of [`create_limited_keys`].
+fn limited_terms() -> CreateKeyRequest {
     let limit = |name: &str, auto_apply| RateLimit {
         name: name.into(),
         limit: 1_000_000_000,
@@ -1159,40 +1164,25 @@ async fn create_limited_keys(addr: &str, n: usize) -> Vec<String> {
         }),
         auto_apply,
     };
-    let terms = CreateKeyRequest {
+    CreateKeyRequest {
         owner_id: "bench-owner".into(),
         allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
             .map(str::to_owned)
             .into(),
         rate_limits: vec![limit("requests", true), limit("writes", false)],
         ..Default::default()
-    };
-    create_keys_with(addr, None, n, &terms).await
+    }
 }
 
 /// `n` limited keys that also have credits, far more than a run can spend: each validation
 /// spends 1 from a slice its replica leased (a lease per 1,000 spends, off the request path).
 async fn create_metered_keys(addr: &str, n: usize) -> Vec<String> {
-    let limit = |name: &str, auto_apply| RateLimit {
-        name: name.into(),
-        limit: 1_000_000_000,
-        window: Some(prost_types::Duration {
-            seconds: 86_400,
-            nanos: 0,
-        }),
-        auto_apply,
-    };
     let terms = CreateKeyRequest {
-        owner_id: "bench-owner".into(),
-        allowed_cidrs: ["198.51.100.0/24", "2001:db8::/32", "203.0.113.0/28"]
-            .map(str::to_owned)
-            .into(),
-        rate_limits: vec![limit("requests", true), limit("writes", false)],
         credits: Some(Credits {
             remaining: 1_000_000_000_000,
             refill: None,
         }),
-        ..Default::default()
+        ..limited_terms()
     };
     create_keys_with(addr, None, n, &terms).await
 }

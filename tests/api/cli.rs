@@ -24,6 +24,14 @@ impl Run {
 }
 
 /// Runs `apikeys ARGS` with `stdin` and nothing from this process's environment but `env`.
+/// `apikeys keys ARGS --addr ADDR`, with `stdin`.
+async fn keys_at(addr: &str, args: &[&str], stdin: &str) -> Run {
+    let mut all = vec!["keys"];
+    all.extend_from_slice(args);
+    all.extend(["--addr", addr]);
+    apikeys(&all, stdin, &[]).await
+}
+
 async fn apikeys(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Run {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let env: Vec<(String, String)> = env
@@ -819,18 +827,8 @@ async fn the_cli_sets_and_clears_rate_limits_and_spends_from_them() {
 async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
     let app = spawn_app().await;
     let addr = app.addr.to_string();
-    let run = |args: &[&str], stdin: &str| {
-        let mut all = vec!["keys"];
-        all.extend_from_slice(args);
-        all.extend(["--addr", addr.as_str()]);
-        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
-        let stdin = stdin.to_owned();
-        async move {
-            let args: Vec<&str> = all.iter().map(String::as_str).collect();
-            apikeys(&args, &stdin, &[]).await
-        }
-    };
-    let created = run(
+    let created = keys_at(
+        &addr,
         &[
             "create",
             "--workspace",
@@ -861,23 +859,24 @@ async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
     );
     assert_eq!(key["credits"]["refill"]["dayOfMonth"], 15);
 
-    let spent = run(&["validate", "--cost", "4"], &secret).await;
+    let spent = keys_at(&addr, &["validate", "--cost", "4"], &secret).await;
     assert_eq!(spent.code, 0, "{spent:?}");
     assert!(spent.stdout.contains("credits: 6 left"), "{spent:?}");
-    let shown = run(&["get", "--workspace", "acme", &id], "").await;
+    let shown = keys_at(&addr, &["get", "--workspace", "acme", &id], "").await;
     assert!(
         shown
             .stdout
             .contains("Credits: 6 left, refilled to 500 on day 15 of each month"),
         "{shown:?}"
     );
-    let refused = run(&["validate", "--cost", "7", "--json"], &secret).await;
+    let refused = keys_at(&addr, &["validate", "--cost", "7", "--json"], &secret).await;
     assert_eq!(refused.code, 1, "{refused:?}");
     assert_eq!(refused.json()["result"], "VALIDATION_RESULT_USAGE_EXCEEDED");
     assert_eq!(refused.json()["creditsRemaining"], "6");
 
     // A new balance, refilled daily; then none at all.
-    let daily = run(
+    let daily = keys_at(
+        &addr,
         &[
             "update",
             "--workspace",
@@ -898,7 +897,7 @@ async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
             .contains("Credits: 0 left, refilled to 3 each day"),
         "{daily:?}"
     );
-    let empty = run(&["validate", "--cost", "0"], &secret).await;
+    let empty = keys_at(&addr, &["validate", "--cost", "0"], &secret).await;
     assert_eq!(empty.code, 1, "{empty:?}");
     assert!(empty.stdout.starts_with("USAGE_EXCEEDED"), "{empty:?}");
     for bad in [
@@ -910,10 +909,11 @@ async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
     ] {
         let mut args = vec!["update", "--workspace", "acme", id.as_str()];
         args.extend_from_slice(bad);
-        let refused = run(&args, "").await;
+        let refused = keys_at(&addr, &args, "").await;
         assert_eq!(refused.code, 2, "{bad:?}: {refused:?}");
     }
-    let cleared = run(
+    let cleared = keys_at(
+        &addr,
         &[
             "update",
             "--workspace",
@@ -927,7 +927,7 @@ async fn the_cli_sets_refills_and_clears_credits_and_spends_them() {
     .await;
     assert_eq!(cleared.code, 0, "{cleared:?}");
     assert!(cleared.json().get("credits").is_none(), "{cleared:?}");
-    let free = run(&["validate", "--cost", "1000"], &secret).await;
+    let free = keys_at(&addr, &["validate", "--cost", "1000"], &secret).await;
     assert_eq!(free.code, 0, "{free:?}");
     assert!(!free.stdout.contains("credits:"), "{free:?}");
 }
