@@ -564,8 +564,8 @@ impl KeyService {
     /// scopes the key must all have; `client_ip`, where the gateway saw the key come from;
     /// `asks`, what the request spends from the key's rate limits; `cost`, from its credits.
     /// A key with credits whose slice on this replica cannot pay answers
-    /// [`Validated::Lease`]: [`KeyService::lease`], then ask again
-    /// ([`KeyService::validate_waiting`] does both).
+    /// [`Validated::Lease`]: [`KeyService::lease`], then ask again (at most [`LEASE_ROUNDS`]
+    /// times; the gRPC and Check paths do).
     pub fn validate<S: AsRef<str>>(
         &self,
         presented: &str,
@@ -624,28 +624,6 @@ impl KeyService {
         }))
     }
 
-    /// [`KeyService::validate`], leasing credits when the answer needs them: one database
-    /// round trip for a key's first use on this replica (and when a slice ran out before the
-    /// next arrived), none otherwise.
-    pub async fn validate_waiting<S: AsRef<str>>(
-        &self,
-        presented: &str,
-        required: &[S],
-        client_ip: Option<IpAddr>,
-        asks: &[RateLimitAsk<'_>],
-        cost: i64,
-    ) -> Result<ValidateOutcome, ApiError> {
-        for _ in 0..LEASE_ROUNDS {
-            match self.validate(presented, required, client_ip, asks, cost)? {
-                Validated::Answer(outcome) => return Ok(outcome),
-                Validated::Lease(call) => self.lease(call).await?,
-            }
-        }
-        // Other requests on this replica spent each slice before this one could: the key
-        // is hotter than its leases.
-        Err(ApiError::CreditsBusy)
-    }
-
     /// Leases credits for a key from its account into the index; one lease per account at
     /// a time on this replica (a request that waited for another's finds its slice). Runs
     /// on a task of its own: a caller that gives up (a deadline, a reset) cannot cut it
@@ -670,7 +648,7 @@ impl KeyService {
             .index
             .credits_ready(&call.account, call.need, call.prefetch, now)
         {
-            self.index.credit_lease_skipped(&call.account);
+            self.index.credit_lease_not_taken(&call.account);
             return Ok(());
         }
         let held = self.index.credits_held(&call.account, 0, now);
@@ -683,7 +661,7 @@ impl KeyService {
             }
             Err(err) => {
                 self.syncer.credit_lease_failures.inc();
-                self.index.credit_lease_failed(&call.account);
+                self.index.credit_lease_not_taken(&call.account);
                 tracing::warn!(error = %err, "cannot lease credits");
                 Err(ApiError::Store(err))
             }

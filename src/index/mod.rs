@@ -874,8 +874,9 @@ impl KeyIndex {
         }
     }
 
-    /// A lease asked for and not taken: another request may ask.
-    pub(crate) fn credit_lease_skipped(&self, account: &str) {
+    /// A lease asked for and not taken (no longer needed, or failed): the next request that
+    /// needs one asks again.
+    pub(crate) fn credit_lease_not_taken(&self, account: &str) {
         lock(&self.hold(account)).leasing = false;
     }
 
@@ -883,11 +884,6 @@ impl KeyIndex {
     /// be given back.
     pub(crate) fn credits_closing(&self) -> bool {
         self.credits_closing.load(Ordering::Acquire)
-    }
-
-    /// A lease that failed: the next request asks again.
-    pub fn credit_lease_failed(&self, account: &str) {
-        lock(&self.hold(account)).leasing = false;
     }
 
     /// What this replica holds unspent of the account, of a setting at least `generation`,
