@@ -247,7 +247,8 @@ impl Store {
         Ok(())
     }
 
-    /// Fills each key's `credits_remaining` with its account's balance at `now_us`.
+    /// Fills each key's `credits_remaining` with its account's balance at `now_us`, and its
+    /// refill with the account's.
     pub(crate) async fn fill_credits(
         &self,
         keys: &mut [&mut Key],
@@ -278,15 +279,21 @@ impl Store {
                 .await?;
             for row in rows {
                 let account: String = row.try_get("", "account_id")?;
-                let (remaining, _, _) = Account::read(&row)?.at(now_us);
-                balances.insert(account, remaining);
+                let stored = Account::read(&row)?;
+                let (remaining, _, _) = stored.at(now_us);
+                balances.insert(account, (remaining, stored.refill));
             }
         }
         for key in keys.iter_mut() {
-            key.credits_remaining = key
-                .credits
-                .plan()
-                .and_then(|plan| balances.get(&*plan.account).copied());
+            let Some(plan) = key.credits.0.as_mut() else {
+                continue;
+            };
+            if let Some(&(remaining, refill)) = balances.get(&*plan.account) {
+                key.credits_remaining = Some(remaining);
+                // The account's refill, as its last setting made it: a rotated key's own row
+                // keeps the one it had when its successor took the balance over.
+                plan.refill = refill;
+            }
         }
         Ok(())
     }
