@@ -12,7 +12,7 @@ use crate::{
         RateLimitAsk, RateLimits, Scopes, Secret, Validation, WorkspaceId, check_required,
     },
     error::{ApiError, KeyStateConflict},
-    index::{CreditCall, Found, KeyIndex, LeaseCall, Syncer},
+    index::{CreditCall, Found, KeyIndex, LeaseCall, Syncer, WindowCall},
     store::{Change, Changed, IndexRow, KeyUpdate, NewEvent, NewKey, Store},
     usage::HourUsage,
 };
@@ -641,6 +641,9 @@ impl KeyService {
         if self.index.credits_closing() {
             return Err(ApiError::ShuttingDown);
         }
+        if let Some(window) = &call.window {
+            return self.lease_window(&call.account, window, call.prefetch).await;
+        }
         let now = self.clock.now_us();
         // Another request's lease may have come while this one waited: a request needs
         // the slice known and big enough, a prefetch only that it is still wanted.
@@ -663,6 +666,41 @@ impl KeyService {
                 self.syncer.credit_lease_failures.inc();
                 self.index.credit_lease_not_taken(&call.account);
                 tracing::warn!(error = %err, "cannot lease credits");
+                Err(ApiError::Store(err))
+            }
+        }
+    }
+}
+
+impl KeyService {
+    /// Leases a slice of a rate-limit window (`id`) into the key's windows, under the
+    /// window's lease gate.
+    async fn lease_window(
+        &self,
+        id: &str,
+        call: &WindowCall,
+        prefetch: bool,
+    ) -> Result<(), ApiError> {
+        if self.index.window_ready(call, prefetch) {
+            self.index.window_lease_not_taken(call);
+            return Ok(());
+        }
+        let need = (call.lease.need - self.index.window_held(call)).max(0);
+        let lease = &call.lease;
+        match self
+            .store
+            .lease_window(id, lease.ends_us(), lease.limit, need)
+            .await
+        {
+            Ok((granted, unleased)) => {
+                self.syncer.rate_limit_leases.inc();
+                self.index.window_leased(call, granted, unleased);
+                Ok(())
+            }
+            Err(err) => {
+                self.syncer.rate_limit_lease_failures.inc();
+                self.index.window_lease_not_taken(call);
+                tracing::warn!(error = %err, "cannot lease a rate-limit window");
                 Err(ApiError::Store(err))
             }
         }

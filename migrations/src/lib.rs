@@ -10,6 +10,7 @@ mod m20261127_000004_add_events_and_usage;
 mod m20261202_000005_add_governance;
 mod m20261202_000006_add_rate_limits;
 mod m20261203_000007_add_credits;
+mod m20261203_000008_add_rate_limit_windows;
 
 #[derive(Debug)]
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_add_governance::Migration),
             Box::new(m20261202_000006_add_rate_limits::Migration),
             Box::new(m20261203_000007_add_credits::Migration),
+            Box::new(m20261203_000008_add_rate_limit_windows::Migration),
         ]
     }
 }

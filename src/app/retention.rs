@@ -1,5 +1,6 @@
-//! Prunes key events and hourly usage older than the retention, in the background. Every
-//! replica may run it: deleting what is already gone is harmless.
+//! Prunes key events and hourly usage older than the retention, and rate-limit windows
+//! that ended, in the background. Every replica may run it: deleting what is already gone
+//! is harmless.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,6 +26,14 @@ pub(super) async fn prune_loop(
             }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot prune key events and usage; will retry")
+            }
+        }
+        // Rate-limit windows that ended: whatever the retention.
+        match store.prune_windows(clock.now().timestamp_micros()).await {
+            Ok(0) => {}
+            Ok(windows) => tracing::debug!(windows, "pruned ended rate-limit windows"),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot prune rate-limit windows; will retry")
             }
         }
         tokio::select! {

@@ -20,8 +20,9 @@ pub use sync::{SyncSettings, Syncer};
 use crate::{
     domain::{
         Cidr, CreditLease, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation,
-        Window, column_annotations, column_cidrs, column_credits, column_rate_limits,
-        column_scopes, judge_limits, keep_windows_of,
+        Window, WindowLease, column_annotations, column_cidrs, column_credits, column_rate_limits,
+        column_scopes, judge_limits, keep_windows_of, mark_leasing, take_window_returns,
+        window_held, window_lease_not_taken, window_leased, window_ready,
     },
     store::{CreditReturn, IndexRow},
     usage::{HourUsage, hour_start},
@@ -211,6 +212,7 @@ fn lease_call(account: &str, need: i64, prefetch: bool) -> LeaseCall {
         account: String::from(account),
         need,
         prefetch,
+        window: None,
     }
 }
 
@@ -243,11 +245,50 @@ impl Judged {
 /// [`KeyIndex::credit_leased`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseCall {
+    /// The credit account, or the rate-limit window's id (see [`WindowCall`]): one lease of
+    /// it at a time on this replica.
     pub account: String,
     /// What the slice held must reach for the request (0: whatever a lease takes).
     pub need: i64,
     /// The next slice fetched ahead (the answer did not wait for it).
     pub prefetch: bool,
+    /// A slice of a rate limit's window, not of credits.
+    pub window: Option<Box<WindowCall>>,
+}
+
+/// A lease of one rate-limit window of one key. Its id in the database (and the lease's
+/// `account`) is `<key id>/<window ms>/<start µs>/<limit name>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WindowCall {
+    pub hash: KeyHash,
+    pub lease: WindowLease,
+}
+
+impl std::fmt::Debug for WindowCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key's hash stays out of logs, as everywhere.
+        f.debug_struct("WindowCall")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WindowCall {
+    fn call(hash: &KeyHash, record: &Record, lease: WindowLease, prefetch: bool) -> LeaseCall {
+        let id = std::str::from_utf8(&record.id).unwrap_or_default();
+        LeaseCall {
+            account: format!(
+                "{ID_PREFIX}{id}/{}/{}/{}",
+                lease.window_ms, lease.start_us, lease.name
+            ),
+            need: lease.need,
+            prefetch,
+            window: Some(Box::new(Self {
+                hash: *hash,
+                lease,
+            })),
+        }
+    }
 }
 
 /// What a lookup asks of the service about credits, besides its answer.
@@ -379,6 +420,8 @@ pub struct KeyIndex {
     holds: Mutex<StdHashMap<Box<str>, Arc<Mutex<Hold>>>>,
     /// Accounts with credits held, for the sweep that gives idle ones back.
     holders: Mutex<HashSet<Box<str>>>,
+    /// Keys that may hold slices of rate-limit windows, given back at a graceful stop.
+    window_holders: Mutex<HashSet<KeyHash>>,
     /// See [`KeyIndex::lease_gate`].
     lease_gates: Mutex<StdHashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Set at shutdown, before the last give-back.
@@ -415,6 +458,7 @@ impl KeyIndex {
             pending: Mutex::default(),
             holds: Mutex::default(),
             holders: Mutex::default(),
+            window_holders: Mutex::default(),
             lease_gates: Mutex::default(),
             credits_closing: AtomicBool::new(false),
             rolled: Mutex::default(),
@@ -706,6 +750,7 @@ impl KeyIndex {
                 }
                 None => true,
             };
+            let mut limit_windows = None;
             if let (Some((limits, asks)), Some((spent, latest_us, revision))) = (limits, windows) {
                 let at = now_us.max(*latest_us);
                 *latest_us = at;
@@ -719,9 +764,17 @@ impl KeyIndex {
                         .map_or(&[][..], Record::rate_limits);
                     judge_limits(current, asks, spent, at, pay)
                 };
+                if let Some(wait) = judged.limits.wait.take() {
+                    // Nothing judged nor counted: lease the window's slice, then again.
+                    return Judged {
+                        call: CreditCall::Wait(WindowCall::call(hash, record, wait, false)),
+                        ..Judged::of(result)
+                    };
+                }
                 if !judged.limits.admitted() {
                     judged.result = Validation::RateLimited;
                 }
+                limit_windows = Some(spent);
             } else {
                 pay();
             }
@@ -756,6 +809,13 @@ impl KeyIndex {
             }
             // Whatever the path, the account's lock goes before the rest is noted.
             drop(hold);
+            if judged.call == CreditCall::None
+                && let Some(ahead) = judged.limits.prefetch.take()
+                && let Some(spent) = limit_windows
+            {
+                mark_leasing(spent, &ahead);
+                judged.call = CreditCall::Prefetch(WindowCall::call(hash, record, ahead, true));
+            }
             let result = judged.result;
             let use_due = use_stale && result == Validation::Valid;
             if !use_due && !self.record_usage {
@@ -966,6 +1026,81 @@ impl KeyIndex {
         gate
     }
 
+    /// Runs `f` on the key's rate-limit windows, with the latest instant they were judged at;
+    /// `None` when the key is gone or has none.
+    fn with_windows<R>(
+        &self,
+        hash: &KeyHash,
+        f: impl FnOnce(&mut Vec<Window>, i64) -> R,
+    ) -> Option<R> {
+        let keys = self.keys.pin();
+        let activity = keys.get(hash.as_bytes())?.activity.get()?;
+        let mut state = lock(&activity.state);
+        let windows = state.windows.as_mut()?;
+        Some(f(&mut windows.spent, windows.latest_us))
+    }
+
+    /// Takes a lease of a rate-limit window into the key's windows: `granted` units, with
+    /// `unleased` left of the window's budget.
+    pub(crate) fn window_leased(&self, call: &WindowCall, granted: i64, unleased: i64) {
+        let holds = self
+            .with_windows(&call.hash, |windows, latest_us| {
+                window_leased(windows, &call.lease, granted, unleased, latest_us)
+            })
+            .unwrap_or(false);
+        if holds {
+            lock(&self.window_holders).insert(call.hash);
+        }
+    }
+
+    /// Whether a window lease asked for is no longer needed (see [`window_ready`]).
+    pub(crate) fn window_ready(&self, call: &WindowCall, prefetch: bool) -> bool {
+        self.with_windows(&call.hash, |windows, _| {
+            window_ready(windows, &call.lease, prefetch)
+        })
+        .unwrap_or(false)
+    }
+
+    /// What this replica holds unspent of the window.
+    pub(crate) fn window_held(&self, call: &WindowCall) -> i64 {
+        self.with_windows(&call.hash, |windows, _| window_held(windows, &call.lease))
+            .unwrap_or(0)
+    }
+
+    /// A window lease asked for and not taken: the next request that needs one asks again.
+    pub(crate) fn window_lease_not_taken(&self, call: &WindowCall) {
+        self.with_windows(&call.hash, |windows, _| {
+            window_lease_not_taken(windows, &call.lease);
+        });
+    }
+
+    /// Takes back every slice of a rate-limit window this replica holds (at a graceful
+    /// stop, once no lease starts any more): each window's lease and the units to give back.
+    pub(crate) fn take_window_returns(&self) -> Vec<(LeaseCall, i64)> {
+        let holders = std::mem::take(&mut *lock(&self.window_holders));
+        let keys = self.keys.pin();
+        let mut returns = Vec::new();
+        for hash in holders {
+            let Some(record) = keys.get(hash.as_bytes()) else {
+                continue;
+            };
+            let Some(activity) = record.activity.get() else {
+                continue;
+            };
+            let taken = {
+                let mut state = lock(&activity.state);
+                match state.windows.as_mut() {
+                    Some(windows) => take_window_returns(&mut windows.spent),
+                    None => Vec::new(),
+                }
+            };
+            for (lease, amount) in taken {
+                returns.push((WindowCall::call(&hash, record, lease, false), amount));
+            }
+        }
+        returns
+    }
+
     /// The last valid use this replica has seen of the key, if any.
     pub(crate) fn last_used_us(&self, hash: &KeyHash) -> Option<i64> {
         let keys = self.keys.pin();
@@ -1086,11 +1221,25 @@ mod tests {
             .unwrap()
             .to_column();
         index.apply(&key);
+        // The database's side: units leased of each window.
+        let granted = Mutex::new(StdHashMap::<String, i64>::new());
         let result = |at| {
-            index
-                .lookup(&secret.hash(), NONE, at, 1, None, &[], 1)
-                .unwrap()
-                .result
+            for _ in 0..4 {
+                let found = index
+                    .lookup(&secret.hash(), NONE, at, 1, None, &[], 1)
+                    .unwrap();
+                let CreditCall::Wait(call) = found.credit_call else {
+                    return found.result;
+                };
+                let window = call.window.expect("a window's lease");
+                let mut granted = lock(&granted);
+                let taken = granted.entry(call.account).or_default();
+                let left = window.lease.limit - *taken;
+                let slice = crate::domain::lease_size(left, window.lease.need);
+                *taken += slice;
+                index.window_leased(&window, slice, left - slice);
+            }
+            panic!("a lookup kept waiting");
         };
         assert_eq!(result(900_000), Validation::Valid);
         assert_eq!(result(950_000), Validation::Valid);

@@ -61,6 +61,9 @@ pub struct Syncer {
     /// Credits given back to their accounts, and credits a failed return lost.
     pub(crate) credits_given_back: Counter,
     pub(crate) credits_lost: Counter,
+    /// Leases of rate-limit windows taken from the database, and those that failed.
+    pub(crate) rate_limit_leases: Counter,
+    pub(crate) rate_limit_lease_failures: Counter,
 }
 
 /// What a flush took but could not write yet.
@@ -86,6 +89,8 @@ impl Syncer {
             credit_lease_failures: Counter::default(),
             credits_given_back: Counter::default(),
             credits_lost: Counter::default(),
+            rate_limit_leases: Counter::default(),
+            rate_limit_lease_failures: Counter::default(),
         }
     }
 
@@ -366,6 +371,9 @@ impl Syncer {
                 drop(gate.lock().await);
             }
         }
+        if all {
+            self.give_back_windows().await;
+        }
         for account in self.index.credit_returns_due(all) {
             let gate = self.index.lease_gate(&account);
             let _turn = gate.lock().await;
@@ -385,6 +393,18 @@ impl Syncer {
                     self.credits_lost.inc_by(amount);
                     tracing::warn!(error = %err, credits = given.amount, "cannot give back leased credits; they are lost");
                 }
+            }
+        }
+    }
+
+    /// Gives back to their windows' budgets the slices of rate-limit windows held (at a
+    /// graceful stop, once no lease starts), so the other replicas may admit them; a return
+    /// to a window that ended changes nothing. A return that fails is not tried again (the
+    /// units stay leased until the window ends).
+    async fn give_back_windows(&self) {
+        for (call, amount) in self.index.take_window_returns() {
+            if let Err(err) = self.store.return_window(&call.account, amount).await {
+                tracing::warn!(error = %err, units = amount, "cannot give back a rate-limit window's slice; it stays leased until the window ends");
             }
         }
     }

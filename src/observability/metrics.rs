@@ -323,7 +323,8 @@ impl Metrics {
 
     /// Registers the counters of the index's flushes: failed ones, and answers dropped.
     /// Credit leases (`credit_leases`, `credit_lease_failures`) and the credits given back to
-    /// their accounts or lost when a return failed, from the syncer.
+    /// their accounts or lost when a return failed, and rate-limit window leases
+    /// (`rate_limit_leases`, `rate_limit_lease_failures`), from the syncer.
     pub(crate) fn with_credit_counters(mut self, syncer: &crate::index::Syncer) -> Self {
         for (name, help, counter) in [
             (
@@ -345,6 +346,16 @@ impl Metrics {
                 "credits_lost",
                 "Credits leased and not spent whose return failed: gone from their balances",
                 &syncer.credits_lost,
+            ),
+            (
+                "rate_limit_leases",
+                "Slices of rate-limit windows leased from the database (one write each; shared by every replica, so replicas together admit at most a limit per window)",
+                &syncer.rate_limit_leases,
+            ),
+            (
+                "rate_limit_lease_failures",
+                "Rate-limit window leases that failed (the database unavailable): the requests waiting for them were refused",
+                &syncer.rate_limit_lease_failures,
             ),
         ] {
             self.registry.register(name, help, counter.clone());

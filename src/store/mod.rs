@@ -11,6 +11,7 @@ mod sql;
 mod sqlite_file;
 mod sqlite_scan;
 mod usage;
+mod windows;
 
 use std::{path::PathBuf, time::Duration};
 
