@@ -1,6 +1,6 @@
 //! The reliability suite, whose figures RELIABILITY.md publishes: crash consistency under
-//! SIGKILL, a PostgreSQL outage under load, the revocation race on two replicas, a model-based
-//! test of every key RPC, and a soak.
+//! SIGKILL, a PostgreSQL outage under load, the revocation race on two replicas, rate limits
+//! shared by replicas, a model-based test of every key RPC, and a soak.
 //!
 //! Each test runs a short version in `cargo test` (so in CI, on SQLite and on PostgreSQL) and
 //! the full length with `APIKEYS_RELIABILITY=full`, one test at a time so they do not share
@@ -16,6 +16,7 @@ mod crash;
 mod model;
 mod outage;
 mod race;
+mod shared_limits;
 mod soak;
 
 use std::time::Duration;
