@@ -214,12 +214,13 @@ impl Window {
     }
 }
 
-/// Drops the windows of limits that are not among `limits` (by name and window length), as
-/// when a key's limits change: a limit removed and added again starts afresh on this
-/// replica (what it held is left to its window's end), a limit whose count alone changed
-/// keeps what was spent.
+/// Drops the windows of limits that are not among `limits` (by name and window length) and
+/// hold nothing, as when a key's limits change. A window's budget is in the database, so a
+/// limit whose count alone changed keeps what was spent, and so does one removed and added
+/// again within its window (this replica keeps what it holds of it until the window ends);
+/// a limit whose window changed is another budget, counted afresh.
 pub fn keep_windows_of(limits: &[RateLimit], windows: &mut Vec<Window>) {
-    windows.retain(|window| limits.iter().any(|limit| window.counts_for(limit)));
+    windows.retain(|window| window.held > 0 || limits.iter().any(|l| window.counts_for(l)));
 }
 
 /// `value / unit`, rounded up; both at least 0 and 1.
@@ -350,10 +351,10 @@ pub fn judge(
         pay();
         return LimitJudgement::default();
     }
-    // Windows that ended, and those of limits the key no longer has, go.
-    windows.retain(|window| {
-        window.ends_us() > now_us && limits.iter().any(|limit| window.counts_for(limit))
-    });
+    // Windows that ended go, and so do those of limits the key no longer has, once they
+    // hold nothing.
+    keep_windows_of(limits, windows);
+    windows.retain(|window| window.ends_us() > now_us);
     let find = |windows: &[Window], limit: &RateLimit, start_us: i64| {
         windows
             .iter()
@@ -788,11 +789,17 @@ mod tests {
         keep_windows_of(&hour, &mut windows);
         assert!(windows.is_empty());
         assert_eq!(judge(&hour, &[], &mut windows, 2).states[0].remaining, 2);
-        // Removed, then added again: the window's budget is what it was (the units this
-        // replica held are left leased until the window ends), so an edit never refills.
+        // Removed, then added again: the window's budget is what it was, so an edit never
+        // refills.
         keep_windows_of(&[], &mut windows);
-        assert!(windows.is_empty());
+        assert!(windows.is_empty(), "a window holding nothing goes");
         assert_eq!(judge(&hour, &[], &mut windows, 3).states[0].remaining, 1);
+        // One that holds a slice stays, and is spent from when the limit comes back.
+        let big = [limit("calls", 1_600, 3_600_000, true)];
+        assert_eq!(judge(&big, &[], &mut windows, 4).states[0].remaining, 1_597);
+        keep_windows_of(&[], &mut windows);
+        assert_eq!(windows.len(), 1);
+        assert_eq!(judge(&big, &[], &mut windows, 5).states[0].remaining, 1_596);
     }
 
     #[test]

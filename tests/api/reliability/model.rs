@@ -483,13 +483,11 @@ impl Key {
         Ok(())
     }
 
-    /// Takes new limits: the windows of limits gone, or whose window changed, go too.
+    /// Takes new limits. Each window's count stays (the server keeps every window's budget
+    /// in the database): a limit removed and added again within its window, or whose
+    /// window changed and changed back, goes on from what was spent; a changed window is
+    /// another count.
     fn set_limits(&mut self, limits: Vec<usize>) {
-        self.windows.retain(|&(name, seconds, _, _)| {
-            limits
-                .iter()
-                .any(|&l| LIMITS[l].0 == name && LIMITS[l].2 == seconds)
-        });
         self.limits = limits;
     }
 
