@@ -100,10 +100,10 @@ pub enum ApiError {
     /// UNAVAILABLE (`SHUTTING_DOWN`): this replica is draining; reconnect (to another).
     #[error("the server is shutting down; reconnect and resend what was not answered")]
     ShuttingDown,
-    /// UNAVAILABLE (`CREDITS_BUSY`): the key's credits are spent on this replica faster than
-    /// it could lease them for this request; retry.
+    /// UNAVAILABLE (`CREDITS_BUSY`): the key's credits, or a window of its rate limits, are
+    /// spent on this replica faster than it could lease them for this request; retry.
     #[error(
-        "the key's credits are in too much demand on this replica to judge this request; retry"
+        "the key's credits or rate limits are in too much demand on this replica to judge this request; retry"
     )]
     CreditsBusy,
     /// INVALID_ARGUMENT (`REQUEST_MISSING`): a ValidateKeys request without its `request`.

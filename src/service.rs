@@ -642,7 +642,9 @@ impl KeyService {
             return Err(ApiError::ShuttingDown);
         }
         if let Some(window) = &call.window {
-            return self.lease_window(&call.account, window, call.prefetch).await;
+            return self
+                .lease_window(&call.account, window, call.prefetch)
+                .await;
         }
         let now = self.clock.now_us();
         // Another request's lease may have come while this one waited: a request needs
@@ -716,5 +718,7 @@ pub enum Validated {
     Lease(LeaseCall),
 }
 
-/// Rounds of lease and look-up a validation tries before it gives up.
-pub(crate) const LEASE_ROUNDS: usize = 8;
+/// Rounds of lease and look-up a validation tries before it gives up: a key's first use on
+/// a replica may lease a slice of each of its limits' windows (up to 8) and of its credits,
+/// one a round, and a slice may be spent by other requests before this one is judged.
+pub(crate) const LEASE_ROUNDS: usize = 2 * crate::domain::MAX_RATE_LIMITS;

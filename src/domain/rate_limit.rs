@@ -306,9 +306,8 @@ pub struct LimitJudgement {
     /// Nothing was judged or spent: this window's slice on this replica cannot pay (or is
     /// not known yet) and its budget might. Lease, then judge again.
     pub wait: Option<WindowLease>,
-    /// A slice worth leasing ahead: the next of a window half spent, or the first of the
-    /// next window near the current one's end. Not marked as on its way: see
-    /// [`mark_leasing`].
+    /// A slice worth leasing ahead: the next of a window half spent, or else the first of
+    /// the next window. Not marked as on its way: see [`mark_leasing`].
     pub prefetch: Option<WindowLease>,
 }
 
@@ -317,9 +316,6 @@ impl LimitJudgement {
         !self.refused
     }
 }
-
-/// A window's next one is leased ahead once this much of it has passed (in quarters).
-const AHEAD_QUARTERS: i64 = 3;
 
 /// Whether the key's `limits` have room at `now_us` for what `asks` (and every auto-applied
 /// limit, at cost 1 unless asked otherwise) would spend, from the slices this replica holds
@@ -410,10 +406,10 @@ pub fn judge(
                 continue;
             }
         }
+        // A window judged in leases the next one's first slice, so a key used in every
+        // window never waits for one at a window's start.
         let next_us = start_us + window_us;
-        if (now_us - start_us) * 4 >= window_us * AHEAD_QUARTERS
-            && find(windows, limit, next_us).is_none()
-        {
+        if find(windows, limit, next_us).is_none() {
             prefetch = Some(WindowLease::of(limit, next_us, 0));
         }
     }
@@ -621,9 +617,10 @@ mod tests {
         assert!(admitted <= 100, "{admitted}");
         // Slices of a sixteenth of what is left: what the others hold at the end is little.
         assert!(admitted >= 90, "{admitted}");
-        // A request in the last quarter of the window leases the next one's first slice,
-        // and that window then admits from it with no wait.
+        // A window judged in leases the next one's first slice (once its own is not half
+        // spent), and that window then admits from it with no wait.
         let windows = &mut replicas[0];
+        windows.retain(|window| window.start_us == 0);
         let late = judge(&limits, &[], windows, 800_000);
         let ahead = late.prefetch.expect("the next window is leased ahead");
         assert_eq!(ahead.start_us, 1_000_000);

@@ -283,10 +283,7 @@ impl WindowCall {
             ),
             need: lease.need,
             prefetch,
-            window: Some(Box::new(Self {
-                hash: *hash,
-                lease,
-            })),
+            window: Some(Box::new(Self { hash: *hash, lease })),
         }
     }
 }

@@ -486,7 +486,7 @@ async fn check_answers_429_with_retry_after_and_ratelimit_headers_and_usage_coun
 }
 
 #[tokio::test]
-async fn limits_are_stored_sorted_and_judged_the_same_after_a_restart() {
+async fn limits_are_stored_sorted_and_a_restart_refills_no_window() {
     let mut app = app_at(TimeDelta::zero()).await;
     let limits = vec![limit("b", 7, 86_400, false), limit("a", 1, 60, true)];
     let (key, secret) = app.create_with(limited(limits)).await;
@@ -495,11 +495,16 @@ async fn limits_are_stored_sorted_and_judged_the_same_after_a_restart() {
     assert_eq!(key.rate_limits, sorted);
     assert_eq!(app.list("acme").await[0].rate_limits, sorted);
 
+    // 3 of the day's 7 spent before the restart stay spent: a restart does not refill.
+    let spent = app.ask(asking(&secret, &[("b", Some(3))])).await;
+    assert_eq!(left(&spent), [("a", 1, 0), ("b", 7, 4)]);
     let (db, clock) = app.stop().await;
     clock.advance(TimeDelta::minutes(1));
     let mut app = spawn_app_on(db, clock).await;
     assert_eq!(app.list("acme").await[0].rate_limits, sorted);
-    let answer = app.ask(asking(&secret, &[("b", Some(7))])).await;
+    let greedy = app.ask(asking(&secret, &[("b", Some(5))])).await;
+    assert_eq!(greedy.result(), ValidationResult::RateLimited, "{greedy:?}");
+    let answer = app.ask(asking(&secret, &[("b", Some(4))])).await;
     assert!(answer.valid, "{answer:?}");
     assert_eq!(left(&answer), [("a", 1, 0), ("b", 7, 0)]);
     assert_eq!(answer.key_id, key.id);
@@ -539,10 +544,7 @@ async fn replicas_share_a_window_so_together_they_admit_at_most_the_limit() {
     }
     // Never more than the limit; what is missing is held by the other two replicas (at
     // most a slice each, a sixteenth of what was left when they leased it).
-    assert!(
-        (90..=100).contains(&admitted),
-        "admitted {admitted} of 100"
-    );
+    assert!((90..=100).contains(&admitted), "admitted {admitted} of 100");
     // A replica that stops gives back what it holds: the last one then admits exactly the
     // rest of the window's budget.
     let mut last = replicas.pop().unwrap();

@@ -133,7 +133,11 @@ async fn replica(db: &TestDb, secret: &str) -> (Process, Client) {
             }],
             ..Default::default()
         };
-        if client.validate_key(check).await.is_ok_and(|a| a.get_ref().valid) {
+        if client
+            .validate_key(check)
+            .await
+            .is_ok_and(|a| a.get_ref().valid)
+        {
             return (process, client);
         }
         assert!(Instant::now() < deadline, "the key never arrived");
