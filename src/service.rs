@@ -689,9 +689,11 @@ impl KeyService {
         }
         let need = (call.lease.need - self.index.window_held(call)).max(0);
         let lease = &call.lease;
+        // A check (cost 0) of a window this replica knows nothing of only reads it.
+        let take = prefetch || lease.need > 0;
         match self
             .store
-            .lease_window(id, lease.ends_us(), lease.limit, need)
+            .lease_window(id, lease.ends_us(), lease.limit, need, take)
             .await
         {
             Ok((granted, unleased)) => {

@@ -2,7 +2,7 @@ use sea_orm_migration::{prelude::*, schema::*};
 
 /// Rate-limit windows shared by every replica: for each key's limit and window, how many
 /// units of its budget (the limit) replicas have leased. A row is made by the window's
-/// first lease and deleted by the prune task once the window has ended.
+/// first lease and deleted by the prune task an hour after the window has ended.
 #[derive(DeriveMigrationName)]
 pub(crate) struct Migration;
 
@@ -17,6 +17,8 @@ impl MigrationTrait for Migration {
                     .col(text(RateLimitWindows::WindowId).primary_key())
                     .col(big_integer(RateLimitWindows::EndsUs))
                     .col(big_integer(RateLimitWindows::Granted))
+                    // The slice the last lease took, for the lease to return it.
+                    .col(big_integer(RateLimitWindows::LastGrant))
                     .to_owned(),
             )
             .await?;
@@ -44,4 +46,5 @@ enum RateLimitWindows {
     WindowId,
     EndsUs,
     Granted,
+    LastGrant,
 }

@@ -36,7 +36,7 @@ pub(crate) use page_token::EventCursor;
 pub use page_token::PageCursor;
 pub use rate_limit::{
     LimitJudgement, LimitState, MAX_RATE_LIMITS, RateLimit, RateLimitAsk, RateLimits, Window,
-    WindowLease, ceil_div, column_rate_limits, judge as judge_limits, keep_windows_of,
+    WindowLease, ceil_div, column_rate_limits, holds_any, judge as judge_limits, keep_windows_of,
     mark_leasing, take_window_returns, window_held, window_lease_not_taken, window_leased,
     window_ready,
 };

@@ -210,6 +210,7 @@ impl Window {
             known: false,
             leasing: false,
             last_grant: 0,
+            last_lease_us: i64::MIN,
         }
     }
 }
@@ -243,7 +244,8 @@ pub struct Window {
     limit: i64,
     /// Units leased and not spent yet.
     held: i64,
-    /// What the budget had left, unleased, at the last lease.
+    /// What the budget had left, unleased, at the last lease (below zero when the limit was
+    /// lowered under what replicas had leased).
     unleased: i64,
     /// Whether a lease arrived; until then nothing is known of the window.
     known: bool,
@@ -251,7 +253,13 @@ pub struct Window {
     leasing: bool,
     /// The size of the last slice: the next is fetched when less than half of it is left.
     last_grant: i64,
+    /// When the last lease arrived, by the request clock.
+    last_lease_us: i64,
 }
+
+/// How often a replica whose window ran out asks its budget again: another replica may
+/// have given back what it held (at a graceful stop), or the limit may have been raised.
+const RECHECK_US: i64 = 1_000_000;
 
 /// A slice of one window's budget to lease: at least `need` (0: whatever a lease takes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -393,16 +401,26 @@ pub fn judge(
         }
     }
     let mut prefetch = None;
-    for &(limit, _, start_us) in &judged {
+    for &(limit, cost, start_us) in &judged {
         if prefetch.is_some() {
             break;
         }
         let window_us = limit.window_us();
         if let Some(at) = find(windows, limit, start_us) {
             let window = &windows[at];
-            let (_, unleased) = window.standing(limit.limit);
+            let (spendable, unleased) = window.standing(limit.limit);
             if !window.leasing && unleased > 0 && window.held * 2 < window.last_grant {
                 prefetch = Some(WindowLease::of(limit, start_us, 0));
+                continue;
+            }
+            // Ran out here: ask the budget again now and then, for what others gave back.
+            let ran_out = window.known && spendable + unleased < cost.max(1);
+            if ran_out
+                && cost <= limit.limit
+                && !window.leasing
+                && now_us.saturating_sub(window.last_lease_us) >= RECHECK_US
+            {
+                prefetch = Some(WindowLease::of(limit, start_us, cost.max(1)));
                 continue;
             }
         }
@@ -476,6 +494,7 @@ pub fn window_leased(
     let window = &mut windows[at];
     window.leasing = false;
     window.known = true;
+    window.last_lease_us = latest_us;
     window.held += granted;
     window.limit = lease.limit;
     window.unleased = unleased;
@@ -485,20 +504,27 @@ pub fn window_leased(
     window.held > 0
 }
 
-/// Whether a lease asked for is no longer needed: for a request, the window is known and
-/// its slice pays `need`; for a prefetch, the window is known and half of its last slice is
-/// still there (another lease came first).
+/// Whether a lease asked for is no longer needed: for a request (or a second look at a
+/// window that ran out), the window is known and its slice pays `need`; for a prefetch, the
+/// window is known and half of its last slice is still there (another lease came first).
 pub fn window_ready(windows: &[Window], lease: &WindowLease, prefetch: bool) -> bool {
     windows
         .iter()
         .find(|window| window.is(lease) && window.known)
         .is_some_and(|window| {
-            if prefetch {
+            if prefetch && lease.need == 0 {
                 window.held * 2 >= window.last_grant
             } else {
                 window.held >= lease.need
             }
         })
+}
+
+/// Whether any window not ended by `latest_us` holds a slice.
+pub fn holds_any(windows: &[Window], latest_us: i64) -> bool {
+    windows
+        .iter()
+        .any(|window| window.held > 0 && window.ends_us() > latest_us)
 }
 
 /// What this replica holds unspent of the window.
@@ -516,12 +542,13 @@ pub fn window_lease_not_taken(windows: &mut [Window], lease: &WindowLease) {
     }
 }
 
-/// Takes back every slice held, to give back to its window's budget (at a graceful stop):
-/// each window's lease and the units.
-pub fn take_window_returns(windows: &mut [Window]) -> Vec<(WindowLease, i64)> {
+/// Takes back every slice held of a window that has not ended by `latest_us` (the latest
+/// instant the key was judged at), to give back to its window's budget (at a graceful
+/// stop): each window's lease and the units.
+pub fn take_window_returns(windows: &mut [Window], latest_us: i64) -> Vec<(WindowLease, i64)> {
     windows
         .iter_mut()
-        .filter(|window| window.held > 0)
+        .filter(|window| window.held > 0 && window.ends_us() > latest_us)
         .map(|window| {
             window.known = false;
             let lease = WindowLease {
@@ -558,7 +585,8 @@ mod tests {
             let taken = granted
                 .entry((lease.name.clone(), lease.window_ms, lease.start_us))
                 .or_default();
-            let left = (lease.limit - *taken).max(0);
+            // Below zero when a lowered limit is under what was leased, as the store says.
+            let left = lease.limit - *taken;
             let slice = crate::domain::lease_size(left, need);
             *taken += slice;
             (slice, left - slice)
@@ -654,14 +682,35 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_lowered_under_what_others_leased_counts_their_slices_as_spent() {
+        let high = [limit("calls", 1_600, 60_000, true)];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        // A leases 100 and spends 51; B leases 93 after it: 193 leased in all.
+        for _ in 0..51 {
+            assert!(judge(&high, &[], &mut a, 0).admitted());
+        }
+        assert!(judge(&high, &[], &mut b, 0).admitted());
+        assert_eq!(window_held(&a, &WindowLease::of(&high[0], 0, 0)), 49);
+        // Lowered to 150: A learns at its next lease that 193 are leased, 43 over, and
+        // counts them against what it holds: 6 left to spend of its 49.
+        let low = [limit("calls", 150, 60_000, true)];
+        lease(&mut a, &WindowLease::of(&low[0], 0, 0), 0);
+        let mut admitted = 0;
+        while judge(&low, &[], &mut a, 1).admitted() {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 6);
+    }
+
+    #[test]
     fn a_graceful_stop_gives_back_the_slices_of_windows_not_ended() {
         let limits = [limit("calls", 1_600, 60_000, true)];
         let mut windows = Vec::new();
         assert!(judge(&limits, &[], &mut windows, 0).admitted());
-        let returns = take_window_returns(&mut windows);
+        let returns = take_window_returns(&mut windows, 1);
         assert_eq!(returns.len(), 1);
         assert_eq!(returns[0].1, 99);
-        assert!(take_window_returns(&mut windows).is_empty());
+        assert!(take_window_returns(&mut windows, 1).is_empty());
         // The next request leases again.
         let again = super::judge(&limits, &[], &mut windows, 2, || true);
         assert!(again.wait.is_some());

@@ -21,7 +21,7 @@ use crate::{
     domain::{
         Cidr, CreditLease, KeyHash, KeyStatus, LimitJudgement, RateLimit, RateLimitAsk, Validation,
         Window, WindowLease, column_annotations, column_cidrs, column_credits, column_rate_limits,
-        column_scopes, judge_limits, keep_windows_of, mark_leasing, take_window_returns,
+        column_scopes, holds_any, judge_limits, keep_windows_of, mark_leasing, take_window_returns,
         window_held, window_lease_not_taken, window_leased, window_ready,
     },
     store::{CreditReturn, IndexRow},
@@ -543,8 +543,8 @@ impl KeyIndex {
             Some((_, old)) => Operation::Insert(record(Some(old))),
             None => Operation::Insert(record(None)),
         });
-        // Limits removed, or whose window changed, start afresh if they come back; and the
-        // windows follow this revision's limits from now on.
+        // Windows of limits removed, or whose window changed, go once they hold nothing; and
+        // the windows follow this revision's limits from now on.
         let Some(record) = keys
             .get(hash.as_bytes())
             .filter(|record| record.revision == row.revision)
@@ -1071,6 +1071,20 @@ impl KeyIndex {
         });
     }
 
+    /// Forgets the keys that hold no slice of a rate-limit window any more (their windows
+    /// were spent, or ended), so the set given back at shutdown stays the keys in use.
+    pub(crate) fn forget_idle_window_holders(&self) {
+        let holders: Vec<KeyHash> = lock(&self.window_holders).iter().copied().collect();
+        for hash in holders {
+            let holds = self
+                .with_windows(&hash, |windows, latest_us| holds_any(windows, latest_us))
+                .unwrap_or(false);
+            if !holds {
+                lock(&self.window_holders).remove(&hash);
+            }
+        }
+    }
+
     /// Takes back every slice of a rate-limit window this replica holds (at a graceful
     /// stop, once no lease starts any more): each window's lease and the units to give back.
     pub(crate) fn take_window_returns(&self) -> Vec<(LeaseCall, i64)> {
@@ -1087,7 +1101,7 @@ impl KeyIndex {
             let taken = {
                 let mut state = lock(&activity.state);
                 match state.windows.as_mut() {
-                    Some(windows) => take_window_returns(&mut windows.spent),
+                    Some(windows) => take_window_returns(&mut windows.spent, windows.latest_us),
                     None => Vec::new(),
                 }
             };

@@ -373,6 +373,8 @@ impl Syncer {
         }
         if all {
             self.give_back_windows().await;
+        } else {
+            self.index.forget_idle_window_holders();
         }
         for account in self.index.credit_returns_due(all) {
             let gate = self.index.lease_gate(&account);

@@ -518,21 +518,26 @@ async fn replicas_share_a_window_so_together_they_admit_at_most_the_limit() {
     let (_, secret) = a
         .create_with(limited(vec![limit("requests", 100, 3_600, true)]))
         .await;
+    let (_, other) = a
+        .create_with(limited(vec![limit("requests", 100, 3_600, true)]))
+        .await;
     let mut replicas = vec![a];
     for _ in 0..2 {
         let (url, clock) = (replicas[0].db.url.clone(), replicas[0].clock.clone());
         replicas.push(spawn_app_with(TestDb::sharing(&url), clock, |_| {}).await);
     }
-    // Each replica knows the key (a check of cost 0 spends nothing).
-    let check = asking(&secret, &[("requests", Some(0))]);
+    // Each replica knows the keys (a check of cost 0 spends nothing).
     for replica in &mut replicas {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !replica.ask(check.clone()).await.valid {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the key never arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for secret in [&secret, &other] {
+            let check = asking(secret, &[("requests", Some(0))]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !replica.ask(check.clone()).await.valid {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the key never arrived"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
     // Round robin over the three, five times the limit in all.
@@ -542,19 +547,42 @@ async fn replicas_share_a_window_so_together_they_admit_at_most_the_limit() {
             admitted += 1;
         }
     }
-    // Never more than the limit; what is missing is held by the other two replicas (at
+    // Never more than the limit; what may be missing is held by the other replicas (at
     // most a slice each, a sixteenth of what was left when they leased it).
     assert!((90..=100).contains(&admitted), "admitted {admitted} of 100");
-    // A replica that stops gives back what it holds: the last one then admits exactly the
-    // rest of the window's budget.
-    let mut last = replicas.pop().unwrap();
-    for replica in replicas {
-        replica.stop().await;
+
+    // The other key: one use on the first replica leases a slice (100 / 16 = 6) and
+    // spends 1 of it; the second spends the rest of the window's budget.
+    assert!(replicas[0].ask(asking(&other, &[])).await.valid);
+    let mut second = 0;
+    while replicas[1].ask(asking(&other, &[])).await.valid {
+        second += 1;
+        assert!(second <= 100, "the window never ran out");
     }
-    let mut more = 0;
-    while last.ask(asking(&secret, &[])).await.valid {
-        more += 1;
-        assert!(more <= 100, "the window never ran out");
+    assert_eq!(second, 94, "the first replica holds 5");
+    // The first stops gracefully and gives its 5 back; the second asks its window's budget
+    // again a second later (by the request clock), and admits exactly those.
+    let mut rest = replicas.split_off(1);
+    replicas.pop().unwrap().stop().await;
+    rest[0].clock.advance(TimeDelta::seconds(2));
+    let mut given_back = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while given_back < 5 {
+        if rest[0].ask(asking(&other, &[])).await.valid {
+            given_back += 1;
+        } else {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "what was given back never came: {given_back} of 5"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
-    assert_eq!(admitted + more, 100, "admitted {admitted}, then {more}");
+    let refused = rest[0].ask(asking(&other, &[])).await;
+    assert_eq!(
+        refused.result(),
+        ValidationResult::RateLimited,
+        "{refused:?}"
+    );
+    assert_eq!(left(&refused), [("requests", 100, 0)]);
 }
