@@ -257,6 +257,12 @@ pub struct Window {
     last_lease_us: i64,
 }
 
+/// How long before a window's end a request leases the next window's first slice (half of
+/// the window, for windows shorter than twice this). A key used less often leases at its
+/// first use in a window instead: one round trip per window, not a slice held ahead of
+/// every window it may never use.
+const AHEAD_US: i64 = 1_000_000;
+
 /// How often a replica whose window ran out asks its budget again: another replica may
 /// have given back what it held (at a graceful stop), or the limit may have been raised.
 const RECHECK_US: i64 = 1_000_000;
@@ -424,10 +430,12 @@ pub fn judge(
                 continue;
             }
         }
-        // A window judged in leases the next one's first slice, so a key used in every
-        // window never waits for one at a window's start.
+        // A window judged in near its end leases the next one's first slice, so a key used
+        // right up to a window's end does not wait for one at the next one's start.
         let next_us = start_us + window_us;
-        if find(windows, limit, next_us).is_none() {
+        if next_us - now_us <= (window_us / 2).min(AHEAD_US)
+            && find(windows, limit, next_us).is_none()
+        {
             prefetch = Some(WindowLease::of(limit, next_us, 0));
         }
     }
@@ -645,10 +653,13 @@ mod tests {
         assert!(admitted <= 100, "{admitted}");
         // Slices of a sixteenth of what is left: what the others hold at the end is little.
         assert!(admitted >= 90, "{admitted}");
-        // A window judged in leases the next one's first slice (once its own is not half
-        // spent), and that window then admits from it with no wait.
+        // A window judged in during its last half (its last second, for longer windows)
+        // leases the next one's first slice, and that window then admits from it with no
+        // wait.
         let windows = &mut replicas[0];
         windows.retain(|window| window.start_us == 0);
+        let early = judge(&limits, &[], windows, 400_000);
+        assert!(early.prefetch.is_none(), "{early:?}");
         let late = judge(&limits, &[], windows, 800_000);
         let ahead = late.prefetch.expect("the next window is leased ahead");
         assert_eq!(ahead.start_us, 1_000_000);

@@ -124,6 +124,8 @@ pub struct Store {
     /// The change feed's own reader of a SQLite file, once known (none for PostgreSQL and
     /// an in-memory database).
     change_reader: std::sync::Arc<tokio::sync::OnceCell<Option<sqlite_scan::ChangeReader>>>,
+    /// The task that leases rate-limit windows in batches, once started.
+    window_leaser: std::sync::Arc<std::sync::OnceLock<windows::Leaser>>,
 }
 
 impl Store {
@@ -159,6 +161,7 @@ impl Store {
             db,
             url: url.to_owned(),
             change_reader: Default::default(),
+            window_leaser: Default::default(),
         })
     }
 

@@ -4,7 +4,10 @@
 //! them together never lease more than the limit; the row is made by the window's first
 //! lease and pruned an hour after the window ended.
 
-use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, Statement, TransactionTrait,
+};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError, sql::Placeholders};
 use crate::domain::MAX_LEASE;
@@ -29,13 +32,103 @@ fn slice_sql(backend: DatabaseBackend, taken: &str, limit: i64, need: i64) -> St
     )
 }
 
+/// How many leases one transaction takes at most.
+const BATCH: usize = 64;
+
+/// A lease waiting for the batch it goes in.
+pub(crate) struct Ask {
+    id: String,
+    ends_us: i64,
+    limit: i64,
+    need: i64,
+    reply: oneshot::Sender<Result<(i64, i64), StoreError>>,
+}
+
+/// The sending side of the task that leases windows: the leases asked for while one batch
+/// runs go together in the next, in one transaction (one commit, where SQLite's is a sync
+/// of its log), so a replica starting under load does not pay a commit per key and limit.
+pub(crate) type Leaser = mpsc::UnboundedSender<Ask>;
+
+/// Takes leases off `asks` in batches until every sender is gone.
+async fn lease_batches(db: DatabaseConnection, mut asks: mpsc::UnboundedReceiver<Ask>) {
+    let backend = db.get_database_backend();
+    while let Some(first) = asks.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match asks.try_recv() {
+                Ok(ask) => batch.push(ask),
+                Err(_) => break,
+            }
+        }
+        // One order of rows for every replica's batches: no two transactions wait for each
+        // other's row locks.
+        batch.sort_by(|a, b| a.id.cmp(&b.id));
+        match lease_batch(&db, backend, &batch).await {
+            Ok(leases) => {
+                for (ask, lease) in batch.into_iter().zip(leases) {
+                    let _ = ask.reply.send(Ok(lease));
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for ask in batch {
+                    let _ = ask
+                        .reply
+                        .send(Err(StoreError::Unavailable(DbErr::Custom(message.clone()))));
+                }
+            }
+        }
+    }
+}
+
+/// Leases each of `batch` in one transaction: what each was granted and what it left.
+async fn lease_batch(
+    db: &DatabaseConnection,
+    backend: DatabaseBackend,
+    batch: &[Ask],
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    let txn = db.begin().await?;
+    let mut leases = Vec::with_capacity(batch.len());
+    for ask in batch {
+        let mut p = Placeholders::new(backend);
+        let (id_mark, ends_mark) = (p.next(), p.next());
+        let first = slice_sql(backend, "0", ask.limit, ask.need);
+        let next = slice_sql(backend, "rate_limit_windows.granted", ask.limit, ask.need);
+        let sql = format!(
+            "INSERT INTO rate_limit_windows (window_id, ends_us, granted, last_grant) \
+             VALUES ({id_mark}, {ends_mark}, {first}, {first}) \
+             ON CONFLICT (window_id) DO UPDATE \
+             SET granted = rate_limit_windows.granted + {next}, last_grant = {next} \
+             RETURNING granted, last_grant"
+        );
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [ask.id.as_str().into(), ask.ends_us.into()],
+            ))
+            .await?
+            .ok_or_else(|| {
+                StoreError::Unavailable(DbErr::Custom(
+                    "a rate-limit window's lease returned no row".into(),
+                ))
+            })?;
+        let taken: i64 = row.try_get("", "granted")?;
+        let granted: i64 = row.try_get("", "last_grant")?;
+        leases.push((granted, ask.limit - taken));
+    }
+    txn.commit().await?;
+    Ok(leases)
+}
+
 impl Store {
     /// Leases a slice of the window `id` (ending at `ends_us`, its budget `limit`): at least
     /// `need` (0: whatever a lease takes; see [`crate::domain::lease_size`]), or nothing when
-    /// less is left; with `take` false, only reads what is left. One statement: an upsert
-    /// that adds the slice to what is leased and returns both, so concurrent leases from
-    /// any number of replicas never take the same unit. Returns what was granted and what
-    /// is left unleased (below zero when a lowered limit is under what was leased).
+    /// less is left; with `take` false, only reads what is left. One upsert, in a batch with
+    /// the other leases asked for meanwhile: it adds the slice to what is leased and returns
+    /// both, under the row's lock, so concurrent leases from any number of replicas never
+    /// take the same unit. Returns what was granted and what is left unleased (below zero
+    /// when a lowered limit is under what was leased).
     pub(crate) async fn lease_window(
         &self,
         id: &str,
@@ -45,8 +138,8 @@ impl Store {
         take: bool,
     ) -> Result<(i64, i64), StoreError> {
         let backend = self.backend();
-        let mut p = Placeholders::new(backend);
         if !take {
+            let mut p = Placeholders::new(backend);
             let sql = format!(
                 "SELECT granted FROM rate_limit_windows WHERE window_id = {}",
                 p.next()
@@ -60,32 +153,23 @@ impl Store {
                 .unwrap_or(0);
             return Ok((0, limit - taken));
         }
-        let (id_mark, ends_mark) = (p.next(), p.next());
-        let first = slice_sql(backend, "0", limit, need);
-        let next = slice_sql(backend, "rate_limit_windows.granted", limit, need);
-        let sql = format!(
-            "INSERT INTO rate_limit_windows (window_id, ends_us, granted, last_grant) \
-             VALUES ({id_mark}, {ends_mark}, {first}, {first}) \
-             ON CONFLICT (window_id) DO UPDATE \
-             SET granted = rate_limit_windows.granted + {next}, last_grant = {next} \
-             RETURNING granted, last_grant"
-        );
-        let row = self
-            .db
-            .query_one_raw(Statement::from_sql_and_values(
-                backend,
-                sql,
-                [id.into(), ends_us.into()],
-            ))
-            .await?
-            .ok_or_else(|| {
-                StoreError::Unavailable(sea_orm::DbErr::Custom(
-                    "a rate-limit window's lease returned no row".into(),
-                ))
-            })?;
-        let taken: i64 = row.try_get("", "granted")?;
-        let granted: i64 = row.try_get("", "last_grant")?;
-        Ok((granted, limit - taken))
+        let leaser = self.window_leaser.get_or_init(|| {
+            let (asks, taken) = mpsc::unbounded_channel();
+            tokio::spawn(lease_batches(self.db.clone(), taken));
+            asks
+        });
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::Unavailable(DbErr::Custom("the window leaser stopped".into()));
+        leaser
+            .send(Ask {
+                id: id.to_owned(),
+                ends_us,
+                limit,
+                need,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     /// Gives back `amount` units leased of the window `id` and not spent (never below none
