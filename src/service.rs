@@ -683,14 +683,15 @@ impl KeyService {
         call: &WindowCall,
         prefetch: bool,
     ) -> Result<(), ApiError> {
-        if self.index.window_ready(call, prefetch) {
+        let lease = &call.lease;
+        if !lease.recheck && self.index.window_ready(call, prefetch) {
             self.index.window_lease_not_taken(call);
             return Ok(());
         }
-        let need = (call.lease.need - self.index.window_held(call)).max(0);
-        let lease = &call.lease;
-        // A check (cost 0) of a window this replica knows nothing of only reads it.
-        let take = prefetch || lease.need > 0;
+        let need = (lease.need - self.index.window_held(call)).max(0);
+        // A check (cost 0) of a window this replica knows nothing of, and a second look at
+        // one that ran out, only read it.
+        let take = !lease.recheck && (prefetch || lease.need > 0);
         match self
             .store
             .lease_window(id, lease.ends_us(), lease.limit, need, take)

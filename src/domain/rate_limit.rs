@@ -276,6 +276,9 @@ pub struct WindowLease {
     /// The key's limit: the window's whole budget.
     pub limit: i64,
     pub need: i64,
+    /// Only a second look at a window that ran out here: read what is left, take nothing
+    /// (the next request that can be paid leases).
+    pub recheck: bool,
 }
 
 impl WindowLease {
@@ -286,6 +289,7 @@ impl WindowLease {
             start_us,
             limit: limit.limit,
             need,
+            recheck: false,
         }
     }
 
@@ -426,7 +430,10 @@ pub fn judge(
                 && !window.leasing
                 && now_us.saturating_sub(window.last_lease_us) >= RECHECK_US
             {
-                prefetch = Some(WindowLease::of(limit, start_us, cost.max(1)));
+                prefetch = Some(WindowLease {
+                    recheck: true,
+                    ..WindowLease::of(limit, start_us, cost)
+                });
                 continue;
             }
         }
@@ -523,7 +530,7 @@ pub fn window_ready(windows: &[Window], lease: &WindowLease, prefetch: bool) -> 
             if prefetch && lease.need == 0 {
                 window.held * 2 >= window.last_grant
             } else {
-                window.held >= lease.need
+                window.standing(lease.limit).0 >= lease.need
             }
         })
 }
@@ -565,6 +572,7 @@ pub fn take_window_returns(windows: &mut [Window], latest_us: i64) -> Vec<(Windo
                 start_us: window.start_us,
                 limit: window.limit,
                 need: 0,
+                recheck: false,
             };
             (lease, std::mem::take(&mut window.held))
         })

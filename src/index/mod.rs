@@ -417,8 +417,12 @@ pub struct KeyIndex {
     holds: Mutex<StdHashMap<Box<str>, Arc<Mutex<Hold>>>>,
     /// Accounts with credits held, for the sweep that gives idle ones back.
     holders: Mutex<HashSet<Box<str>>>,
-    /// Keys that may hold slices of rate-limit windows, given back at a graceful stop.
-    window_holders: Mutex<HashSet<KeyHash>>,
+    /// Keys that may hold slices of rate-limit windows, given back at a graceful stop, with
+    /// the latest end of the windows they hold.
+    window_holders: Mutex<StdHashMap<KeyHash, i64>>,
+    /// The latest request instant a window lease arrived at: windows that ended before it
+    /// hold nothing worth giving back.
+    window_clock_us: AtomicI64,
     /// See [`KeyIndex::lease_gate`].
     lease_gates: Mutex<StdHashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Set at shutdown, before the last give-back.
@@ -456,6 +460,7 @@ impl KeyIndex {
             holds: Mutex::default(),
             holders: Mutex::default(),
             window_holders: Mutex::default(),
+            window_clock_us: AtomicI64::new(i64::MIN),
             lease_gates: Mutex::default(),
             credits_closing: AtomicBool::new(false),
             rolled: Mutex::default(),
@@ -1040,13 +1045,17 @@ impl KeyIndex {
     /// Takes a lease of a rate-limit window into the key's windows: `granted` units, with
     /// `unleased` left of the window's budget.
     pub(crate) fn window_leased(&self, call: &WindowCall, granted: i64, unleased: i64) {
-        let holds = self
-            .with_windows(&call.hash, |windows, latest_us| {
-                window_leased(windows, &call.lease, granted, unleased, latest_us)
-            })
-            .unwrap_or(false);
+        let Some((holds, latest_us)) = self.with_windows(&call.hash, |windows, latest_us| {
+            let holds = window_leased(windows, &call.lease, granted, unleased, latest_us);
+            (holds, latest_us)
+        }) else {
+            return;
+        };
+        self.window_clock_us.fetch_max(latest_us, Ordering::Relaxed);
         if holds {
-            lock(&self.window_holders).insert(call.hash);
+            let mut holders = lock(&self.window_holders);
+            let ends = holders.entry(call.hash).or_insert(i64::MIN);
+            *ends = (*ends).max(call.lease.ends_us());
         }
     }
 
@@ -1071,18 +1080,20 @@ impl KeyIndex {
         });
     }
 
-    /// Forgets the keys that hold no slice of a rate-limit window any more (their windows
-    /// were spent, or ended), so the set given back at shutdown stays the keys in use.
+    /// Forgets the keys that hold no slice of a rate-limit window any more: their windows
+    /// were spent, or ended (by the latest lease's clock), so the set given back at
+    /// shutdown stays the keys in use. Under the set's lock, so a lease that lands meanwhile
+    /// is not forgotten.
     pub(crate) fn forget_idle_window_holders(&self) {
-        let holders: Vec<KeyHash> = lock(&self.window_holders).iter().copied().collect();
-        for hash in holders {
-            let holds = self
-                .with_windows(&hash, |windows, latest_us| holds_any(windows, latest_us))
-                .unwrap_or(false);
-            if !holds {
-                lock(&self.window_holders).remove(&hash);
-            }
-        }
+        let now_us = self.window_clock_us.load(Ordering::Relaxed);
+        lock(&self.window_holders).retain(|hash, ends_us| {
+            *ends_us > now_us
+                && self
+                    .with_windows(hash, |windows, latest_us| {
+                        holds_any(windows, latest_us.max(now_us))
+                    })
+                    .unwrap_or(false)
+        });
     }
 
     /// Takes back every slice of a rate-limit window this replica holds (at a graceful
@@ -1091,7 +1102,7 @@ impl KeyIndex {
         let holders = std::mem::take(&mut *lock(&self.window_holders));
         let keys = self.keys.pin();
         let mut returns = Vec::new();
-        for hash in holders {
+        for hash in holders.into_keys() {
             let Some(record) = keys.get(hash.as_bytes()) else {
                 continue;
             };

@@ -402,12 +402,21 @@ impl Syncer {
     /// Gives back to their windows' budgets the slices of rate-limit windows held (at a
     /// graceful stop, once no lease starts), so the other replicas may admit them; a return
     /// to a window that ended changes nothing. A return that fails is not tried again (the
-    /// units stay leased until the window ends).
+    /// units stay leased until the window ends). One transaction for all.
     async fn give_back_windows(&self) {
-        for (call, amount) in self.index.take_window_returns() {
-            if let Err(err) = self.store.return_window(&call.account, amount).await {
-                tracing::warn!(error = %err, units = amount, "cannot give back a rate-limit window's slice; it stays leased until the window ends");
-            }
+        let mut returns: Vec<(String, i64)> = self
+            .index
+            .take_window_returns()
+            .into_iter()
+            .map(|(call, amount)| (call.account, amount))
+            .collect();
+        // In window order, as leases lock them.
+        returns.sort();
+        if returns.is_empty() {
+            return;
+        }
+        if let Err(err) = self.store.return_windows(&returns).await {
+            tracing::warn!(error = %err, windows = returns.len(), "cannot give back rate-limit windows' slices; they stay leased until their windows end");
         }
     }
 

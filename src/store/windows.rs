@@ -172,23 +172,27 @@ impl Store {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Gives back `amount` units leased of the window `id` and not spent (never below none
-    /// leased: a row pruned and made again by a replica far behind keeps its own count).
-    pub(crate) async fn return_window(&self, id: &str, amount: i64) -> Result<(), StoreError> {
-        let mut p = Placeholders::new(self.backend());
-        let sql = format!(
-            "UPDATE rate_limit_windows \
-             SET granted = CASE WHEN granted > {amount} THEN granted - {amount} ELSE 0 END \
-             WHERE window_id = {}",
-            p.next()
-        );
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                self.backend(),
+    /// Gives back what was leased of each window (its id and the units) and not spent, in
+    /// one transaction; never below none leased (a row pruned and made again by a replica
+    /// far behind keeps its own count).
+    pub(crate) async fn return_windows(&self, returns: &[(String, i64)]) -> Result<(), StoreError> {
+        let backend = self.backend();
+        let txn = self.db.begin().await?;
+        for (id, amount) in returns {
+            let sql = format!(
+                "UPDATE rate_limit_windows \
+                 SET granted = CASE WHEN granted > {amount} THEN granted - {amount} ELSE 0 END \
+                 WHERE window_id = {}",
+                Placeholders::new(backend).next()
+            );
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
                 sql,
-                [id.into()],
+                [id.as_str().into()],
             ))
             .await?;
+        }
+        txn.commit().await?;
         Ok(())
     }
 

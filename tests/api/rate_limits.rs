@@ -563,7 +563,8 @@ async fn replicas_share_a_window_so_together_they_admit_at_most_the_limit() {
     // The first stops gracefully and gives its 5 back; the second asks its window's budget
     // again a second later (by the request clock), and admits exactly those.
     let mut rest = replicas.split_off(1);
-    replicas.pop().unwrap().stop().await;
+    // (The database outlives the replica that made it: the others still use it.)
+    let (_db, _) = replicas.pop().unwrap().stop().await;
     rest[0].clock.advance(TimeDelta::seconds(2));
     let mut given_back = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
