@@ -672,9 +672,7 @@ impl KeyService {
             }
         }
     }
-}
 
-impl KeyService {
     /// Leases a slice of a rate-limit window (`id`) into the key's windows, under the
     /// window's lease gate.
     async fn lease_window(

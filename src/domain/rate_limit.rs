@@ -367,8 +367,10 @@ pub fn judge(
     }
     // Windows that ended go, and so do those of limits the key no longer has, once they
     // hold nothing.
-    keep_windows_of(limits, windows);
-    windows.retain(|window| window.ends_us() > now_us);
+    windows.retain(|window| {
+        window.ends_us() > now_us
+            && (window.held > 0 || limits.iter().any(|limit| window.counts_for(limit)))
+    });
     let find = |windows: &[Window], limit: &RateLimit, start_us: i64| {
         windows
             .iter()
